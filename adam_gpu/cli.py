@@ -1,0 +1,73 @@
+"""The ``adam-gpu`` command: ``adam-gpu info`` says what runs here and why the rest does not."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+from collections.abc import Sequence
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from adam_gpu import __version__, dispatch
+from adam_gpu.step_tensors import KERNEL_DTYPES
+
+
+def _version(package: str) -> str:
+    for distribution in (package, f"{package}-cuda13x", f"{package}-cuda12x"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def _devices() -> list[torch.device]:
+    cuda = [torch.device("cuda", index) for index in range(torch.cuda.device_count())]
+    return [*cuda, torch.device("cpu")]
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{device}: {torch.cuda.get_device_name(device)} (sm_{major}{minor})"
+    return f"cpu: {platform.processor() or platform.machine()}"
+
+
+def info(console: Console) -> None:
+    console.print(f"adam-gpu {__version__}, Python {platform.python_version()}")
+    console.print(
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
+        f"triton {_version('triton')}, cupy {_version('cupy')}"
+    )
+    table = Table(title="Backends: available for float32/float16/bfloat16 params, or why not")
+    table.add_column("device")
+    for name in dispatch.BACKENDS:
+        table.add_column(name)
+    table.add_column("auto picks")
+    for device in _devices():
+        reasons = {name: dispatch.unavailable_reason(name, device, KERNEL_DTYPES) for name in dispatch.BACKENDS}
+        try:
+            picked, _ = dispatch.resolve(dispatch.AUTO, device, KERNEL_DTYPES)
+        except dispatch.BackendUnavailableError:
+            picked = "none"
+        cells = ["[green]available[/]" if reason is None else f"[red]no[/]: {reason}" for reason in reasons.values()]
+        table.add_row(_device_name(device), *cells, picked)
+    console.print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adam-gpu", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="device, versions, and which backends run here (and why the others don't)")
+    args = parser.parse_args(argv)
+    console = Console()
+    if args.command == "info":
+        info(console)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

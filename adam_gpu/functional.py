@@ -1,0 +1,67 @@
+"""The functional Adam step, mirroring ``torch.optim.adam.adam``: lists of tensors in, updated in place."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from adam_gpu import dispatch
+from adam_gpu.hyperparameters import AdamHyperparameters
+from adam_gpu.step_tensors import StepTensors
+
+
+def fused_adam(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    max_exp_avg_sqs: Sequence[torch.Tensor],
+    state_steps: Sequence[torch.Tensor],
+    *,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool = False,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    backend: str = dispatch.AUTO,
+) -> str | None:
+    """One Adam (``decoupled=False``) or AdamW (``decoupled=True``) step over every tensor, in place.
+
+    Like torch's functional ``adam``, each ``state_steps[i]`` (a 1-element tensor) is incremented first
+    and the step uses the incremented count. ``max_exp_avg_sqs`` may be empty unless ``amsgrad``. All
+    tensors must be on one device. Returns the name of the backend that ran (None for no params).
+    Everything is checked before anything is written: on an error, params and state are untouched.
+    """
+    hp = AdamHyperparameters(float(lr), beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize)
+    tensors = StepTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [])
+    tensors.check(amsgrad)
+    check_state_steps(state_steps, len(tensors))
+    if not len(tensors):
+        dispatch.check_backend_name(backend)
+        return None
+    name, module = dispatch.resolve(backend, tensors.device, tensors.dtypes)
+    apply_step(module, tensors, state_steps, hp)
+    return name
+
+
+def check_state_steps(state_steps: Sequence[torch.Tensor], count: int) -> None:
+    if len(state_steps) != count:
+        raise ValueError(f"{count} params but {len(state_steps)} state_steps")
+    for index, step in enumerate(state_steps):
+        if not isinstance(step, torch.Tensor) or step.numel() != 1:
+            raise TypeError(f"state_steps[{index}] must be a 1-element tensor (torch.optim's layout), got {step!r}")
+
+
+def apply_step(
+    backend: ModuleType, tensors: StepTensors, state_steps: Sequence[torch.Tensor], hp: AdamHyperparameters
+) -> None:
+    """Increment the step counts, then let ``backend`` update params and moments (inputs already checked)."""
+    for step in state_steps:
+        step += 1
+    # Step counts live on the host (torch's non-capturable layout), so reading them does not synchronize.
+    backend.adam_step(tensors, [float(step) for step in state_steps], hp)
