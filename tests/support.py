@@ -1,0 +1,198 @@
+"""What the tests share: the device, the backends that run on it, random inputs and error measures."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from adam_gpu import dispatch
+from adam_gpu.hyperparameters import AdamHyperparameters
+from adam_gpu.reference import AdamState, reference_adam_step
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# ADAM_GPU_TEST_BACKENDS=triton,torch restricts the backends under test (default: all registered).
+BACKEND_NAMES = [name for name in os.environ.get("ADAM_GPU_TEST_BACKENDS", ",".join(dispatch.BACKENDS)).split(",")]
+SIZES = [1, 2, 4097, 65537, 278011]
+# (param dtype, state_dtype): the storage policies the kernels support.
+POLICIES = [
+    (torch.float32, None),
+    (torch.float16, None),
+    (torch.float16, torch.float32),
+    (torch.bfloat16, None),
+    (torch.bfloat16, torch.float32),
+]
+GUARD = 5  # elements of poison on each side of every tensor; odd, so views are also misaligned
+POISON = float("nan")
+
+
+def backend_params() -> list:
+    """One pytest param per backend, skipped with the dispatcher's reason where it cannot run here."""
+    params = []
+    for name in BACKEND_NAMES:
+        reason = dispatch.unavailable_reason(name, DEVICE, [torch.float32])
+        marks = [pytest.mark.skip(reason=f"backend {name} unavailable: {reason}")] if reason else []
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+def policy_id(policy: tuple[torch.dtype, torch.dtype | None]) -> str:
+    param_dtype, state_dtype = policy
+    name = str(param_dtype).removeprefix("torch.")
+    return name if state_dtype is None else f"{name}-fp32state"
+
+
+def seeded_generator(*key: object) -> torch.Generator:
+    """A generator seeded from the test's parameters (and ADAM_GPU_TEST_SEED), so every test draws its
+    own data and a failure reproduces."""
+    text = "/".join(map(str, key)) + os.environ.get("ADAM_GPU_TEST_SEED", "")
+    return torch.Generator().manual_seed(zlib.crc32(text.encode()))
+
+
+def guarded(values: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` in ``dtype`` on DEVICE as a view inside a buffer poisoned with NaN on both sides.
+
+    Returns ``(view, buffer)``; ``guards_intact(buffer)`` later proves nothing was written outside.
+    """
+    buffer = torch.full((values.numel() + 2 * GUARD,), POISON, dtype=dtype, device=DEVICE)
+    view = buffer[GUARD : GUARD + values.numel()].view(values.shape)
+    view.copy_(values)
+    return view, buffer
+
+
+def guards_intact(buffer: torch.Tensor) -> bool:
+    return bool(buffer[:GUARD].isnan().all() and buffer[-GUARD:].isnan().all())
+
+
+@dataclass
+class StepCase:
+    """Random inputs of one step: never zeros, moments as after ``step - 1`` earlier steps."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    max_exp_avg_sq: torch.Tensor
+    step: int
+
+    @classmethod
+    def draw(cls, numel: int, generator: torch.Generator) -> StepCase:
+        def randn() -> torch.Tensor:
+            return torch.randn(numel, generator=generator, dtype=torch.float64)
+
+        def rand() -> torch.Tensor:
+            return torch.rand(numel, generator=generator, dtype=torch.float64)
+
+        exp_avg_sq = 0.5 * rand() + 0.01
+        return cls(
+            param=randn(),
+            grad=randn(),
+            exp_avg=0.3 * randn(),
+            exp_avg_sq=exp_avg_sq,
+            # About half the elements keep their old maximum, half take the new second moment.
+            max_exp_avg_sq=exp_avg_sq * (0.5 + rand()),
+            step=int(torch.randint(1, 40, (1,), generator=generator)),
+        )
+
+    def rounded(self, param_dtype: torch.dtype, state_dtype: torch.dtype) -> StepCase:
+        """The inputs as the kernel will see them, rounded to storage and back to float64, so the
+        reference starts from exactly the stored values."""
+
+        def to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            return t.to(dtype).to(torch.float64)
+
+        return StepCase(
+            to(self.param, param_dtype),
+            to(self.grad, param_dtype),
+            to(self.exp_avg, state_dtype),
+            to(self.exp_avg_sq, state_dtype),
+            to(self.max_exp_avg_sq, state_dtype),
+            self.step,
+        )
+
+    def reference(self, hp: AdamHyperparameters) -> AdamState:
+        return reference_adam_step(
+            self.param, self.grad, self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq, self.step, hp
+        )
+
+
+def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.detach().to(torch.float64).cpu() - expected.cpu()).abs().max())
+
+
+def _scale(*tensors: torch.Tensor | None) -> float:
+    """The magnitude rounding errors are relative to: the largest value before or after the step."""
+    return max(float(t.detach().abs().max()) for t in tensors if t is not None)
+
+
+def assert_close_fp32(
+    actual: torch.Tensor, expected: torch.Tensor, what: str, before: torch.Tensor | None = None
+) -> None:
+    """fp32 agreement: within 1e-6 relative to the element, or to the largest magnitude in the tensor
+    before or after the step where an element cancels to nearly zero (m = b1*m + (1-b1)*g can, and
+    relative error is meaningless there)."""
+    expected = expected.to(torch.float64).cpu()
+    scale = _scale(expected, before)
+    torch.testing.assert_close(
+        actual.detach().to(torch.float64).cpu(), expected, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def run_torch_optim(case: StepCase, dtype: torch.dtype, hp: AdamHyperparameters, **impl: bool) -> AdamState:
+    """torch.optim.Adam/AdamW itself on ``case`` stored in ``dtype`` (params and moments, torch's layout);
+    ``impl`` picks the implementation (``foreach=False`` or ``fused=True``)."""
+    param = case.param.to(dtype=dtype, device=DEVICE).requires_grad_()
+    optimizer_class = torch.optim.AdamW if hp.decoupled else torch.optim.Adam
+    optimizer = optimizer_class(
+        [param],
+        lr=hp.lr,
+        betas=(hp.beta1, hp.beta2),
+        eps=hp.eps,
+        weight_decay=hp.weight_decay,
+        amsgrad=hp.amsgrad,
+        maximize=hp.maximize,
+        **impl,
+    )
+    param.grad = case.grad.to(dtype=dtype, device=DEVICE)
+    state = {
+        "step": torch.tensor(float(case.step - 1)),
+        "exp_avg": case.exp_avg.to(dtype=dtype, device=DEVICE),
+        "exp_avg_sq": case.exp_avg_sq.to(dtype=dtype, device=DEVICE),
+    }
+    if hp.amsgrad:
+        state["max_exp_avg_sq"] = case.max_exp_avg_sq.to(dtype=dtype, device=DEVICE)
+    if impl.get("fused"):
+        state["step"] = state["step"].to(DEVICE)
+    optimizer.state[param] = state
+    optimizer.step()
+    return AdamState(param.detach(), state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"))
+
+
+def torch_implementations(dtype: torch.dtype) -> list[dict[str, bool]]:
+    """torch.optim's implementations that run this dtype on DEVICE: the for-loop and the fused one."""
+    return [{"foreach": False}, {"fused": True}]
+
+
+def assert_correctly_rounded(
+    actual: torch.Tensor, expected: torch.Tensor, what: str, before: torch.Tensor | None = None
+) -> None:
+    """Low-precision storage: every element is the float64 ``expected`` rounded to nearest in ``actual``'s
+    dtype, up to fp32 math error: ``|actual - expected| <= ulp/2 + 1e-6 * max|expected|``.
+
+    A kernel that truncates instead of rounding is off by up to a whole ulp and fails in about half the
+    elements; the 1e-6 term is the fp32 tolerance of ``assert_close_fp32``.
+    """
+    expected = expected.to(torch.float64).cpu()
+    actual = actual.detach().cpu()
+    magnitude = expected.abs().to(actual.dtype)
+    ulp = (torch.nextafter(magnitude, torch.full_like(magnitude, float("inf"))) - magnitude).to(torch.float64)
+    error = (actual.to(torch.float64) - expected).abs()
+    bound = 0.5 * ulp + 1e-6 * _scale(expected, before)
+    worst = int((error - bound).argmax())
+    assert bool((error <= bound).all()), (
+        f"{what}: element {worst} is {float(actual.flatten()[worst])}, float64 value {float(expected[worst])}, "
+        f"error {float(error[worst]):.3g} > half an ulp {float(0.5 * ulp[worst]):.3g}"
+    )
