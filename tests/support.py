@@ -128,23 +128,30 @@ def _scale(*tensors: torch.Tensor | None) -> float:
     return max(float(t.detach().abs().max()) for t in tensors if t is not None)
 
 
-def assert_close_fp32(
-    actual: torch.Tensor, expected: torch.Tensor, what: str, before: torch.Tensor | None = None
+FP32_RTOL = 1e-6
+
+
+def assert_close_relative(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    what: str,
+    before: torch.Tensor | None = None,
+    rtol: float = FP32_RTOL,
 ) -> None:
-    """fp32 agreement: within 1e-6 relative to the element, or to the largest magnitude in the tensor
-    before or after the step where an element cancels to nearly zero (m = b1*m + (1-b1)*g can, and
-    relative error is meaningless there)."""
+    """Agreement within ``rtol`` (default: the fp32 tolerance, 1e-6) relative to the element, or to the
+    largest magnitude in the tensor before or after the step where an element cancels to nearly zero
+    (m = b1*m + (1-b1)*g can, and relative error is meaningless there)."""
     expected = expected.to(torch.float64).cpu()
     scale = _scale(expected, before)
     torch.testing.assert_close(
-        actual.detach().to(torch.float64).cpu(), expected, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{what}: {m}"
+        actual.detach().to(torch.float64).cpu(), expected, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{what}: {m}"
     )
 
 
 def run_torch_optim(case: StepCase, dtype: torch.dtype, hp: AdamHyperparameters, **impl: bool) -> AdamState:
     """torch.optim.Adam/AdamW itself on ``case`` stored in ``dtype`` (params and moments, torch's layout);
     ``impl`` picks the implementation (``foreach=False`` or ``fused=True``)."""
-    param = case.param.to(dtype=dtype, device=DEVICE).requires_grad_()
+    param = case.param.to(dtype=dtype, device=DEVICE, copy=True).requires_grad_()
     optimizer_class = torch.optim.AdamW if hp.decoupled else torch.optim.Adam
     optimizer = optimizer_class(
         [param],
@@ -156,14 +163,14 @@ def run_torch_optim(case: StepCase, dtype: torch.dtype, hp: AdamHyperparameters,
         maximize=hp.maximize,
         **impl,
     )
-    param.grad = case.grad.to(dtype=dtype, device=DEVICE)
+    param.grad = case.grad.to(dtype=dtype, device=DEVICE, copy=True)
     state = {
         "step": torch.tensor(float(case.step - 1)),
-        "exp_avg": case.exp_avg.to(dtype=dtype, device=DEVICE),
-        "exp_avg_sq": case.exp_avg_sq.to(dtype=dtype, device=DEVICE),
+        "exp_avg": case.exp_avg.to(dtype=dtype, device=DEVICE, copy=True),
+        "exp_avg_sq": case.exp_avg_sq.to(dtype=dtype, device=DEVICE, copy=True),
     }
     if hp.amsgrad:
-        state["max_exp_avg_sq"] = case.max_exp_avg_sq.to(dtype=dtype, device=DEVICE)
+        state["max_exp_avg_sq"] = case.max_exp_avg_sq.to(dtype=dtype, device=DEVICE, copy=True)
     if impl.get("fused"):
         state["step"] = state["step"].to(DEVICE)
     optimizer.state[param] = state
@@ -183,14 +190,14 @@ def assert_correctly_rounded(
     dtype, up to fp32 math error: ``|actual - expected| <= ulp/2 + 1e-6 * max|expected|``.
 
     A kernel that truncates instead of rounding is off by up to a whole ulp and fails in about half the
-    elements; the 1e-6 term is the fp32 tolerance of ``assert_close_fp32``.
+    elements; the other term is the fp32 tolerance of ``assert_close_relative``.
     """
     expected = expected.to(torch.float64).cpu()
     actual = actual.detach().cpu()
     magnitude = expected.abs().to(actual.dtype)
     ulp = (torch.nextafter(magnitude, torch.full_like(magnitude, float("inf"))) - magnitude).to(torch.float64)
     error = (actual.to(torch.float64) - expected).abs()
-    bound = 0.5 * ulp + 1e-6 * _scale(expected, before)
+    bound = 0.5 * ulp + FP32_RTOL * _scale(expected, before)
     worst = int((error - bound).argmax())
     assert bool((error <= bound).all()), (
         f"{what}: element {worst} is {float(actual.flatten()[worst])}, float64 value {float(expected[worst])}, "

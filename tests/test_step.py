@@ -15,7 +15,7 @@ from support import (
     POLICIES,
     SIZES,
     StepCase,
-    assert_close_fp32,
+    assert_close_relative,
     assert_correctly_rounded,
     backend_params,
     guarded,
@@ -88,10 +88,10 @@ def test_one_step_matches_reference_and_torch(backend, size, policy, options):
         reference = getattr(expected, name)
         before = getattr(case, name)
         if actual.dtype == torch.float32:
-            assert_close_fp32(actual, reference, f"{name} vs float64 reference", before)
+            assert_close_relative(actual, reference, f"{name} vs float64 reference", before)
             if param_dtype == torch.float32:
                 for torch_state in by_torch:
-                    assert_close_fp32(actual, getattr(torch_state, name), f"{name} vs torch.optim", before)
+                    assert_close_relative(actual, getattr(torch_state, name), f"{name} vs torch.optim", before)
             continue
         # Low precision: within 2x torch's own error (its best implementation) against the float64
         # reference, and rounded to nearest in every element (up to fp32 math error).

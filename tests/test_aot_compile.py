@@ -1,0 +1,175 @@
+"""Ahead-of-time compile of the Triton kernel for sm_80 and sm_90, without a GPU.
+
+The CPU machine cannot launch the kernel, but Triton compiles it to PTX and a cubin for any target, and the
+cuobjdump bundled in the triton wheel reads registers and spills from that cubin. So a change that makes the
+kernel stop compiling for a real GPU, spill, or grow past the register file fails here, not on the GPU.
+
+conftest sets TRITON_INTERPRET=1 in this process and ``@triton.jit`` reads it at import, so the compiles run
+in a fresh interpreter with TRITON_INTERPRET=0: this file run as a script (``__main__`` below) compiles every
+variant in one subprocess, since each compile costs about a second and each subprocess about two more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ARCHS = (80, 90)
+# Storage policy -> (param and grad dtype, moment dtype), in Triton's signature spelling.
+POLICIES: dict[str, tuple[str, str]] = {
+    "fp32": ("fp32", "fp32"),
+    "fp16": ("fp16", "fp16"),
+    "bf16": ("bf16", "bf16"),
+    "bf16-fp32-moments": ("bf16", "fp32"),
+    "fp16-fp32-moments": ("fp16", "fp32"),
+}
+# Option set -> (WEIGHT_DECAY mode name in kernels.adam_triton, AMSGRAD, MAXIMIZE).
+# adamw-amsgrad-maximize is the heaviest (one more load and store, the most live values); adam-plain the lightest.
+OPTIONS: dict[str, tuple[str, bool, bool]] = {
+    "adamw-amsgrad-maximize": ("DECOUPLED", True, True),
+    "adam-plain": ("NO_WEIGHT_DECAY", False, False),
+    "adam-l2": ("L2", False, False),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    arch: int
+    policy: str
+    options: str
+
+    @property
+    def id(self) -> str:
+        return f"sm{self.arch}-{self.policy}-{self.options}"
+
+
+# After the first (about a second) each compile takes 0.1-0.2 s, so every combination is compiled.
+VARIANTS = [Variant(arch, policy, options) for arch in ARCHS for policy in POLICIES for options in OPTIONS]
+
+RESOURCE_USAGE = re.compile(
+    r"Function (?P<name>\w+):\s*\n\s*REG:(?P<REG>\d+) STACK:(?P<STACK>\d+) SHARED:(?P<SHARED>\d+) "
+    r"LOCAL:(?P<LOCAL>\d+)"
+)
+# The hardware limit per thread on sm_80 and sm_90; more than this and ptxas spills.
+MAX_REGISTERS = 255
+
+
+def compile_variants(variants: list[Variant], out_dir: Path) -> list[dict[str, object]]:
+    """Compile each variant, writing ``<id>.ptx`` and ``<id>.cubin`` into ``out_dir``; one record per variant.
+
+    Runs in the subprocess (TRITON_INTERPRET=0): imports triton and the kernel module only here.
+    """
+    import triton
+    from adam_gpu.kernels import adam_triton
+    from triton.backends.compiler import GPUTarget
+
+    kernel = adam_triton.adam_step_kernel
+    pointers = kernel.arg_names[:5]  # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
+    scalars = kernel.arg_names[kernel.arg_names.index("n_elements") + 1 : kernel.arg_names.index("WEIGHT_DECAY")]
+    records = []
+    for variant in variants:
+        param_dtype, moment_dtype = POLICIES[variant.policy]
+        weight_decay, amsgrad, maximize = OPTIONS[variant.options]
+        signature = {
+            name: f"*{param_dtype if name in ('param_ptr', 'grad_ptr') else moment_dtype}" for name in pointers
+        }
+        signature["n_elements"] = "i64"
+        signature |= dict.fromkeys(scalars, "fp32")
+        constexprs = {
+            "WEIGHT_DECAY": getattr(adam_triton, weight_decay).value,
+            "AMSGRAD": amsgrad,
+            "MAXIMIZE": maximize,
+            "BLOCK": adam_triton.BLOCK,
+        }
+        signature |= dict.fromkeys(constexprs, "constexpr")
+        record: dict[str, object] = {"id": variant.id, "error": None}
+        start = time.perf_counter()
+        try:
+            compiled = triton.compile(
+                triton.compiler.ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", variant.arch, 32)
+            )
+        except Exception as error:  # reported per variant, so one broken variant does not hide the others
+            record["error"] = f"{type(error).__name__}: {error}"
+        else:
+            (out_dir / f"{variant.id}.ptx").write_text(compiled.asm["ptx"])
+            (out_dir / f"{variant.id}.cubin").write_bytes(compiled.asm["cubin"])
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        records.append(record)
+    return records
+
+
+def _cuobjdump() -> Path:
+    triton = pytest.importorskip("triton", reason="the AOT compile needs triton (pip install 'adam-gpu[triton]')")
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not os.access(path, os.X_OK):
+        pytest.skip(f"no cuobjdump bundled with triton {triton.__version__} at {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, object]]]:
+    """Compile every variant in one fresh interpreter; the output folder and the records by variant id."""
+    _cuobjdump()
+    out_dir = tmp_path_factory.mktemp("aot")
+    env = os.environ | {
+        "TRITON_INTERPRET": "0",
+        # Triton 3.9 warns unless fp fusion is chosen explicitly; 1 is its default, so the code is unchanged.
+        "TRITON_DEFAULT_FP_FUSION": "1",
+        # A fresh cache: the test measures a real compile, not a cubin left by an earlier run.
+        "TRITON_CACHE_DIR": str(out_dir / "triton-cache"),
+    }
+    result = subprocess.run(
+        [sys.executable, __file__, str(out_dir)], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, f"compile subprocess failed:\n{result.stdout}\n{result.stderr}"
+    records = json.loads((out_dir / "report.json").read_text())
+    return out_dir, {record["id"]: record for record in records}
+
+
+def _resource_usage(cuobjdump: Path, cubin: Path) -> dict[str, int | str]:
+    output = subprocess.run(
+        [str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
+    match = RESOURCE_USAGE.search(output)
+    assert match, f"no resource usage line in cuobjdump output:\n{output}"
+    return {key: value if key == "name" else int(value) for key, value in match.groupdict().items()}
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda variant: variant.id)
+def test_kernel_compiles_without_spills(
+    variant: Variant, compiled: tuple[Path, dict[str, dict[str, object]]], record_property
+) -> None:
+    out_dir, records = compiled
+    record = records[variant.id]
+    assert record["error"] is None, f"{variant.id} failed to compile: {record['error']}"
+
+    ptx = (out_dir / f"{variant.id}.ptx").read_text()
+    assert re.search(r"\.entry\s+adam_step_kernel\(", ptx), f"{variant.id}: no adam_step_kernel entry in the PTX"
+    # sm_90 compiles for sm_90a (the arch-specific features); sm_80 has none.
+    assert re.search(rf"^\.target sm_{variant.arch}a?\b", ptx, re.MULTILINE), f"{variant.id}: PTX for another arch"
+
+    usage = _resource_usage(_cuobjdump(), out_dir / f"{variant.id}.cubin")
+    summary = f"{variant.id}: REG={usage['REG']} STACK={usage['STACK']} LOCAL={usage['LOCAL']} SHARED={usage['SHARED']}"
+    # Shown with -s or -rP and in junit XML; the assertion messages below carry it into any failure.
+    print(f"{summary} (compiled in {record['seconds']} s)")
+    for key in ("REG", "STACK", "LOCAL", "SHARED"):
+        record_property(key.lower(), usage[key])
+
+    assert usage["name"] == "adam_step_kernel", summary
+    assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"register spills: {summary}"
+    assert usage["SHARED"] == 0, f"an elementwise step needs no shared memory: {summary}"
+    assert usage["REG"] <= MAX_REGISTERS, summary
+
+
+if __name__ == "__main__":
+    # The compile subprocess started by the ``compiled`` fixture: python tests/test_aot_compile.py OUT_DIR.
+    output = Path(sys.argv[1])
+    (output / "report.json").write_text(json.dumps(compile_variants(VARIANTS, output), indent=1))

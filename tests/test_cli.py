@@ -1,0 +1,98 @@
+"""``adam-gpu info``: exits 0 and names the versions, every backend, and why the triton backend cannot run."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+import pytest
+import torch
+
+from adam_gpu import cli, dispatch
+
+# Wide enough that rich wraps no cell: the CPU row's triton reason is about 145 characters, and on a GPU machine
+# the device column adds about 40 more ("cuda:0: NVIDIA H100 80GB HBM3 (sm_90)"), past 200.
+COLUMNS = "400"
+
+
+def _console_script() -> list[str]:
+    # The interpreter's own scripts folder first: a PATH entry could belong to another Python.
+    path = shutil.which("adam-gpu", path=sysconfig.get_path("scripts")) or shutil.which("adam-gpu")
+    if path is None:
+        pytest.skip("the adam-gpu console script is not on PATH (the package is not pip-installed)")
+    return [path]
+
+
+def _run_info(command: list[str], interpret: bool) -> str:
+    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "ADAM_GPU_BACKEND")}
+    env["COLUMNS"] = COLUMNS
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    result = subprocess.run([*command, "info"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{command} info failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def _cpu_row(output: str) -> dict[str, str]:
+    """The table's CPU row as {column: cell}, read from rich's box characters (┃ header, │ rows)."""
+    header = next(line for line in output.splitlines() if line.startswith("┃"))
+    row = next(line for line in output.splitlines() if line.startswith("│ cpu"))
+    columns = [cell.strip() for cell in header.strip("┃").split("┃")]
+    cells = [cell.strip() for cell in row.strip("│").split("│")]
+    assert len(columns) == len(cells), f"a cell wrapped or split:\n{output}"
+    return dict(zip(columns, cells, strict=True))
+
+
+def _installed_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+COMMANDS = [
+    pytest.param(lambda: [sys.executable, "-m", "adam_gpu.cli"], id="python-m"),
+    pytest.param(_console_script, id="console-script"),
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("interpret", [False, True], ids=["no-interpreter", "interpreter"])
+def test_info(command, interpret: bool) -> None:
+    """One run per case checks everything: each run costs about 2 s of imports."""
+    output = _run_info(command(), interpret)
+    assert f"torch {torch.__version__}" in output, output
+    assert f"triton {_installed_version('triton')}" in output, output
+
+    cpu = _cpu_row(output)
+    assert set(dispatch.BACKENDS) <= set(cpu), f"backends missing from the table:\n{output}"
+    assert cpu["torch"] == "available", output
+    assert cpu["auto picks"] == "torch", output
+    if importlib.util.find_spec("triton") is None:
+        return  # the triton cell then gives the install hint, whatever TRITON_INTERPRET says
+    if interpret:
+        assert cpu["triton"] == "available", output
+    else:
+        assert cpu["triton"].startswith("no: tensors are on the CPU"), output
+        assert "TRITON_INTERPRET=1" in cpu["triton"], output
+
+
+def test_main_info_in_process(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", COLUMNS)
+    assert cli.main(["info"]) == 0
+    output = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in output
+    assert all(name in output for name in dispatch.BACKENDS), output
+
+
+@pytest.mark.parametrize("argv", [["no-such-command"], []], ids=["unknown", "missing"])
+def test_bad_subcommand_exits_nonzero(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code not in (0, None)
+    assert "usage: adam-gpu" in capsys.readouterr().err
