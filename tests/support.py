@@ -72,7 +72,7 @@ class StepCase:
     """Random inputs of one step: never zeros, moments as after ``step - 1`` earlier steps."""
 
     param: torch.Tensor
-    grad: torch.Tensor
+    grad: torch.Tensor | None
     exp_avg: torch.Tensor
     exp_avg_sq: torch.Tensor
     max_exp_avg_sq: torch.Tensor
@@ -114,9 +114,11 @@ class StepCase:
         )
 
     def reference(self, hp: AdamHyperparameters) -> AdamState:
-        return reference_adam_step(
-            self.param, self.grad, self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq, self.step, hp
-        )
+        return self.reference_with(self.grad, self.step, hp)
+
+    def reference_with(self, grad: torch.Tensor, step: int, hp: AdamHyperparameters) -> AdamState:
+        """The float64 step from this case's param and moments with another grad and step number."""
+        return reference_adam_step(self.param, grad, self.exp_avg, self.exp_avg_sq, self.max_exp_avg_sq, step, hp)
 
 
 def max_abs_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

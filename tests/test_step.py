@@ -27,7 +27,7 @@ from support import (
     torch_implementations,
 )
 
-from adam_gpu import fused_adam
+from adam_gpu import FusedAdamW, fused_adam
 from adam_gpu.hyperparameters import AdamHyperparameters
 
 # (weight decay, decoupled, amsgrad, maximize): no decay, Adam's L2 and AdamW's decoupled decay.
@@ -98,3 +98,44 @@ def test_one_step_matches_reference_and_torch(backend, size, policy, options):
         torch_error = min(max_abs_error(getattr(s, name), reference) for s in by_torch)
         assert max_abs_error(actual, reference) <= 2 * torch_error, f"{name}: error beyond 2x torch's own"
         assert_correctly_rounded(actual, reference, name, before)
+
+
+TRAJECTORY_STEPS = 20
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("policy", POLICIES, ids=policy_id)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["", "amsgrad"])
+def test_twenty_steps_within_2x_torch_error(backend, policy, amsgrad):
+    """Errors compound over steps: after 20 steps of fresh random gradients, FusedAdamW's params and
+    moments are as close to the float64 trajectory as torch.optim.AdamW's own (within 2x), every dtype."""
+    param_dtype, state_dtype = policy
+    generator = seeded_generator("trajectory", backend, policy, amsgrad)
+    start = torch.randn(4097, generator=generator, dtype=torch.float64).to(param_dtype).double()
+    grads = [torch.randn(4097, generator=generator, dtype=torch.float64).to(param_dtype) for _ in range(20)]
+    hp = AdamHyperparameters(1e-2, 0.9, 0.999, 1e-8, 0.1, decoupled=True, amsgrad=amsgrad)
+    options = dict(lr=hp.lr, weight_decay=hp.weight_decay, amsgrad=amsgrad)
+
+    def run(optimizer_class, **kwargs) -> tuple[torch.Tensor, dict]:
+        param = start.to(device=DEVICE, dtype=param_dtype).requires_grad_()
+        optimizer = optimizer_class([param], **options, **kwargs)
+        for grad in grads:
+            param.grad = grad.to(DEVICE)
+            optimizer.step()
+        return param.detach(), optimizer.state[param]
+
+    reference = StepCase(start, None, *(torch.zeros_like(start) for _ in range(3)), 0)
+    for step, grad in enumerate(grads, start=1):
+        param, exp_avg, exp_avg_sq, max_exp_avg_sq = reference.reference_with(grad.double(), step, hp)
+        reference = StepCase(param, None, exp_avg, exp_avg_sq, max_exp_avg_sq, step)
+    ours = run(FusedAdamW, backend=backend, state_dtype=state_dtype)
+    by_torch = [run(torch.optim.AdamW, **impl) for impl in torch_implementations(param_dtype)]
+
+    names = ["param", "exp_avg", "exp_avg_sq"] + ["max_exp_avg_sq"] * amsgrad
+    for name in names:
+        expected = getattr(reference, name)
+        actual, *torch_values = (param if name == "param" else state[name] for param, state in (ours, *by_torch))
+        if actual.dtype == torch.float32:  # fp32 params, or the fp32 moments of state_dtype=torch.float32
+            assert_close_relative(actual, expected, name, start if name == "param" else None)
+        torch_error = min(max_abs_error(value, expected) for value in torch_values)
+        assert max_abs_error(actual, expected) <= 2 * torch_error, f"{name}: error beyond 2x torch's own"

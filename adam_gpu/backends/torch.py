@@ -34,26 +34,25 @@ def adam_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparameters)
         _working_copies(t)
         for t in (tensors.params, tensors.grads, tensors.exp_avgs, tensors.exp_avg_sqs, tensors.max_exp_avg_sqs)
     )
-    step_sizes, bias_corrections2_sqrt = zip(*(hp.step_scalars(step) for step in steps), strict=True)
+    scalars = [hp.step_scalars(step) for step in steps]
+    first = scalars[0]  # everything but the bias corrections is the same for every tensor
 
     if hp.maximize:
         grads = torch._foreach_neg(grads)
     if hp.weight_decay != 0:
         if hp.decoupled:
-            torch._foreach_mul_(params, 1.0 - hp.lr * hp.weight_decay)
+            torch._foreach_mul_(params, first.param_decay)
         else:
-            grads = torch._foreach_add(grads, params, alpha=hp.weight_decay)
+            grads = torch._foreach_add(grads, params, alpha=first.l2_weight_decay)
 
-    torch._foreach_mul_(exp_avgs, hp.beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - hp.beta1)
-    torch._foreach_mul_(exp_avg_sqs, hp.beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - hp.beta2)
+    torch._foreach_lerp_(exp_avgs, grads, first.one_minus_beta1)
+    torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), first.one_minus_beta2)
     if hp.amsgrad:
         torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
     denominators = torch._foreach_sqrt(max_exp_avg_sqs if hp.amsgrad else exp_avg_sqs)
-    torch._foreach_div_(denominators, list(bias_corrections2_sqrt))
-    torch._foreach_add_(denominators, hp.eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denominators, [-size for size in step_sizes])
+    torch._foreach_div_(denominators, [s.bias_correction2_sqrt for s in scalars])
+    torch._foreach_add_(denominators, first.eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denominators, [-s.step_size for s in scalars])
 
     _write_back(tensors.params, params)
     _write_back(tensors.exp_avgs, exp_avgs)

@@ -65,7 +65,6 @@ def adam_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparameters)
             n_elements = originals[0].numel()
             if n_elements == 0:
                 continue
-            step_size, bias_correction2_sqrt = hp.step_scalars(step)
             with contiguous_stand_ins(originals) as (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):
                 kernels.adam_step_kernel[(triton.cdiv(n_elements, block),)](
                     param,
@@ -74,15 +73,10 @@ def adam_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparameters)
                     exp_avg_sq,
                     max_exp_avg_sq if hp.amsgrad else exp_avg_sq,
                     n_elements,
-                    hp.lr,
-                    hp.beta1,
-                    hp.beta2,
-                    hp.eps,
-                    hp.weight_decay,
-                    step_size,
-                    bias_correction2_sqrt,
+                    *hp.step_scalars(step),
                     WEIGHT_DECAY=weight_decay_mode,
                     AMSGRAD=hp.amsgrad,
                     MAXIMIZE=hp.maximize,
                     BLOCK=block,
+                    enable_fp_fusion=kernels.FP_FUSION,
                 )
