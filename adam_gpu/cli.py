@@ -42,6 +42,10 @@ def info(console: Console) -> None:
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
         f"triton {_version('triton')}, cupy {_version('cupy')}"
     )
+    if torch.cuda.is_available():
+        console.print(f"CUDA devices: {torch.cuda.device_count()}, torch built for CUDA {torch.version.cuda}")
+    else:
+        console.print("CUDA: no device visible (torch.cuda.is_available() is False); only the CPU row applies")
     table = Table(title="Backends: available for float32/float16/bfloat16 params, or why not")
     table.add_column("device")
     for name in dispatch.BACKENDS:
