@@ -39,12 +39,14 @@ BACKENDS: dict[str, Backend] = {
     backend.name: backend
     for backend in (
         Backend("triton", "adam_gpu.backends.triton", requires="triton", install_hint="pip install 'adam-gpu[triton]'"),
+        Backend("cupy", "adam_gpu.backends.cupy", requires="cupy", install_hint="pip install 'adam-gpu[cupy]'"),
         Backend("torch", "adam_gpu.backends.torch", requires=None),
     )
 }
 
 # Tried in this order by backend="auto"; a device type not listed gets the default order.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "torch")}
+# CUDA: triton before cupy until the benchmark has measured them side by side (issue 5).
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cupy", "torch")}
 DEFAULT_AUTO_ORDER: tuple[str, ...] = ("torch",)
 
 

@@ -10,3 +10,13 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print what tests measured for the log (register counts per arch and specialization)."""
+    from support import REPORT
+
+    for title, lines in REPORT.items():
+        terminalreporter.write_sep("-", title)
+        for line in lines:
+            terminalreporter.write_line(line)

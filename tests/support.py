@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -14,6 +15,9 @@ from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.reference import AdamState, reference_adam_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The CUDA C kernel executed on the host (tests/cuda_host.py) joins the dispatch table for the tests,
+# so every test that takes a backend runs it like the real ones.
+dispatch.BACKENDS.setdefault("cuda-host", dispatch.Backend("cuda-host", "cuda_host", requires=None))
 # ADAM_GPU_TEST_BACKENDS=triton,torch restricts the backends under test (default: all registered).
 BACKEND_NAMES = [name for name in os.environ.get("ADAM_GPU_TEST_BACKENDS", ",".join(dispatch.BACKENDS)).split(",")]
 SIZES = [1, 2, 4097, 65537, 278011]
@@ -25,6 +29,8 @@ POLICIES = [
     (torch.bfloat16, None),
     (torch.bfloat16, torch.float32),
 ]
+# Measurements for the end of the pytest log, by section title (see conftest.pytest_terminal_summary).
+REPORT: dict[str, list[str]] = {}
 GUARD = 5  # elements of poison on each side of every tensor; odd, so views are also misaligned
 POISON = float("nan")
 
@@ -133,6 +139,18 @@ def _scale(*tensors: torch.Tensor | None) -> float:
 FP32_RTOL = 1e-6
 
 
+def torch_error(torch_results: list[torch.Tensor], expected: torch.Tensor) -> float:
+    """torch.optim's own error against the float64 ``expected``: that of its best implementation.
+
+    An implementation whose result is not finite is left out: torch's for-loop in fp16 rounds eps=1e-8
+    to 0 and can divide 0 by 0, which is torch's failure, not a bound on ours.
+    """
+    errors = [max_abs_error(result, expected) for result in torch_results]
+    finite = [error for error in errors if math.isfinite(error)]
+    assert finite, f"no torch.optim implementation gave a finite result ({errors})"
+    return min(finite)
+
+
 def assert_close_relative(
     actual: torch.Tensor,
     expected: torch.Tensor,
@@ -205,3 +223,62 @@ def assert_correctly_rounded(
         f"{what}: element {worst} is {float(actual.flatten()[worst])}, float64 value {float(expected[worst])}, "
         f"error {float(error[worst]):.3g} > half an ulp {float(0.5 * ulp[worst]):.3g}"
     )
+
+
+def random_tensor(generator: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard-normal values (never all zeros) drawn from ``generator`` in float64, stored in ``dtype`` on DEVICE."""
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, object]:
+    """Every param, grad and state entry (``step`` included) of ``optimizer`` by where it lives, e.g.
+    ``"group 1 param 0 exp_avg"``, plus the number of params with state. Take a ``snapshot`` of it."""
+    found: dict[str, object] = {"params with state": len(optimizer.state)}
+    for group_index, group in enumerate(optimizer.param_groups):
+        for param_index, param in enumerate(group["params"]):
+            where = f"group {group_index} param {param_index}"
+            found[f"{where} value"] = param
+            found[f"{where} grad"] = param.grad
+            for key, value in optimizer.state.get(param, {}).items():
+                found[f"{where} {key}"] = value
+    return found
+
+
+def snapshot(named: dict[str, object]) -> dict[str, object]:
+    """Clones of the tensors in ``named`` (other values as they are), for ``assert_unchanged``."""
+    return {name: value.detach().clone() if isinstance(value, torch.Tensor) else value for name, value in named.items()}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    dense = tensor.to_dense() if tensor.layout != torch.strided else tensor
+    return dense.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_unchanged(before: dict[str, object], named: dict[str, object]) -> None:
+    """Every entry of ``named`` is bitwise what ``before`` (a ``snapshot``) holds, and no entry came or went.
+    Tensors on the ``meta`` device hold no values: their dtype, shape and layout are compared."""
+    assert named.keys() == before.keys(), f"entries changed: {sorted(named.keys() ^ before.keys())}"
+    for name, value in named.items():
+        old = before[name]
+        if not isinstance(value, torch.Tensor):
+            assert value == old, f"{name}: {old!r} became {value!r}"
+            continue
+        kind, old_kind = [(t.dtype, tuple(t.shape), t.layout, t.device) for t in (value, old)]
+        assert kind == old_kind, f"{name}: {old_kind} became {kind}"
+        if value.device.type != "meta":
+            assert torch.equal(_bits(value), _bits(old)), f"{name} was written"
+
+
+def new_grads(generator: torch.Generator, *param_lists: list[torch.Tensor]) -> None:
+    """A fresh random grad for every param; the i-th params of all ``param_lists`` get equal (unshared) grads."""
+    for params in zip(*param_lists, strict=True):
+        grad = random_tensor(generator, *params[0].shape, dtype=params[0].dtype)
+        for param in params:
+            param.grad = grad.to(device=param.device, dtype=param.dtype, copy=True)
+
+
+def skip_unless_backend_runs(name: str, dtype: torch.dtype = torch.float32) -> None:
+    """Skip the calling test, with the dispatcher's reason, where backend ``name`` cannot run ``dtype`` on DEVICE."""
+    reason = dispatch.unavailable_reason(name, DEVICE, [dtype])
+    if reason is not None:
+        pytest.skip(f"backend {name} unavailable: {reason}")

@@ -1,0 +1,112 @@
+"""The CUDA C kernel ``kernels/adam_cuda.cu`` as the launchers see it, without importing CuPy:
+its source, the name expression of each specialization, the NVRTC options, and the per-tensor
+launch loop. Shared by the ``cupy`` backend, the NVRTC compile tests and the host-execution tests,
+so all three use the same specializations, options and arguments."""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import itertools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from adam_gpu.backends.layout import contiguous_stand_ins
+from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
+from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
+
+SOURCE_NAME = "adam_cuda.cu"
+CUDA_TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+# Weight-decay modes of the kernel (kNoWeightDecay, kL2, kDecoupled).
+NO_WEIGHT_DECAY, L2, DECOUPLED = 0, 1, 2
+# C++17 for `constexpr` and `alignas` in templates; nothing that changes the math (no fast-math: IEEE
+# division and sqrt, as torch), so GPU and host builds agree.
+NVRTC_OPTIONS = ("--std=c++17",)
+
+
+class KernelLaunch(NamedTuple):
+    """One launch of one specialization over one contiguous tensor."""
+
+    name_expression: str
+    n_elements: int
+    pointers: list[int]  # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
+    scalars: StepScalars
+    pack: int  # elements per 16-byte param load: the kernel's unit of work
+
+
+Launch = Callable[[KernelLaunch], None]
+
+
+@functools.cache
+def source() -> str:
+    return (importlib.resources.files("adam_gpu.kernels") / SOURCE_NAME).read_text()
+
+
+def source_path() -> Path:
+    return Path(str(importlib.resources.files("adam_gpu.kernels") / SOURCE_NAME))
+
+
+def weight_decay_mode(hp: AdamHyperparameters) -> int:
+    if hp.weight_decay == 0:
+        return NO_WEIGHT_DECAY
+    return DECOUPLED if hp.decoupled else L2
+
+
+def name_expression(
+    param_dtype: torch.dtype, state_dtype: torch.dtype, weight_decay: int, amsgrad: bool, maximize: bool
+) -> str:
+    """The instantiation NVRTC compiles, e.g. ``adam_gpu::adam_step<__nv_bfloat16, float, 2, true, false>``."""
+    flags = ", ".join(str(flag).lower() for flag in (amsgrad, maximize))
+    return f"adam_gpu::adam_step<{CUDA_TYPES[param_dtype]}, {CUDA_TYPES[state_dtype]}, {weight_decay}, {flags}>"
+
+
+def all_name_expressions() -> list[str]:
+    """Every specialization: param dtype x moments (param dtype or fp32) x decay mode x amsgrad x maximize."""
+    policies = {(p, s) for p in KERNEL_DTYPES for s in (p, torch.float32)}
+    return [
+        name_expression(param, state, decay, amsgrad, maximize)
+        for (param, state), decay, amsgrad, maximize in itertools.product(
+            sorted(policies, key=str), (NO_WEIGHT_DECAY, L2, DECOUPLED), (False, True), (False, True)
+        )
+    ]
+
+
+def include_dirs() -> list[str]:
+    """Where ``cuda_fp16.h``/``cuda_bf16.h`` are: NVRTC from pip has no built-in copy. CUDA_PATH first,
+    then the ``nvidia-cuda-runtime`` wheel (CUDA 13 and 12 layouts), then /usr/local/cuda."""
+    candidates = []
+    if os.environ.get("CUDA_PATH"):
+        candidates.append(Path(os.environ["CUDA_PATH"]) / "include")
+    try:
+        import nvidia  # namespace package of NVIDIA's CUDA wheels
+
+        for root in map(Path, nvidia.__path__):
+            candidates += [root / "cu13" / "include", root / "cuda_runtime" / "include"]
+    except ImportError:
+        pass
+    candidates.append(Path("/usr/local/cuda/include"))
+    return [str(path) for path in candidates if (path / "cuda_bf16.h").is_file()][:1]
+
+
+def compile_options() -> tuple[str, ...]:
+    """The NVRTC options the backend compiles with (the architecture is added by the caller)."""
+    return (*NVRTC_OPTIONS, *(f"-I{path}" for path in include_dirs()))
+
+
+def for_each_launch(tensors: StepTensors, steps: list[float], hp: AdamHyperparameters, launch: Launch) -> None:
+    """Call ``launch`` once per non-empty tensor; non-contiguous tensors go through contiguous copies
+    that are written back after the launch."""
+    decay = weight_decay_mode(hp)
+    for step, originals in zip(steps, tensors.per_tensor(), strict=True):
+        n_elements = originals[0].numel()
+        if n_elements == 0:
+            continue
+        with contiguous_stand_ins(originals) as (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):
+            name = name_expression(param.dtype, exp_avg.dtype, decay, hp.amsgrad, hp.maximize)
+            maximum = max_exp_avg_sq if hp.amsgrad else exp_avg_sq  # never touched without amsgrad
+            pointers = [t.data_ptr() for t in (param, grad, exp_avg, exp_avg_sq, maximum)]
+            launch(KernelLaunch(name, n_elements, pointers, hp.step_scalars(step), 16 // param.element_size()))

@@ -1,0 +1,141 @@
+// Single-pass fused Adam/AdamW step in CUDA C, compiled at run time by NVRTC (cupy.RawModule).
+//
+// Each thread walks the tensor with a grid-stride loop: it loads param, grad, exp_avg, exp_avg_sq (and
+// max_exp_avg_sq) 16 bytes of params at a time where every pointer allows, does the step in fp32,
+// and stores param and moments rounded to nearest even in their storage types; a scalar loop takes
+// the tail (and whole tensors whose pointers are not aligned). Indices are 64-bit. The step is
+// elementwise: no shared memory, no __syncthreads, no atomics.
+//
+// Specializations are template instantiations named by NVRTC name expressions, e.g.
+//   adam_gpu::adam_step<__nv_bfloat16, float, 2, true, false>
+// (param type, moment type, weight-decay mode, amsgrad, maximize).
+//
+// The same file builds on the host with g++ and tests/cuda_host_shim.h, which defines
+// ADAM_GPU_HOST_BUILD: the tests run it on the CPU through the shared correctness tests.
+
+#ifndef ADAM_GPU_HOST_BUILD
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace adam_gpu {
+
+// Weight-decay modes, as in kernels/adam_triton.py: none, L2 added to the gradient (Adam), decoupled (AdamW).
+enum WeightDecay : int { kNoWeightDecay = 0, kL2 = 1, kDecoupled = 2 };
+
+// The per-step scalars of adam_gpu.hyperparameters.StepScalars, formed in float64 on the host.
+struct StepScalars {
+  float one_minus_beta1;
+  float one_minus_beta2;
+  float eps;
+  float l2_weight_decay;
+  float param_decay;
+  float step_size;
+  float bias_correction2_sqrt;
+};
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// fp32 -> storage type, rounding to nearest even.
+template <typename T>
+struct Store;
+template <>
+struct Store<float> {
+  static __device__ __forceinline__ float from(float x) { return x; }
+};
+template <>
+struct Store<__half> {
+  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
+};
+template <>
+struct Store<__nv_bfloat16> {
+  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
+};
+
+// max that propagates NaN, as torch.maximum does.
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
+
+template <int WEIGHT_DECAY, bool AMSGRAD, bool MAXIMIZE>
+__device__ __forceinline__ void adam_update(float& p, float g, float& m, float& v, float& v_max,
+                                            const StepScalars& s) {
+  static_assert(WEIGHT_DECAY == kNoWeightDecay || WEIGHT_DECAY == kL2 || WEIGHT_DECAY == kDecoupled,
+                "unknown weight-decay mode");
+  if (MAXIMIZE) g = -g;
+  if (WEIGHT_DECAY == kL2) g += s.l2_weight_decay * p;
+  if (WEIGHT_DECAY == kDecoupled) p *= s.param_decay;
+  // The textbook beta * m + (1 - beta) * g written as a lerp: see StepScalars in hyperparameters.py.
+  m += s.one_minus_beta1 * (g - m);
+  v += s.one_minus_beta2 * (g * g - v);
+  float second_moment = v;
+  if (AMSGRAD) {
+    v_max = nan_max(v_max, v);
+    second_moment = v_max;
+  }
+  const float denom = sqrtf(second_moment) / s.bias_correction2_sqrt + s.eps;
+  p -= s.step_size * (m / denom);
+}
+
+// N consecutive elements, aligned so that one pack is one (or, for fp32 moments beside 16-bit params,
+// two) 16-byte memory transactions.
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T lane[N];
+};
+
+template <int N, typename T>
+__device__ __forceinline__ bool aligned_for(const T* ptr) {
+  return reinterpret_cast<unsigned long long>(ptr) % (sizeof(T) * N) == 0;
+}
+
+// Update the N elements of pack number `index` (element index * N onwards).
+template <int N, typename P, typename S, int WEIGHT_DECAY, bool AMSGRAD, bool MAXIMIZE>
+__device__ __forceinline__ void step_pack(P* param, const P* grad, S* exp_avg, S* exp_avg_sq, S* max_exp_avg_sq,
+                                          long long index, const StepScalars& s) {
+  Pack<P, N> p = reinterpret_cast<const Pack<P, N>*>(param)[index];
+  const Pack<P, N> g = reinterpret_cast<const Pack<P, N>*>(grad)[index];
+  Pack<S, N> m = reinterpret_cast<const Pack<S, N>*>(exp_avg)[index];
+  Pack<S, N> v = reinterpret_cast<const Pack<S, N>*>(exp_avg_sq)[index];
+  Pack<S, N> v_max;
+  if (AMSGRAD) v_max = reinterpret_cast<const Pack<S, N>*>(max_exp_avg_sq)[index];
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    float pk = to_float(p.lane[k]);
+    float mk = to_float(m.lane[k]);
+    float vk = to_float(v.lane[k]);
+    float v_max_k = AMSGRAD ? to_float(v_max.lane[k]) : 0.0f;
+    adam_update<WEIGHT_DECAY, AMSGRAD, MAXIMIZE>(pk, to_float(g.lane[k]), mk, vk, v_max_k, s);
+    p.lane[k] = Store<P>::from(pk);
+    m.lane[k] = Store<S>::from(mk);
+    v.lane[k] = Store<S>::from(vk);
+    if (AMSGRAD) v_max.lane[k] = Store<S>::from(v_max_k);
+  }
+  reinterpret_cast<Pack<P, N>*>(param)[index] = p;
+  reinterpret_cast<Pack<S, N>*>(exp_avg)[index] = m;
+  reinterpret_cast<Pack<S, N>*>(exp_avg_sq)[index] = v;
+  if (AMSGRAD) reinterpret_cast<Pack<S, N>*>(max_exp_avg_sq)[index] = v_max;
+}
+
+template <typename P, typename S, int WEIGHT_DECAY, bool AMSGRAD, bool MAXIMIZE>
+__global__ void adam_step(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ exp_avg,
+                          S* __restrict__ exp_avg_sq, S* __restrict__ max_exp_avg_sq, long long n_elements,
+                          float one_minus_beta1, float one_minus_beta2, float eps, float l2_weight_decay,
+                          float param_decay, float step_size, float bias_correction2_sqrt) {
+  const StepScalars s{one_minus_beta1, one_minus_beta2, eps,  l2_weight_decay,
+                      param_decay,     step_size,       bias_correction2_sqrt};
+  constexpr int kPack = 16 / sizeof(P);  // params per 16-byte load
+  const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  const bool vectorized = aligned_for<kPack>(param) && aligned_for<kPack>(grad) && aligned_for<kPack>(exp_avg) &&
+                          aligned_for<kPack>(exp_avg_sq) && (!AMSGRAD || aligned_for<kPack>(max_exp_avg_sq));
+  const long long packs = vectorized ? n_elements / kPack : 0;
+  for (long long i = first; i < packs; i += stride) {
+    step_pack<kPack, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, s);
+  }
+  for (long long i = packs * kPack + first; i < n_elements; i += stride) {
+    step_pack<1, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, s);
+  }
+}
+
+}  // namespace adam_gpu
