@@ -104,7 +104,13 @@ class FusedAdam(Optimizer):
         self.selected_backends: list[str | None] = []
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups; the backend choice goes too.
+        return {**super().__getstate__(), "backend": self.backend, "selected_backends": self.selected_backends}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("backend", dispatch.AUTO)
+        state.setdefault("selected_backends", [])
         super().__setstate__(state)
         for group in self.param_groups:
             for key in _GROUP_OPTIONS:

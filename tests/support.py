@@ -212,15 +212,15 @@ def assert_correctly_rounded(
     A kernel that truncates instead of rounding is off by up to a whole ulp and fails in about half the
     elements; the other term is the fp32 tolerance of ``assert_close_relative``.
     """
-    expected = expected.to(torch.float64).cpu()
-    actual = actual.detach().cpu()
+    expected = expected.to(torch.float64).cpu().flatten()
+    actual = actual.detach().cpu().flatten()
     magnitude = expected.abs().to(actual.dtype)
     ulp = (torch.nextafter(magnitude, torch.full_like(magnitude, float("inf"))) - magnitude).to(torch.float64)
     error = (actual.to(torch.float64) - expected).abs()
     bound = 0.5 * ulp + FP32_RTOL * _scale(expected, before)
     worst = int((error - bound).argmax())
     assert bool((error <= bound).all()), (
-        f"{what}: element {worst} is {float(actual.flatten()[worst])}, float64 value {float(expected[worst])}, "
+        f"{what}: element {worst} is {float(actual[worst])}, float64 value {float(expected[worst])}, "
         f"error {float(error[worst]):.3g} > half an ulp {float(0.5 * ulp[worst]):.3g}"
     )
 

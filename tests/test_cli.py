@@ -70,7 +70,9 @@ def test_info(command, interpret: bool) -> None:
     assert f"triton {_installed_version('triton')}" in output, output
 
     cpu = _cpu_row(output)
-    assert set(dispatch.BACKENDS) <= set(cpu), f"backends missing from the table:\n{output}"
+    # The package's own backends: the tests add a host-execution backend to the table in this process only.
+    package_backends = {name for name, backend in dispatch.BACKENDS.items() if backend.module.startswith("adam_gpu.")}
+    assert package_backends <= set(cpu), f"backends missing from the table:\n{output}"
     assert cpu["torch"] == "available", output
     assert cpu["auto picks"] == "torch", output
     if importlib.util.find_spec("triton") is None:

@@ -1,0 +1,295 @@
+"""FusedAdam/FusedAdamW behave as torch.optim.Adam/AdamW do: closures, zero_grad, param groups, LR
+schedulers, state layout and state_dict both ways, copying, defaults; and record which backend ran."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from support import (
+    DEVICE,
+    assert_close_relative,
+    assert_unchanged,
+    backend_params,
+    new_grads,
+    optimizer_tensors,
+    random_tensor,
+    seeded_generator,
+    skip_unless_backend_runs,
+    snapshot,
+)
+
+from adam_gpu import FusedAdam, FusedAdamW, dispatch
+
+OPTIMIZERS = {"adam": (FusedAdam, torch.optim.Adam), "adamw": (FusedAdamW, torch.optim.AdamW)}
+SHAPES = [(3, 5), (7,)]
+OPTIONS = dict(lr=1e-2, weight_decay=0.1)
+
+
+def _params(generator: torch.Generator, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    return [random_tensor(generator, *shape, dtype=dtype) for shape in SHAPES]
+
+
+def _twins(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.clone() for p in params]
+
+
+def _assert_same_params_and_state(ours, params, theirs, expected_params, rtol: float = 1e-6) -> None:
+    for index, (param, expected) in enumerate(zip(params, expected_params, strict=True)):
+        assert_close_relative(param, expected, f"param {index}", rtol=rtol)
+        expected_state = theirs.state[expected]
+        assert ours.state[param].keys() == expected_state.keys()
+        for key, value in expected_state.items():
+            assert_close_relative(ours.state[param][key], value, f"{key} of param {index}", rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_closure_runs_with_grad_enabled_and_its_loss_is_returned(kind, backend):
+    ours_class, torch_class = OPTIMIZERS[kind]
+    generator = seeded_generator("closure", kind, backend)
+    params = [p.requires_grad_() for p in _params(generator)]
+    expected = [p.detach().clone().requires_grad_() for p in params]
+    targets = _params(generator)
+    optimizer = ours_class(params, backend=backend, **OPTIONS)
+    expected_optimizer = torch_class(expected, foreach=False, **OPTIONS)
+    grad_enabled = []
+
+    def closure_of(optimizer, params):
+        def closure() -> torch.Tensor:
+            grad_enabled.append(torch.is_grad_enabled())
+            optimizer.zero_grad()
+            loss = sum(((p - t) ** 2).sum() for p, t in zip(params, targets, strict=True))
+            loss.backward()
+            return loss
+
+        return closure
+
+    for _ in range(3):
+        loss = optimizer.step(closure_of(optimizer, params))
+        expected_loss = expected_optimizer.step(closure_of(expected_optimizer, expected))
+        assert isinstance(loss, torch.Tensor) and loss.requires_grad
+        assert_close_relative(loss, expected_loss.detach(), "loss")
+    assert grad_enabled == [True] * 6
+    _assert_same_params_and_state(optimizer, params, expected_optimizer, expected)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_step_after_zero_grad_changes_nothing(kind, backend):
+    generator = seeded_generator("zero_grad", kind, backend)
+    params = _params(generator)
+    optimizer = OPTIMIZERS[kind][0](params, backend=backend, **OPTIONS)
+    new_grads(generator, params)
+    optimizer.step()
+    optimizer.zero_grad()
+    assert all(p.grad is None for p in params)
+    before = snapshot(optimizer_tensors(optimizer))
+    optimizer.step()
+    assert_unchanged(before, optimizer_tensors(optimizer))
+    assert optimizer.selected_backends == [None]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_added_param_group_keeps_its_own_options(kind, backend):
+    ours_class, torch_class = OPTIMIZERS[kind]
+    generator = seeded_generator("add_param_group", kind, backend)
+    first, second = _params(generator), _params(generator)
+    expected_first, expected_second = _twins(first), _twins(second)
+    group_options = dict(lr=0.05, weight_decay=0.3, betas=(0.8, 0.99))
+    optimizer = ours_class(first, backend=backend, **OPTIONS)
+    expected_optimizer = torch_class(expected_first, foreach=False, **OPTIONS)
+    optimizer.add_param_group({"params": second, **group_options})
+    expected_optimizer.add_param_group({"params": expected_second, **group_options})
+    for _ in range(4):
+        new_grads(generator, first + second, expected_first + expected_second)
+        optimizer.step()
+        expected_optimizer.step()
+    assert optimizer.selected_backends == [backend, backend]
+    _assert_same_params_and_state(optimizer, first + second, expected_optimizer, expected_first + expected_second)
+
+
+SCHEDULERS = {
+    "StepLR": lambda optimizer: torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.5),
+    "LambdaLR": lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1 / (1 + epoch)),
+}
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_lr_scheduler_drives_the_lr_as_on_torch_optim(backend, scheduler):
+    generator = seeded_generator("scheduler", backend, scheduler)
+    params = _params(generator)
+    expected = _twins(params)
+    optimizer = FusedAdamW(params, backend=backend, **OPTIONS)
+    expected_optimizer = torch.optim.AdamW(expected, foreach=False, **OPTIONS)
+    schedulers = [SCHEDULERS[scheduler](optimizer), SCHEDULERS[scheduler](expected_optimizer)]
+    for _ in range(10):
+        new_grads(generator, params, expected)
+        optimizer.step()
+        expected_optimizer.step()
+        for lr_scheduler in schedulers:
+            lr_scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == expected_optimizer.param_groups[0]["lr"]
+    assert optimizer.param_groups[0]["lr"] < OPTIONS["lr"]
+    _assert_same_params_and_state(optimizer, params, expected_optimizer, expected)
+
+
+@pytest.mark.parametrize("backend", [*backend_params(), "auto"])
+def test_selected_backends_records_each_group(backend, monkeypatch):
+    monkeypatch.delenv(dispatch.BACKEND_ENV_VAR, raising=False)
+    generator = seeded_generator("selected", backend)
+    with_grads, without_grads = _params(generator), _params(generator)
+    optimizer = FusedAdamW([{"params": with_grads}, {"params": without_grads}], backend=backend)
+    assert optimizer.selected_backends == []
+    new_grads(generator, with_grads)
+    optimizer.step()
+    expected = backend
+    if backend == "auto":
+        expected = "torch" if DEVICE.type == "cpu" else dispatch.AUTO_ORDER[DEVICE.type][0]
+    assert optimizer.selected_backends == [expected, None]
+
+
+def test_backend_env_var_overrides_auto(monkeypatch):
+    skip_unless_backend_runs("triton")
+    monkeypatch.setenv(dispatch.BACKEND_ENV_VAR, "triton")
+    generator = seeded_generator("env var")
+    params = _params(generator)
+    optimizer = FusedAdamW(params)
+    new_grads(generator, params)
+    optimizer.step()
+    assert optimizer.selected_backends == ["triton"]
+
+
+def _layout(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {key: (value.dtype, value.device, value.shape) for key, value in state.items()}
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["", "amsgrad"])
+def test_state_layout_is_torch_optims(kind, backend, amsgrad):
+    ours_class, torch_class = OPTIMIZERS[kind]
+    generator = seeded_generator("layout", kind, backend, amsgrad)
+    params = _params(generator)
+    expected = _twins(params)
+    optimizer = ours_class(params, amsgrad=amsgrad, backend=backend)
+    expected_optimizer = torch_class(expected, amsgrad=amsgrad)
+    new_grads(generator, params, expected)
+    optimizer.step()
+    expected_optimizer.step()
+    for index, (param, twin) in enumerate(zip(params, expected, strict=True)):
+        assert _layout(optimizer.state[param]) == _layout(expected_optimizer.state[twin]), f"param {index}"
+    ours, theirs = optimizer.state_dict(), expected_optimizer.state_dict()
+    assert ours["state"].keys() == theirs["state"].keys()
+    for group, expected_group in zip(ours["param_groups"], theirs["param_groups"], strict=True):
+        assert group.keys() == expected_group.keys() | {"state_dtype"}
+        assert group["params"] == expected_group["params"]
+
+
+def _through_bytes(state_dict: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_fp32_state_of_bf16_params_survives_state_dict(backend):
+    generator = seeded_generator("fp32 state", backend)
+    params = _params(generator, torch.bfloat16)
+    optimizer = FusedAdamW(params, backend=backend, state_dtype=torch.float32, **OPTIONS)
+    new_grads(generator, params)
+    optimizer.step()
+    moments = ("exp_avg", "exp_avg_sq")
+    for param in params:
+        assert {optimizer.state[param][key].dtype for key in moments} == {torch.float32}
+
+    reloaded = FusedAdamW(params, backend=backend, state_dtype=torch.float32, **OPTIONS)
+    reloaded.load_state_dict(_through_bytes(optimizer.state_dict()))
+    for index, param in enumerate(params):
+        assert _layout(reloaded.state[param]) == _layout(optimizer.state[param]), f"param {index}"
+        for key, value in optimizer.state[param].items():
+            assert torch.equal(reloaded.state[param][key], value), f"{key} of param {index}"
+
+    into_torch = torch.optim.AdamW(params, **OPTIONS)
+    into_torch.load_state_dict(_through_bytes(optimizer.state_dict()))
+    for index, param in enumerate(params):
+        for key in moments:
+            loaded = into_torch.state[param][key]
+            assert loaded.dtype == torch.bfloat16, f"{key} of param {index}"
+            assert torch.equal(loaded, optimizer.state[param][key].bfloat16()), f"{key} of param {index}"
+    into_torch.step()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_state_dict_of_torch_fused_adamw_loads_with_step_on_the_host(backend):
+    generator = seeded_generator("fused state", backend)
+    expected = _params(generator)
+    fused = torch.optim.AdamW(expected, fused=True, **OPTIONS)
+    new_grads(generator, expected)
+    fused.step()
+    params = _twins(expected)
+    assert fused.state[expected[0]]["step"].device == expected[0].device
+    optimizer = FusedAdamW(params, backend=backend, **OPTIONS)
+    optimizer.load_state_dict(_through_bytes(fused.state_dict()))
+    for index, param in enumerate(params):
+        step = optimizer.state[param]["step"]
+        assert (step.dtype, step.device, step.shape, float(step)) == (torch.float32, torch.device("cpu"), (), 1.0), (
+            f"step of param {index}"
+        )
+    for _ in range(3):
+        new_grads(generator, params, expected)
+        optimizer.step()
+        fused.step()
+    _assert_same_params_and_state(optimizer, params, fused, expected)
+
+
+# torch.optim.Optimizer.__getstate__ keeps only defaults, state and param_groups.
+
+
+def _deepcopy(optimizer: FusedAdam) -> tuple[FusedAdam, list[torch.Tensor]]:
+    twin = copy.deepcopy(optimizer)
+    return twin, twin.param_groups[0]["params"]
+
+
+def _pickle(optimizer: FusedAdam) -> tuple[FusedAdam, list[torch.Tensor]]:
+    twin = pickle.loads(pickle.dumps(optimizer))
+    return twin, twin.param_groups[0]["params"]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+@pytest.mark.parametrize("how", [_deepcopy, _pickle], ids=["deepcopy", "pickle"])
+def test_copied_optimizer_steps_as_the_original(kind, backend, how):
+    generator = seeded_generator("copy", kind, backend, how.__name__)
+    params = _params(generator)
+    optimizer = OPTIMIZERS[kind][0](params, backend=backend, **OPTIONS)
+    new_grads(generator, params)
+    optimizer.step()
+    twin, twin_params = how(optimizer)
+    assert twin.backend == backend and all(t is not p for t, p in zip(twin_params, params, strict=True))
+    for _ in range(2):
+        new_grads(generator, params, twin_params)
+        optimizer.step()
+        twin.step()
+    assert twin.selected_backends == optimizer.selected_backends == [backend]
+    for index, (param, copied) in enumerate(zip(params, twin_params, strict=True)):
+        assert torch.equal(param, copied), f"param {index}"
+        for key, value in optimizer.state[param].items():
+            assert torch.equal(twin.state[copied][key], value), f"{key} of param {index}"
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_defaults_are_torch_optims(kind):
+    ours_class, torch_class = OPTIMIZERS[kind]
+    params = _params(seeded_generator("defaults", kind))
+    ours, theirs = ours_class(params).defaults, torch_class(params).defaults
+    assert ours.keys() == theirs.keys() | {"state_dtype"}
+    assert {key: ours[key] for key in theirs} == theirs
+    assert ours["state_dtype"] is None
+    assert ours["weight_decay"] == (1e-2 if kind == "adamw" else 0)
