@@ -1,0 +1,149 @@
+"""What only a GPU shows: streams, host synchronization, alignment of the vector path, 64-bit indices.
+
+The shared correctness tests (test_step.py, test_training.py, ...) run on the GPU too when one is
+present: there every backend is compared with the float64 reference and with torch.optim's for-loop
+and fused AdamW on the device. These tests add the GPU-only properties.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import (
+    POLICIES,
+    StepCase,
+    assert_close_relative,
+    assert_correctly_rounded,
+    backend_params,
+    policy_id,
+    seeded_generator,
+)
+
+from adam_gpu import FusedAdamW, fused_adam
+from adam_gpu.hyperparameters import AdamHyperparameters
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"
+    ),
+]
+HP = AdamHyperparameters(1e-2, 0.9, 0.999, 1e-8, 0.1, decoupled=True, amsgrad=True, maximize=False)
+
+
+def _run(backend: str, case: StepCase, param_dtype: torch.dtype, state_dtype: torch.dtype, offsets=(0, 0, 0)):
+    """One fused_adam step on views starting ``offsets`` elements into their buffers (param, grad, moments)."""
+
+    def placed(values: torch.Tensor, dtype: torch.dtype, offset: int) -> torch.Tensor:
+        buffer = torch.full((values.numel() + offset,), float("nan"), dtype=dtype, device="cuda")
+        view = buffer[offset:]
+        view.copy_(values)
+        return view
+
+    param = placed(case.param, param_dtype, offsets[0])
+    grad = placed(case.grad, param_dtype, offsets[1])
+    moments = [placed(v, state_dtype, offsets[2]) for v in (case.exp_avg, case.exp_avg_sq, case.max_exp_avg_sq)]
+    fused_adam(
+        [param],
+        [grad],
+        [moments[0]],
+        [moments[1]],
+        [moments[2]],
+        [torch.tensor(float(case.step - 1))],
+        lr=HP.lr,
+        beta1=HP.beta1,
+        beta2=HP.beta2,
+        eps=HP.eps,
+        weight_decay=HP.weight_decay,
+        decoupled=HP.decoupled,
+        amsgrad=HP.amsgrad,
+        maximize=HP.maximize,
+        backend=backend,
+    )
+    torch.cuda.synchronize()
+    return param, *moments
+
+
+def _check(outputs, case: StepCase) -> None:
+    expected = case.reference(HP)
+    names = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    for name, actual in zip(names, outputs, strict=True):
+        check = assert_close_relative if actual.dtype == torch.float32 else assert_correctly_rounded
+        check(actual, getattr(expected, name), name, getattr(case, name))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("policy", POLICIES, ids=policy_id)
+@pytest.mark.parametrize("offsets", [(0, 0, 0), (1, 0, 0), (0, 3, 0), (0, 0, 7), (8, 1, 4)], ids=str)
+@pytest.mark.parametrize("size", [1, 15, 4097, 1_000_003])
+def test_misaligned_views_take_the_scalar_path_correctly(backend, policy, offsets, size):
+    param_dtype, state_dtype = policy
+    state_dtype = state_dtype or param_dtype
+    case = StepCase.draw(size, seeded_generator("gpu-offsets", backend, policy, offsets, size))
+    case = case.rounded(param_dtype, state_dtype)
+    _check(_run(backend, case, param_dtype, state_dtype, offsets), case)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_step_runs_on_the_current_stream(backend):
+    """Grads written on a side stream after a long sleep: a kernel launched on any other stream would
+    read them before they exist."""
+    generator = seeded_generator("gpu-stream", backend)
+    source = torch.randn(1 << 20, generator=generator).cuda()
+    expected_param = torch.randn(1 << 20, generator=generator).cuda()
+    param = expected_param.clone().requires_grad_()
+    reference = expected_param.clone().requires_grad_()
+    ours = FusedAdamW([param], lr=1e-2, backend=backend)
+    theirs = torch.optim.AdamW([reference], lr=1e-2, fused=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        param.grad = torch.full_like(param, float("nan"))
+        torch.cuda._sleep(50_000_000)  # about 25 ms of GPU time before the grads are written
+        param.grad.copy_(source)
+        ours.step()
+    torch.cuda.synchronize()
+    reference.grad = source.clone()
+    theirs.step()
+    assert_close_relative(param, reference, "param")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_step_does_not_synchronize_the_host(backend):
+    generator = seeded_generator("gpu-sync", backend)
+    params = [torch.randn(n, generator=generator).cuda().requires_grad_() for n in (1, 4097, 65537)]
+    optimizer = FusedAdamW(params, lr=1e-3, backend=backend)
+    for param in params:
+        param.grad = torch.randn_like(param)
+    optimizer.step()  # compile and load outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_64_bit_indices(backend):
+    """A bf16 tensor of more than 2**31 elements: the last elements are updated like the first."""
+    n = 2**31 + 17
+    if torch.cuda.get_device_properties(0).total_memory < 6 * 2 * n:
+        pytest.skip("needs about 26 GB of GPU memory")
+    generator = seeded_generator("gpu-64bit", backend)
+    head = StepCase.draw(64, generator).rounded(torch.bfloat16, torch.bfloat16)
+    tensors = []
+    for values in (head.param, head.grad, head.exp_avg, head.exp_avg_sq, head.max_exp_avg_sq):
+        full = torch.empty(n, dtype=torch.bfloat16, device="cuda")
+        full[:64] = values.to(torch.bfloat16)
+        full[-64:] = values.to(torch.bfloat16)
+        tensors.append(full)
+    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = tensors
+    fused_adam(
+        [param], [grad], [exp_avg], [exp_avg_sq], [max_exp_avg_sq], [torch.tensor(float(head.step - 1))],
+        lr=HP.lr, beta1=HP.beta1, beta2=HP.beta2, eps=HP.eps, weight_decay=HP.weight_decay,
+        decoupled=True, amsgrad=True, maximize=False, backend=backend,
+    )  # fmt: skip
+    for part in (slice(0, 64), slice(n - 64, n)):
+        _check([t[part] for t in (param, exp_avg, exp_avg_sq, max_exp_avg_sq)], head)
+    del tensors, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
+    torch.cuda.empty_cache()
