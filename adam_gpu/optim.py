@@ -109,9 +109,11 @@ class FusedAdam(Optimizer):
         return {**super().__getstate__(), "backend": self.backend, "selected_backends": self.selected_backends}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("backend", dispatch.AUTO)
-        state.setdefault("selected_backends", [])
+        # Called by unpickling (state from __getstate__) and by load_state_dict (state and groups only:
+        # the backend chosen for this optimizer stays).
         super().__setstate__(state)
+        self.__dict__.setdefault("backend", dispatch.AUTO)
+        self.__dict__.setdefault("selected_backends", [])
         for group in self.param_groups:
             for key in _GROUP_OPTIONS:
                 group.setdefault(key, self.defaults[key])

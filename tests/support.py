@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from adam_gpu import dispatch
+from adam_gpu import FusedAdam, FusedAdamW, dispatch
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.reference import AdamState, reference_adam_step
 
@@ -228,6 +228,16 @@ def assert_correctly_rounded(
 def random_tensor(generator: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard-normal values (never all zeros) drawn from ``generator`` in float64, stored in ``dtype`` on DEVICE."""
     return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+
+
+# Each adam-gpu optimizer beside the torch.optim class it stands in for.
+OPTIMIZERS = {"adam": (FusedAdam, torch.optim.Adam), "adamw": (FusedAdamW, torch.optim.AdamW)}
+SMALL_SHAPES = [(3, 5), (7,)]
+
+
+def small_params(generator: torch.Generator, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Two small random params (a matrix and a vector), for API tests."""
+    return [random_tensor(generator, *shape, dtype=dtype) for shape in SMALL_SHAPES]
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, object]:

@@ -13,6 +13,8 @@ import pytest
 import torch
 from support import (
     DEVICE,
+    OPTIMIZERS,
+    SMALL_SHAPES,
     assert_close_relative,
     assert_correctly_rounded,
     assert_unchanged,
@@ -22,13 +24,12 @@ from support import (
     random_tensor,
     seeded_generator,
     skip_unless_backend_runs,
+    small_params,
     snapshot,
 )
 
 from adam_gpu import BackendUnavailableError, FusedAdam, FusedAdamW, dispatch, fused_adam
 
-OPTIMIZERS = {"adam": (FusedAdam, torch.optim.Adam), "adamw": (FusedAdamW, torch.optim.AdamW)}
-SHAPES = [(3, 5), (7,)]
 # (group key, bad value, what the message says): torch.optim.Adam rejects the same values.
 BAD_HYPERPARAMETERS = [
     pytest.param("lr", -1e-3, "Invalid learning rate", id="lr-negative"),
@@ -43,14 +44,10 @@ BAD_HYPERPARAMETERS = [
 ]
 
 
-def _params(generator: torch.Generator) -> list[torch.Tensor]:
-    return [random_tensor(generator, *shape) for shape in SHAPES]
-
-
 def _stepped(kind: str, backend: str, generator: torch.Generator, groups: list | None = None, **options) -> FusedAdam:
     """An optimizer over ``groups`` (default: one group of ``_params``) after one step (so every param
     has state), holding fresh grads for the next."""
-    optimizer = OPTIMIZERS[kind][0](groups or _params(generator), lr=1e-2, backend=backend, **options)
+    optimizer = OPTIMIZERS[kind][0](groups or small_params(generator), lr=1e-2, backend=backend, **options)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     new_grads(generator, params)
     optimizer.step()
@@ -104,7 +101,7 @@ def test_bad_grad_is_refused_at_step(kind, backend, case):
 @pytest.mark.parametrize("kind", OPTIMIZERS)
 def test_one_group_on_two_devices_is_refused(kind, backend):
     generator = seeded_generator("two devices", kind, backend)
-    params = _params(generator)
+    params = small_params(generator)
     elsewhere = torch.empty(4, device="meta")  # a second device on any machine
     optimizer = OPTIMIZERS[kind][0]([*params, elsewhere], lr=1e-2, backend=backend)
     new_grads(generator, params)
@@ -118,7 +115,9 @@ def test_one_group_on_two_devices_is_refused(kind, backend):
 @pytest.mark.parametrize("kind", OPTIMIZERS)
 def test_bad_group_among_good_ones_writes_no_group(kind, backend):
     generator = seeded_generator("bad group", kind, backend)
-    optimizer = _stepped(kind, backend, generator, [{"params": _params(generator)}, {"params": _params(generator)}])
+    optimizer = _stepped(
+        kind, backend, generator, [{"params": small_params(generator)}, {"params": small_params(generator)}]
+    )
     bad = optimizer.param_groups[1]["params"][0]
     bad.grad = bad.grad.to_sparse()
     _assert_step_refused(optimizer, TypeError, "grad 0 is sparse")
@@ -139,7 +138,7 @@ def test_loaded_moment_of_wrong_shape_is_refused_at_step(kind, backend):
     generator = seeded_generator("wrong shape state", kind, backend)
     optimizer = _stepped(kind, backend, generator)
     saved = optimizer.state_dict()
-    saved["state"][1]["exp_avg"] = random_tensor(generator, SHAPES[1][0] + 1)
+    saved["state"][1]["exp_avg"] = random_tensor(generator, SMALL_SHAPES[1][0] + 1)
     optimizer.load_state_dict(saved)
     _assert_step_refused(optimizer, ValueError, r"optimizer state 1 has shape \(8,\) but its param has shape \(7,\)")
 
@@ -151,7 +150,7 @@ def test_loaded_moment_of_wrong_shape_is_refused_at_step(kind, backend):
 @pytest.mark.parametrize(("key", "value", "match"), BAD_HYPERPARAMETERS)
 def test_bad_hyperparameter_is_refused_at_construction(kind, key, value, match):
     with pytest.raises(ValueError, match=match):
-        OPTIMIZERS[kind][0](_params(seeded_generator("construct", kind, key, value)), **{key: value})
+        OPTIMIZERS[kind][0](small_params(seeded_generator("construct", kind, key, value)), **{key: value})
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -177,7 +176,7 @@ def test_bad_hyperparameter_in_add_param_group_adds_no_group(kind, backend, key,
     ("bad", "dtype"), [(torch.arange(4), "torch.int64"), (torch.ones(4, dtype=torch.complex64), "torch.complex64")]
 )
 def test_param_that_is_not_real_floating_point_is_refused_at_construction(kind, bad, dtype):
-    good = _params(seeded_generator("construct dtype", kind, dtype))
+    good = small_params(seeded_generator("construct dtype", kind, dtype))
     with pytest.raises(TypeError, match=f"param 2 has dtype {dtype}: adam-gpu updates real floating-point"):
         OPTIMIZERS[kind][0]([*good, bad.to(DEVICE)])
 
@@ -194,7 +193,7 @@ def test_param_that_is_not_real_floating_point_is_refused_at_construction(kind, 
 )
 def test_unsupported_option_is_refused_at_construction(kind, options, match):
     with pytest.raises(ValueError, match=match):
-        OPTIMIZERS[kind][0](_params(seeded_generator("construct option", kind, options)), **options)
+        OPTIMIZERS[kind][0](small_params(seeded_generator("construct option", kind, options)), **options)
 
 
 # ---- backends that cannot run ----
@@ -257,7 +256,7 @@ def test_uninstalled_backend_names_the_package_and_auto_skips_it(kind, uninstall
 def test_float64_on_triton_is_unavailable(kind):
     skip_unless_backend_runs("triton")
     generator = seeded_generator("float64 triton", kind)
-    params = [p.double() for p in _params(generator)]
+    params = [p.double() for p in small_params(generator)]
     optimizer = _stepped(kind, "auto", generator, params)
     optimizer.backend = "triton"
     _assert_step_refused(optimizer, BackendUnavailableError, "^backend triton unavailable: .*float64")
@@ -269,7 +268,7 @@ def test_float64_on_auto_runs_the_torch_backend_and_matches_torch_optim(kind, am
     monkeypatch.delenv(dispatch.BACKEND_ENV_VAR, raising=False)
     ours_class, torch_class = OPTIMIZERS[kind]
     generator = seeded_generator("float64 auto", kind, amsgrad)
-    params = [p.double() for p in _params(generator)]
+    params = [p.double() for p in small_params(generator)]
     expected = [p.clone() for p in params]
     options = dict(lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
     optimizer = ours_class(params, **options)
@@ -289,7 +288,7 @@ def test_float64_on_auto_runs_the_torch_backend_and_matches_torch_optim(kind, am
 
 
 def _functional_inputs(generator: torch.Generator, amsgrad: bool = True) -> dict[str, list]:
-    params = _params(generator)
+    params = small_params(generator)
     return {
         "params": params,
         "grads": [random_tensor(generator, *p.shape) for p in params],
@@ -405,7 +404,7 @@ def test_non_contiguous_params_are_updated_in_place(backend, dtype):
 @pytest.mark.parametrize("kind", OPTIMIZERS)
 def test_params_without_grads_are_skipped(kind, backend):
     generator = seeded_generator("no grad", kind, backend)
-    params = _params(generator)
+    params = small_params(generator)
     idle = random_tensor(generator, 4)
     idle_before = idle.clone()
     optimizer = OPTIMIZERS[kind][0]([params[0], idle, params[1]], lr=1e-2, backend=backend)

@@ -11,26 +11,21 @@ import pytest
 import torch
 from support import (
     DEVICE,
+    OPTIMIZERS,
     assert_close_relative,
     assert_unchanged,
     backend_params,
     new_grads,
     optimizer_tensors,
-    random_tensor,
     seeded_generator,
     skip_unless_backend_runs,
+    small_params,
     snapshot,
 )
 
 from adam_gpu import FusedAdam, FusedAdamW, dispatch
 
-OPTIMIZERS = {"adam": (FusedAdam, torch.optim.Adam), "adamw": (FusedAdamW, torch.optim.AdamW)}
-SHAPES = [(3, 5), (7,)]
 OPTIONS = dict(lr=1e-2, weight_decay=0.1)
-
-
-def _params(generator: torch.Generator, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    return [random_tensor(generator, *shape, dtype=dtype) for shape in SHAPES]
 
 
 def _twins(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -51,9 +46,9 @@ def _assert_same_params_and_state(ours, params, theirs, expected_params, rtol: f
 def test_closure_runs_with_grad_enabled_and_its_loss_is_returned(kind, backend):
     ours_class, torch_class = OPTIMIZERS[kind]
     generator = seeded_generator("closure", kind, backend)
-    params = [p.requires_grad_() for p in _params(generator)]
+    params = [p.requires_grad_() for p in small_params(generator)]
     expected = [p.detach().clone().requires_grad_() for p in params]
-    targets = _params(generator)
+    targets = small_params(generator)
     optimizer = ours_class(params, backend=backend, **OPTIONS)
     expected_optimizer = torch_class(expected, foreach=False, **OPTIONS)
     grad_enabled = []
@@ -81,7 +76,7 @@ def test_closure_runs_with_grad_enabled_and_its_loss_is_returned(kind, backend):
 @pytest.mark.parametrize("kind", OPTIMIZERS)
 def test_step_after_zero_grad_changes_nothing(kind, backend):
     generator = seeded_generator("zero_grad", kind, backend)
-    params = _params(generator)
+    params = small_params(generator)
     optimizer = OPTIMIZERS[kind][0](params, backend=backend, **OPTIONS)
     new_grads(generator, params)
     optimizer.step()
@@ -98,7 +93,7 @@ def test_step_after_zero_grad_changes_nothing(kind, backend):
 def test_added_param_group_keeps_its_own_options(kind, backend):
     ours_class, torch_class = OPTIMIZERS[kind]
     generator = seeded_generator("add_param_group", kind, backend)
-    first, second = _params(generator), _params(generator)
+    first, second = small_params(generator), small_params(generator)
     expected_first, expected_second = _twins(first), _twins(second)
     group_options = dict(lr=0.05, weight_decay=0.3, betas=(0.8, 0.99))
     optimizer = ours_class(first, backend=backend, **OPTIONS)
@@ -123,7 +118,7 @@ SCHEDULERS = {
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_lr_scheduler_drives_the_lr_as_on_torch_optim(backend, scheduler):
     generator = seeded_generator("scheduler", backend, scheduler)
-    params = _params(generator)
+    params = small_params(generator)
     expected = _twins(params)
     optimizer = FusedAdamW(params, backend=backend, **OPTIONS)
     expected_optimizer = torch.optim.AdamW(expected, foreach=False, **OPTIONS)
@@ -143,7 +138,7 @@ def test_lr_scheduler_drives_the_lr_as_on_torch_optim(backend, scheduler):
 def test_selected_backends_records_each_group(backend, monkeypatch):
     monkeypatch.delenv(dispatch.BACKEND_ENV_VAR, raising=False)
     generator = seeded_generator("selected", backend)
-    with_grads, without_grads = _params(generator), _params(generator)
+    with_grads, without_grads = small_params(generator), small_params(generator)
     optimizer = FusedAdamW([{"params": with_grads}, {"params": without_grads}], backend=backend)
     assert optimizer.selected_backends == []
     new_grads(generator, with_grads)
@@ -158,7 +153,7 @@ def test_backend_env_var_overrides_auto(monkeypatch):
     skip_unless_backend_runs("triton")
     monkeypatch.setenv(dispatch.BACKEND_ENV_VAR, "triton")
     generator = seeded_generator("env var")
-    params = _params(generator)
+    params = small_params(generator)
     optimizer = FusedAdamW(params)
     new_grads(generator, params)
     optimizer.step()
@@ -175,7 +170,7 @@ def _layout(state: dict[str, torch.Tensor]) -> dict[str, tuple]:
 def test_state_layout_is_torch_optims(kind, backend, amsgrad):
     ours_class, torch_class = OPTIMIZERS[kind]
     generator = seeded_generator("layout", kind, backend, amsgrad)
-    params = _params(generator)
+    params = small_params(generator)
     expected = _twins(params)
     optimizer = ours_class(params, amsgrad=amsgrad, backend=backend)
     expected_optimizer = torch_class(expected, amsgrad=amsgrad)
@@ -201,7 +196,7 @@ def _through_bytes(state_dict: dict) -> dict:
 @pytest.mark.parametrize("backend", backend_params())
 def test_fp32_state_of_bf16_params_survives_state_dict(backend):
     generator = seeded_generator("fp32 state", backend)
-    params = _params(generator, torch.bfloat16)
+    params = small_params(generator, torch.bfloat16)
     optimizer = FusedAdamW(params, backend=backend, state_dtype=torch.float32, **OPTIONS)
     new_grads(generator, params)
     optimizer.step()
@@ -229,7 +224,7 @@ def test_fp32_state_of_bf16_params_survives_state_dict(backend):
 @pytest.mark.parametrize("backend", backend_params())
 def test_state_dict_of_torch_fused_adamw_loads_with_step_on_the_host(backend):
     generator = seeded_generator("fused state", backend)
-    expected = _params(generator)
+    expected = small_params(generator)
     fused = torch.optim.AdamW(expected, fused=True, **OPTIONS)
     new_grads(generator, expected)
     fused.step()
@@ -267,7 +262,7 @@ def _pickle(optimizer: FusedAdam) -> tuple[FusedAdam, list[torch.Tensor]]:
 @pytest.mark.parametrize("how", [_deepcopy, _pickle], ids=["deepcopy", "pickle"])
 def test_copied_optimizer_steps_as_the_original(kind, backend, how):
     generator = seeded_generator("copy", kind, backend, how.__name__)
-    params = _params(generator)
+    params = small_params(generator)
     optimizer = OPTIMIZERS[kind][0](params, backend=backend, **OPTIONS)
     new_grads(generator, params)
     optimizer.step()
@@ -287,7 +282,7 @@ def test_copied_optimizer_steps_as_the_original(kind, backend, how):
 @pytest.mark.parametrize("kind", OPTIMIZERS)
 def test_defaults_are_torch_optims(kind):
     ours_class, torch_class = OPTIMIZERS[kind]
-    params = _params(seeded_generator("defaults", kind))
+    params = small_params(seeded_generator("defaults", kind))
     ours, theirs = ours_class(params).defaults, torch_class(params).defaults
     assert ours.keys() == theirs.keys() | {"state_dtype"}
     assert {key: ours[key] for key in theirs} == theirs

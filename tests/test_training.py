@@ -10,14 +10,13 @@ import io
 import pytest
 import torch
 from sklearn.datasets import load_digits
-from support import DEVICE, assert_close_relative, backend_params
+from support import DEVICE, OPTIMIZERS, assert_close_relative, backend_params
 
-from adam_gpu import FusedAdam, FusedAdamW
+from adam_gpu import FusedAdam
 
 STEPS = 20
 SWAP_AT = 10
 BATCH = 64
-OPTIMIZERS = {"adam": (FusedAdam, torch.optim.Adam), "adamw": (FusedAdamW, torch.optim.AdamW)}
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
