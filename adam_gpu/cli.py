@@ -1,9 +1,9 @@
-"""The ``adam-gpu`` command: ``adam-gpu info`` says what runs here and why the rest does not."""
+"""The ``adam-gpu`` command: ``adam-gpu info`` says what runs here and why the rest does not;
+``adam-gpu bench`` measures every backend against the framework optimizers (adam_gpu.bench)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import platform
 from collections.abc import Sequence
 
@@ -12,16 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from adam_gpu import __version__, dispatch
+from adam_gpu.bench import command as bench_command
 from adam_gpu.step_tensors import KERNEL_DTYPES
-
-
-def _version(package: str) -> str:
-    for distribution in (package, f"{package}-cuda13x", f"{package}-cuda12x"):
-        try:
-            return importlib.metadata.version(distribution)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "not installed"
+from adam_gpu.versions import package_version
 
 
 def _devices() -> list[torch.device]:
@@ -37,10 +30,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def info(console: Console) -> None:
-    console.print(f"adam-gpu {__version__}, Python {platform.python_version()}")
+    console.print(f"adam-gpu {__version__}, Python {platform.pythonpackage_version()}")
     console.print(
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
-        f"triton {_version('triton')}, cupy {_version('cupy')}"
+        f"triton {package_version('triton')}, cupy {package_version('cupy')}"
     )
     if torch.cuda.is_available():
         console.print(f"CUDA devices: {torch.cuda.device_count()}, torch built for CUDA {torch.version.cuda}")
@@ -66,10 +59,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="adam-gpu", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="device, versions, and which backends run here (and why the others don't)")
+    bench = commands.add_parser("bench", help="benchmark every backend against torch.optim and other optimizers")
+    bench_command.add_arguments(bench)
     args = parser.parse_args(argv)
     console = Console()
-    if args.command == "info":
-        info(console)
+    if args.command == "bench":
+        return bench_command.run_command(args, console)
+    info(console)
     return 0
 
 

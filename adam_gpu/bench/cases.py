@@ -1,0 +1,115 @@
+"""What the benchmark steps: flat tensors, real models' parameter lists (from their published shapes;
+nothing is downloaded), many small tensors; and the precision policies they are stored in."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How params and moments are stored: ``state_dtype`` None keeps moments in the param dtype."""
+
+    name: str
+    param_dtype: torch.dtype
+    state_dtype: torch.dtype | None
+
+    @property
+    def moment_dtype(self) -> torch.dtype:
+        return self.state_dtype or self.param_dtype
+
+    def bytes_per_param(self, amsgrad: bool = False) -> int:
+        """Bytes one Adam step must move per parameter: param read + written, grad read, each moment
+        read + written (fp32: 28; bf16 with bf16 moments: 14; bf16 with fp32 moments: 22)."""
+        param = self.param_dtype.itemsize
+        moment = self.moment_dtype.itemsize
+        return 2 * param + param + 2 * moment * (3 if amsgrad else 2)
+
+
+POLICIES = {
+    policy.name: policy
+    for policy in (
+        Policy("fp32", torch.float32, None),
+        Policy("bf16", torch.bfloat16, None),
+        Policy("bf16+fp32-moments", torch.bfloat16, torch.float32),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shapes: tuple[Shape, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes)
+
+    @property
+    def tensors(self) -> int:
+        return len(self.shapes)
+
+
+def flat(log2_numel: int) -> Case:
+    return Case(f"flat 2^{log2_numel}", ((2**log2_numel,),))
+
+
+def many_small(count: int = 1000, numel: int = 4096) -> Case:
+    return Case(f"{count}x{numel}", ((numel,),) * count)
+
+
+def gpt2_124m() -> Case:
+    """GPT-2 small as in the published checkpoint: 148 tensors, 124,439,808 parameters (tied head)."""
+    d, vocab, context, layers = 768, 50257, 1024, 12
+    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return Case("gpt2-124m", ((vocab, d), (context, d), *block * layers, (d,), (d,)))
+
+
+def llama_3_2_1b() -> Case:
+    """Llama-3.2-1B's published configuration (hidden 2048, 16 layers, 32 query and 8 key/value heads of
+    64, MLP 8192, vocabulary 128256, tied embeddings): 146 tensors, 1,235,814,400 parameters."""
+    d, kv, mlp, vocab, layers = 2048, 8 * 64, 8192, 128256, 16
+    block = [(d, d), (kv, d), (kv, d), (d, d), (mlp, d), (mlp, d), (d, mlp), (d,), (d,)]
+    return Case("llama-3.2-1b", ((vocab, d), *block * layers, (d,)))
+
+
+def resnet_50() -> Case:
+    """torchvision's ResNet-50 (bottleneck blocks 3, 4, 6, 3): 161 tensors, 25,557,032 parameters."""
+    shapes: list[Shape] = [(64, 3, 7, 7), (64,), (64,)]
+    channels = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for block in range(blocks):
+            shapes += [(width, channels, 1, 1), (width,), (width,)]
+            shapes += [(width, width, 3, 3), (width,), (width,)]
+            shapes += [(4 * width, width, 1, 1), (4 * width,), (4 * width,)]
+            if block == 0:
+                shapes += [(4 * width, channels, 1, 1), (4 * width,), (4 * width,)]
+            channels = 4 * width
+    shapes += [(1000, 2048), (1000,)]
+    return Case("resnet-50", tuple(shapes))
+
+
+def model_cases() -> list[Case]:
+    return [gpt2_124m(), llama_3_2_1b(), resnet_50(), many_small()]
+
+
+def plan(quick: bool, device_type: str) -> list[tuple[Case, Policy]]:
+    """The (case, policy) pairs of a run. Flat tensors in fp32 and bf16, 2^12 to 2^30 elements (the
+    runner drops what does not fit in memory); every model list in every policy. ``quick`` keeps a
+    few small cases, for a check that the whole pipeline works (seconds on a CPU)."""
+    if quick:
+        flats = [flat(n) for n in (12, 16, 20)]
+        models = [many_small(100, 4096)]
+    else:
+        flats = [flat(n) for n in range(12, 31, 2)]
+        models = model_cases()
+        if device_type == "cpu":  # a CPU step of Llama's 1.2B parameters takes seconds: leave it out
+            models = [case for case in models if case.name != "llama-3.2-1b"]
+    pairs = [(case, POLICIES[name]) for case in flats for name in ("fp32", "bf16")]
+    pairs += [(case, policy) for case in models for policy in POLICIES.values()]
+    return pairs

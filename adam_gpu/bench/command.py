@@ -1,0 +1,89 @@
+"""``adam-gpu bench``: run the benchmark on the best device present and write JSON, table and plot."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from adam_gpu.bench import report
+from adam_gpu.bench.cases import plan
+from adam_gpu.bench.contenders import contenders
+from adam_gpu.bench.records import OK, Run
+from adam_gpu.bench.run import benchmark
+
+RESULTS_STEM = "results"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a few small cases: checks the pipeline in seconds")
+    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda if present")
+    parser.add_argument("--out", type=Path, help="output folder (default: bench-results/<date>-<device>)")
+    parser.add_argument("--report", type=Path, metavar="JSON", help="only redraw the table and plot from a JSON")
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("adam-gpu bench: --device cuda, but torch.cuda.is_available() is False")
+    return torch.device(choice)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def summary(run: Run) -> Table:
+    """Per case and policy: the best adam-gpu contender against torch's fused AdamW."""
+    table = Table(title=f"adam-gpu bench on {run.environment['device']} (copy bandwidth {run.copy_gbps:.0f} GB/s)")
+    for column in ("case", "policy", "best adam-gpu", "ms", "GB/s", "% copy", "vs torch fused"):
+        table.add_column(column)
+    groups: dict[tuple[str, str], list] = {}
+    for record in run.records:
+        if record.status == OK and record.family == "adam-gpu":
+            groups.setdefault((record.case, record.policy), []).append(record)
+    for (case, policy), records in groups.items():
+        best = min(records, key=lambda r: r.median_ms)
+        speedup = f"{best.speedup_vs_torch_fused:.2f}x" if best.speedup_vs_torch_fused else "n/a"
+        table.add_row(
+            case, policy, best.contender, f"{best.median_ms:.3g}", f"{best.gbps:.0f}", f"{best.pct_copy:.1f}", speedup
+        )
+    return table
+
+
+def run_command(args: argparse.Namespace, console: Console) -> int:
+    if args.report is not None:
+        return report.main_report(args.report, args.out)
+    device = _device(args.device)
+    if device.type == "cpu":
+        console.print(
+            "[bold]No CUDA device: measuring adam-gpu's torch backend against torch.optim's CPU for-loop, "
+            "foreach and fused AdamW. The GPU kernels (triton, cupy) were not measured.[/]"
+        )
+    out = args.out or Path("bench-results") / f"{datetime.date.today()}-{_slug(_device_name(device))}"
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{RESULTS_STEM}.json"
+    total = len(plan(args.quick, device.type)) * len(contenders())
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("benchmarking", total=total)
+
+        def advance(description: str) -> None:
+            progress.update(task, advance=1, description=description)
+
+        run = benchmark(device, args.quick, advance, checkpoint=lambda partial: partial.to_json(json_path))
+    run.to_json(json_path)
+    written = report.write_reports(run, out, RESULTS_STEM)
+    console.print(summary(run))
+    console.print(f"wrote {json_path}, {written['markdown']}, {written['plot']}")
+    return 0

@@ -1,0 +1,64 @@
+"""One benchmark measurement as a long-format record, and the JSON file that holds a run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+# What a record's status says.
+OK = "ok"
+NOT_INSTALLED = "not installed"
+UNSUPPORTED = "unsupported"
+ERROR = "error"
+
+
+@dataclass
+class Record:
+    """One contender stepping one case under one precision policy.
+
+    Times are milliseconds per ``step()``: median and 20th/80th percentiles of device time (CUDA
+    events) on a GPU, of wall time on the CPU. ``bytes_per_param`` is what one step must move (read +
+    write); ``gbps`` = bytes moved / median time; ``pct_copy`` = gbps / the copy bandwidth measured in
+    the same run; ``speedup_vs_torch_fused`` = torch fused's median / this median, same case and policy.
+    """
+
+    contender: str  # e.g. "adam-gpu triton", "torch fused"
+    family: str  # "adam-gpu", "torch", or the external package's name
+    case: str  # e.g. "flat 2^20", "gpt2-124m"
+    policy: str  # "fp32", "bf16", "bf16+fp32-moments"
+    numel: int
+    tensors: int
+    status: str = OK  # OK, NOT_INSTALLED, UNSUPPORTED, or "error: ..."
+    reason: str = ""
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    graph_median_ms: float | None = None  # CUDA graph replay, for launch-bound cases
+    host_ms: float | None = None  # CPU time spent inside step() (launch overhead), median
+    bytes_per_param: float | None = None
+    state_bytes_per_param: float | None = None
+    gbps: float | None = None
+    pct_copy: float | None = None
+    speedup_vs_torch_fused: float | None = None
+    speedup_vs_torch_foreach: float | None = None
+
+
+@dataclass
+class Run:
+    """A whole benchmark run: the environment, the copy bandwidth measured in it, and its records."""
+
+    environment: dict[str, Any]
+    copy_gbps: float
+    records: list[Record] = field(default_factory=list)
+
+    def to_json(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def from_json(cls, path: Path) -> Run:
+        data = json.loads(path.read_text())
+        names = {f.name for f in fields(Record)}
+        records = [Record(**{k: v for k, v in r.items() if k in names}) for r in data["records"]]
+        return cls(environment=data["environment"], copy_gbps=data["copy_gbps"], records=records)

@@ -1,0 +1,402 @@
+"""The Markdown table, the targets and the bandwidth plot of a benchmark run, all drawn from its JSON.
+
+Nothing here measures anything: every number printed or plotted is a field of a ``Record`` or of the
+``Run`` (``copy_gbps``, ``environment``), so a table can always be re-rendered from the JSON it came from
+(``adam-gpu bench --report results.json``). matplotlib is imported only by ``plot``: the table needs
+nothing beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adam_gpu.bench.records import OK, Record, Run
+
+DASH = "—"
+ADAM_GPU_FAMILY = "adam-gpu"
+# "flat 2^24" and up: one tensor large enough that the step is bandwidth-bound, not launch-bound.
+FLAT_CASE = re.compile(r"flat 2\^(\d+)")
+LARGE_FLAT_LOG2 = 24
+LARGE_FLAT_PLACEHOLDER = f"flat 2^{LARGE_FLAT_LOG2} or larger"
+ANY_POLICY = "any"
+PLOT_DPI = 120
+
+COLUMNS = (
+    ("contender", ":---"),
+    ("policy", ":---"),
+    ("tensors", "---:"),
+    ("numel", "---:"),
+    ("median ms (p20–p80)", "---:"),
+    ("CUDA-graph ms", "---:"),
+    ("host ms", "---:"),
+    ("GB/s", "---:"),
+    ("% of copy bandwidth", "---:"),
+    ("speed-up vs torch fused", "---:"),
+    ("speed-up vs torch foreach", "---:"),
+    ("state bytes/param", "---:"),
+)
+
+
+# --- number formatting -------------------------------------------------------------------------------------------
+
+
+def format_ms(value: float | None) -> str:
+    """Milliseconds to 3 significant digits ("0.0123", "1.20", "123"); 1000 ms and more as whole numbers."""
+    if value is None:
+        return DASH
+    if abs(value) >= 1000:
+        return f"{value:.0f}"
+    # "#" keeps trailing zeros so a column reads evenly ("1.20", not "1.2"); it also leaves "123." behind.
+    return f"{value:#.3g}".rstrip(".")
+
+
+def format_gbps(value: float | None) -> str:
+    """GB/s (10^9 bytes per second) as a whole number."""
+    return DASH if value is None else f"{value:.0f}"
+
+
+def format_pct(value: float | None) -> str:
+    """A percentage to one decimal, with its sign: "91.7 %"."""
+    return DASH if value is None else f"{value:.1f} %"
+
+
+def format_speedup(value: float | None) -> str:
+    """A ratio of medians to two decimals: "1.23x"."""
+    return DASH if value is None else f"{value:.2f}x"
+
+
+def _format_number(value: float | None) -> str:
+    return DASH if value is None else f"{value:g}"
+
+
+def _cell(text: str) -> str:
+    # A reason is free text: a "|" would split the cell and a newline would end the row.
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def status_text(record: Record) -> str:
+    """The status of a record that was not measured, with its reason: "unsupported: torch keeps ..."."""
+    if record.reason and record.reason not in record.status:
+        return f"{record.status}: {record.reason}"
+    return record.status
+
+
+# --- grouping ------------------------------------------------------------------------------------------------------
+
+
+def _unique(values: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def cases(run: Run) -> list[str]:
+    """Case names in order of first appearance."""
+    return _unique(r.case for r in run.records)
+
+
+def _case_rows(run: Run, case: str) -> list[Record]:
+    """A case's records grouped by policy (order of first appearance), contenders in record order within each."""
+    records = [r for r in run.records if r.case == case]
+    policies = _unique(r.policy for r in records)
+    return sorted(records, key=lambda r: policies.index(r.policy))  # sorted() is stable: record order survives
+
+
+def flat_log2(case: str) -> int | None:
+    """N for a case named "flat 2^N", else None."""
+    match = FLAT_CASE.fullmatch(case)
+    return int(match.group(1)) if match else None
+
+
+# --- the Markdown table --------------------------------------------------------------------------------------------
+
+
+def _header(run: Run) -> list[str]:
+    env = run.environment
+    device = env.get("device", "unknown device")
+    device_type = env.get("device_type", "unknown")
+    lines = []
+    if device_type == "cpu":
+        lines += [
+            "**GPU kernels were not measured: this run had no CUDA device, so only adam-gpu's torch backend was "
+            "timed against torch.optim's CPU implementations.**",
+            "",
+        ]
+    timer = "device time (CUDA events)" if device_type == "cuda" else "wall time"
+    driver = f", driver {env['driver']}" if env.get("driver") else ""
+    versions = ", ".join(f"{name} {env.get(name) or 'not installed'}" for name in ("torch", "triton", "cupy"))
+    lines += [
+        f"# Adam step benchmark: {device}",
+        "",
+        f"- date: {env.get('date', 'unknown')}",
+        f"- device: {device} ({device_type}{driver})",
+        f"- versions: {versions}, python {env.get('python', 'unknown')}",
+        f"- copy bandwidth measured in this run: **{format_gbps(run.copy_gbps)} GB/s** (read + write counted)",
+    ]
+    if env.get("quick"):
+        lines.append("- quick run: fewer cases and repetitions than a full run")
+    lines += [
+        "",
+        f"Times are milliseconds per `step()`: the median of {timer}, 20th–80th percentile in parentheses; "
+        "CUDA-graph ms is the median of a captured step replayed; host ms is CPU time spent inside `step()`. "
+        "GB/s counts the bytes one step must read and write; % of copy bandwidth divides it by the copy "
+        "bandwidth above; speed-ups are the torch optimizer's median over this median, same case and policy.",
+    ]
+    return lines
+
+
+def _row(record: Record) -> list[str]:
+    head = [record.contender, record.policy, str(record.tensors), f"{record.numel:,}"]
+    if record.status != OK:
+        return [*head, f"*{status_text(record)}*", *([DASH] * (len(COLUMNS) - len(head) - 1))]
+    median = format_ms(record.median_ms)
+    if record.p20_ms is not None and record.p80_ms is not None:
+        median += f" ({format_ms(record.p20_ms)}–{format_ms(record.p80_ms)})"
+    return [
+        *head,
+        median,
+        format_ms(record.graph_median_ms),
+        format_ms(record.host_ms),
+        format_gbps(record.gbps),
+        format_pct(record.pct_copy),
+        format_speedup(record.speedup_vs_torch_fused),
+        format_speedup(record.speedup_vs_torch_foreach),
+        _format_number(record.state_bytes_per_param),
+    ]
+
+
+def _table(rows: list[list[str]], columns: Iterable[tuple[str, str]]) -> list[str]:
+    names, aligns = zip(*columns, strict=True)
+    lines = ["| " + " | ".join(names) + " |", "|" + "|".join(aligns) + "|"]
+    return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+
+
+def markdown_table(run: Run) -> str:
+    """The run as Markdown: device, date, versions and copy bandwidth, then one table per case.
+
+    On a CPU run (``environment["device_type"] == "cpu"``) the text starts with a bold line saying that no
+    GPU kernel was measured. Records that were not measured show their status and reason instead of numbers.
+    """
+    lines = _header(run)
+    for case in cases(run):
+        lines += ["", f"## {case}", ""]
+        lines += _table([_row(r) for r in _case_rows(run, case)], COLUMNS)
+    return "\n".join(lines) + "\n"
+
+
+# --- targets -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of the issue: ``field`` of the best adam-gpu record must reach ``minimum``."""
+
+    name: str
+    field: str  # a Record attribute
+    minimum: float
+    unit: str  # "%" or "x"
+    named_cases: tuple[str, ...] = ()  # empty: every flat case of 2^LARGE_FLAT_LOG2 elements or more
+    policy: str | None = None  # None: every policy the case was measured under
+
+
+MODEL_CASES = ("gpt2-124m", "llama-3.2-1b", "resnet-50")
+TARGETS = (
+    Target("large fp32 flat tensors: % of copy bandwidth", "pct_copy", 92.0, "%", policy="fp32"),
+    Target("large fp32 flat tensors: speed-up vs torch fused", "speedup_vs_torch_fused", 1.05, "x", policy="fp32"),
+    Target("model parameter lists: speed-up vs torch fused", "speedup_vs_torch_fused", 1.15, "x", MODEL_CASES),
+    Target("1000 x 4096 tensors: speed-up vs torch fused", "speedup_vs_torch_fused", 1.5, "x", ("1000x4096",)),
+    Target("1000 x 4096 tensors: speed-up vs torch foreach", "speedup_vs_torch_foreach", 5.0, "x", ("1000x4096",)),
+)
+
+
+def best_adam_gpu(run: Run, case: str, policy: str) -> Record | None:
+    """The adam-gpu record with the lowest median for this case and policy, or None if none was measured.
+
+    Within one case and policy every contender moves the same bytes, so the lowest median is also the highest
+    GB/s and the highest speed-up.
+    """
+    measured = [
+        r
+        for r in run.records
+        if r.case == case
+        and r.policy == policy
+        and r.family == ADAM_GPU_FAMILY
+        and r.status == OK
+        and r.median_ms is not None
+    ]
+    return min(measured, key=lambda r: r.median_ms, default=None)
+
+
+def _target_cases(target: Target, run: Run) -> list[str]:
+    if target.named_cases:
+        return list(target.named_cases)
+    large = [c for c in cases(run) if (n := flat_log2(c)) is not None and n >= LARGE_FLAT_LOG2]
+    return large or [LARGE_FLAT_PLACEHOLDER]
+
+
+def _target_policies(target: Target, run: Run, case: str) -> list[str]:
+    if target.policy is not None:
+        return [target.policy]
+    return _unique(r.policy for r in run.records if r.case == case) or [ANY_POLICY]
+
+
+def _target_row(target: Target, run: Run, case: str, policy: str) -> dict[str, Any]:
+    best = best_adam_gpu(run, case, policy)
+    value = None if best is None else getattr(best, target.field)
+    if not any(r.case == case and r.policy == policy for r in run.records):
+        note = "not measured"
+    elif best is None:
+        note = "no adam-gpu contender measured"
+    elif value is None:
+        note = f"{best.contender} has no {target.field}"
+    else:
+        note = ""
+    return {
+        "target": target.name,
+        "case": case,
+        "policy": policy,
+        "contender": None if best is None else best.contender,
+        "value": value,
+        "target_value": target.minimum,
+        "unit": target.unit,
+        "met": value is not None and value >= target.minimum,
+        "note": note,
+    }
+
+
+def targets(run: Run) -> list[dict[str, Any]]:
+    """The issue's targets checked against the best adam-gpu contender of each case and policy.
+
+    Each row: ``target`` (name), ``case``, ``policy``, ``contender`` (the best adam-gpu one, or None),
+    ``value`` (the measured % or speed-up, or None when missing), ``target_value``, ``unit`` ("%" or "x"),
+    ``met`` (False when missing) and ``note`` (why the value is missing, else ""). A target whose case was not
+    measured at all still gets a row, so a missing measurement cannot pass for a met target.
+    """
+    return [
+        _target_row(target, run, case, policy)
+        for target in TARGETS
+        for case in _target_cases(target, run)
+        for policy in _target_policies(target, run, case)
+    ]
+
+
+def _format_target_value(value: float | None, unit: str) -> str:
+    return format_pct(value) if unit == "%" else format_speedup(value)
+
+
+def targets_markdown(run: Run) -> str:
+    """The "Targets" section: one row per target, case and policy, from ``targets(run)``."""
+    rows = [
+        [
+            row["target"],
+            row["case"],
+            row["policy"],
+            row["contender"] or DASH,
+            _format_target_value(row["value"], row["unit"]) if row["value"] is not None else f"*{row['note']}*",
+            "≥ " + _format_target_value(row["target_value"], row["unit"]),
+            "yes" if row["met"] else "**no**",
+        ]
+        for row in targets(run)
+    ]
+    columns = [(name, ":---") for name in ("target", "case", "policy", "best adam-gpu contender")]
+    columns += [("measured", "---:"), ("target", "---:"), ("met", ":---:")]
+    lines = ["## Targets", "", "Best adam-gpu contender (lowest median) of each case and policy.", ""]
+    return "\n".join(lines + _table(rows, columns)) + "\n"
+
+
+# --- the plot ------------------------------------------------------------------------------------------------------
+
+
+def _flat_records(run: Run) -> list[Record]:
+    return [r for r in run.records if flat_log2(r.case) is not None]
+
+
+def _power_of_two(value: float, _position: int) -> str:
+    return f"$2^{{{round(math.log2(value))}}}$" if value > 0 else ""
+
+
+def plot(run: Run, path: Path) -> None:
+    """GB/s against numel for the flat-tensor cases: one subplot per policy, one line per measured contender.
+
+    The copy bandwidth measured in the same run is drawn as a dashed ceiling. Saved as PNG at ``PLOT_DPI``.
+    Without flat-tensor cases the figure still gets drawn, with a note saying so.
+    """
+    # The Figure API without pyplot renders with Agg on any machine and leaves pyplot's global backend (and any
+    # figures open in the caller's interactive session) alone; importing report.py imports no matplotlib at all.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    flat = _flat_records(run)
+    policies = _unique(r.policy for r in flat) or [None]
+    contenders = _unique(r.contender for r in flat if r.status == OK and r.gbps is not None)
+    palette = [f"C{i}" for i in range(10)]
+    fig = Figure(figsize=(6.4 * len(policies), 4.8), layout="constrained")
+    axes = fig.subplots(1, len(policies), squeeze=False)[0]
+    for ax, policy in zip(axes, policies, strict=True):
+        for index, contender in enumerate(contenders):
+            points = sorted(
+                (r.numel, r.gbps)
+                for r in flat
+                if r.policy == policy and r.contender == contender and r.status == OK and r.gbps is not None
+            )
+            if points:
+                family = next(r.family for r in flat if r.contender == contender)
+                ax.plot(
+                    *zip(*points, strict=True),
+                    marker="o" if family == ADAM_GPU_FAMILY else "s",
+                    linestyle="-" if family == ADAM_GPU_FAMILY else ":",
+                    color=palette[index % len(palette)],  # same colour for a contender in every subplot
+                    label=contender,
+                )
+        ax.axhline(run.copy_gbps, color="black", linestyle="--", label=f"copy {format_gbps(run.copy_gbps)} GB/s")
+        if policy is None:
+            ax.text(0.5, 0.5, "no flat-tensor cases measured", transform=ax.transAxes, ha="center", va="center")
+        else:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_locator(LogLocator(base=2, numticks=32))
+            ax.xaxis.set_major_formatter(FuncFormatter(_power_of_two))
+            ax.set_title(f"policy {policy}")
+        ax.set_xlabel("elements in one flat tensor")
+        ax.set_ylabel("GB/s (read + write)")
+        ax.set_ylim(0, run.copy_gbps * 1.12)  # room above the ceiling for its line and the legend
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small", loc="lower right")
+    env = run.environment
+    fig.suptitle(f"Adam step bandwidth: {env.get('device', 'unknown device')}, {env.get('date', 'unknown date')}")
+    fig.savefig(path, dpi=PLOT_DPI, format="png")
+
+
+# --- files ---------------------------------------------------------------------------------------------------------
+
+
+def write_reports(run: Run, directory: Path, stem: str = "results") -> dict[str, Path]:
+    """Write ``<stem>.md`` (tables and targets) and ``<stem>.png`` (plot) into ``directory``; return their paths.
+
+    The JSON itself is written by the runner (``Run.to_json``).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": directory / f"{stem}.md", "plot": directory / f"{stem}.png"}
+    paths["markdown"].write_text(markdown_table(run) + "\n" + targets_markdown(run))
+    plot(run, paths["plot"])
+    return paths
+
+
+def main_report(json_path: Path, directory: Path | None = None) -> int:
+    """Re-render the Markdown and the plot of an existing run's JSON; exit status 0, or 1 if it cannot be read.
+
+    The files go beside the JSON unless ``directory`` is given, named after it (results.json -> results.md,
+    results.png).
+    """
+    try:
+        run = Run.from_json(json_path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"adam-gpu bench --report: cannot read {json_path}: {error}", file=sys.stderr)
+        return 1
+    paths = write_reports(run, json_path.parent if directory is None else directory, stem=json_path.stem)
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0

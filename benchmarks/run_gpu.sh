@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On a machine with a CUDA GPU and torch, triton and cupy already installed (no network needed):
+# the GPU test suite, then the full benchmark, with logs, JSON, Markdown table and plot in OUTDIR.
+# Fits in 9 minutes: the tests get at most 5, the benchmark the rest; partial results are kept.
+#
+#   benchmarks/run_gpu.sh OUTDIR
+set -uo pipefail
+out="$(mkdir -p "${1:?usage: benchmarks/run_gpu.sh OUTDIR}" && cd "$1" && pwd)"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$repo"
+
+# The installed layout without pip (no network, no build step): adam_gpu with kernels/ as adam_gpu.kernels.
+stage="$(mktemp -d)"
+cp -r adam_gpu "$stage/adam_gpu"
+cp -r kernels "$stage/adam_gpu/kernels"
+export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+  python -m adam_gpu.cli info
+} 2>&1 | tee "$out/info.log"
+
+# The tests that run on the GPU (the CPU-only ones, packaging and ahead-of-time compiles, stay on CI).
+timeout 300 python -m pytest -q -rs -p no:cacheprovider \
+  tests/test_gpu.py tests/test_step.py tests/test_training.py tests/test_optimizer_api.py \
+  tests/test_bad_input.py tests/test_reference.py \
+  --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log"
+tests_status=${PIPESTATUS[0]}
+
+timeout 220 python -m adam_gpu.cli bench --out "$out" 2>&1 | tee "$out/bench.log"
+bench_status=${PIPESTATUS[0]}
+
+echo "tests exit $tests_status, bench exit $bench_status" | tee "$out/status.txt"
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
