@@ -33,10 +33,10 @@ FLAT_EFFICIENCY = {
 # Milliseconds per step on the list cases, chosen for the targets: on gpt2-124m the best adam-gpu contender (cupy)
 # is 1.10x torch fused, short of 1.15x; on 1000x4096 triton is 2.0x fused (>= 1.5x) but 4.0x foreach (< 5x).
 LIST_MS = {
-    "gpt2-124m": {"torch for-loop": 9.0, "torch foreach": 2.2, "torch fused": 1.1, "adam-gpu triton": 1.05},
-    "1000x4096": {"torch for-loop": 40.0, "torch foreach": 8.0, "torch fused": 4.0, "adam-gpu triton": 2.0},
+    "gpt2-124m": {"torch for-loop": 18.0, "torch foreach": 4.4, "torch fused": 2.2, "adam-gpu triton": 2.1},
+    "1000x4096": {"torch for-loop": 20.0, "torch foreach": 0.8, "torch fused": 0.4, "adam-gpu triton": 0.2},
 }
-LIST_MS["gpt2-124m"]["adam-gpu cupy"] = 1.0
+LIST_MS["gpt2-124m"]["adam-gpu cupy"] = 2.0
 LIST_SHAPES = {"gpt2-124m": (148, 124_439_808), "1000x4096": (1000, 4_096_000)}  # (tensors, numel)
 FLAT_LOG2 = (12, 16, 20, 24, 26)
 DEVICE = "NVIDIA H100 80GB HBM3"
@@ -122,7 +122,7 @@ def _list_records() -> list[Record]:
             reason="torch keeps moments in the param dtype",
         )
     )
-    records.append(_measured("adam-gpu triton", "gpt2-124m", "bf16+fp32-moments", numel, tensors, 0.9))
+    records.append(_measured("adam-gpu triton", "gpt2-124m", "bf16+fp32-moments", numel, tensors, 1.8))
     return records
 
 
@@ -213,8 +213,8 @@ def test_numbers_in_the_table_are_the_records_formatted(run: Run) -> None:
     assert row["numel"] == "67,108,864"
     assert row["state bytes/param"] == "8"
     gpt2 = _row(markdown, "gpt2-124m", "torch foreach", "fp32")
-    assert gpt2["median ms (p20–p80)"].startswith("2.20 (")
-    assert gpt2["CUDA-graph ms"] == "1.98"
+    assert gpt2["median ms (p20–p80)"].startswith("4.40 (")
+    assert gpt2["CUDA-graph ms"] == "3.96"
     assert gpt2["host ms"] == "1.48"
     assert gpt2["speed-up vs torch foreach"] == "1.00x"
 
@@ -251,7 +251,7 @@ def test_targets_from_known_numbers(run: Run) -> None:
         assert pct["value"] == pytest.approx(95.0) and pct["met"]
         assert _target(rows, f"{large}: speed-up", case, "fp32")["met"]
     assert not any(r["case"] in ("flat 2^20", "flat 2^16") for r in rows), "only 2^24 and up are large"
-    # Not met: the best adam-gpu contender (cupy, 1.0 ms) is 1.10x torch fused, short of 1.15x.
+    # Not met: the best adam-gpu contender (cupy, 2.0 ms) is 1.10x torch fused, short of 1.15x.
     gpt2 = _target(rows, "model parameter lists", "gpt2-124m", "fp32")
     assert gpt2["contender"] == "adam-gpu cupy"
     assert gpt2["value"] == pytest.approx(1.1) and not gpt2["met"]
@@ -317,7 +317,8 @@ def test_main_report_rerenders_from_json(run: Run, tmp_path: Path) -> None:
 def test_importing_and_plotting_leave_pyplot_alone(tmp_path: Path) -> None:
     # pyplot would pick an interactive backend (or switch the caller's); the report never needs it.
     code = (
-        "import sys; from pathlib import Path; from adam_gpu.bench import report; from adam_gpu.bench.records import Run;"
+        "import sys; from pathlib import Path;"
+        "from adam_gpu.bench import report; from adam_gpu.bench.records import Run;"
         "assert 'matplotlib' not in sys.modules;"
         f"report.plot(Run({{}}, 1000.0), Path({str(tmp_path / 'p.png')!r}));"
         "assert 'matplotlib.pyplot' not in sys.modules"

@@ -15,7 +15,7 @@ from rich.table import Table
 from adam_gpu.bench import report
 from adam_gpu.bench.cases import plan
 from adam_gpu.bench.contenders import contenders
-from adam_gpu.bench.records import OK, Run
+from adam_gpu.bench.records import Run
 from adam_gpu.bench.run import benchmark
 
 RESULTS_STEM = "results"
@@ -49,15 +49,19 @@ def summary(run: Run) -> Table:
     table = Table(title=f"adam-gpu bench on {run.environment['device']} (copy bandwidth {run.copy_gbps:.0f} GB/s)")
     for column in ("case", "policy", "best adam-gpu", "ms", "GB/s", "% copy", "vs torch fused"):
         table.add_column(column)
-    groups: dict[tuple[str, str], list] = {}
-    for record in run.records:
-        if record.status == OK and record.family == "adam-gpu":
-            groups.setdefault((record.case, record.policy), []).append(record)
-    for (case, policy), records in groups.items():
-        best = min(records, key=lambda r: r.median_ms)
-        speedup = f"{best.speedup_vs_torch_fused:.2f}x" if best.speedup_vs_torch_fused else "n/a"
+    pairs = dict.fromkeys((r.case, r.policy) for r in run.records)
+    for case, policy in pairs:
+        best = report.best_adam_gpu(run, case, policy)
+        if best is None:
+            continue
         table.add_row(
-            case, policy, best.contender, f"{best.median_ms:.3g}", f"{best.gbps:.0f}", f"{best.pct_copy:.1f}", speedup
+            case,
+            policy,
+            best.contender,
+            report.format_ms(best.median_ms),
+            report.format_gbps(best.gbps),
+            report.format_pct(best.pct_copy),
+            report.format_speedup(best.speedup_vs_torch_fused),
         )
     return table
 

@@ -20,8 +20,9 @@ class Record:
 
     Times are milliseconds per ``step()``: median and 20th/80th percentiles of device time (CUDA
     events) on a GPU, of wall time on the CPU. ``bytes_per_param`` is what one step must move (read +
-    write); ``gbps`` = bytes moved / median time; ``pct_copy`` = gbps / the copy bandwidth measured in
-    the same run; ``speedup_vs_torch_fused`` = torch fused's median / this median, same case and policy.
+    write); ``gbps`` = bytes moved / median time; ``pct_copy`` = 100 * gbps / the copy bandwidth
+    measured in the same run, in percent; ``speedup_vs_torch_fused`` = torch fused's median / this
+    median, same case and policy.
     """
 
     contender: str  # e.g. "adam-gpu triton", "torch fused"
@@ -47,7 +48,9 @@ class Record:
 
 @dataclass
 class Run:
-    """A whole benchmark run: the environment, the copy bandwidth measured in it, and its records."""
+    """A whole benchmark run: the environment, the copy bandwidth measured in it (GB/s, read + write
+    counted), and its records. ``environment`` keys: device, device_type ("cuda"/"cpu"), driver,
+    adam_gpu, torch, triton, cupy, python, date, quick."""
 
     environment: dict[str, Any]
     copy_gbps: float

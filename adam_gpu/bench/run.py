@@ -28,6 +28,17 @@ MEMORY_SHARE = 0.4
 LAUNCH_BOUND_NUMEL = 2**22
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device, quick: bool) -> dict[str, object]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -36,7 +47,7 @@ def environment(device: torch.device, quick: bool) -> dict[str, object]:
         except (AttributeError, RuntimeError):
             driver = "unknown"
     else:
-        name, driver = platform.processor() or platform.machine(), "none"
+        name, driver = _cpu_name(), "none"
     return {
         "device": name,
         "device_type": device.type,

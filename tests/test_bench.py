@@ -1,0 +1,87 @@
+"""``adam-gpu bench --quick`` on this machine (the CPU on CI): JSON, table and plot are written and agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from adam_gpu.bench.cases import POLICIES, gpt2_124m, llama_3_2_1b, many_small, plan, resnet_50
+from adam_gpu.bench.contenders import contenders
+from adam_gpu.bench.records import OK, Run
+
+
+def _bench(*arguments: str) -> subprocess.CompletedProcess:
+    # Without TRITON_INTERPRET, as a user runs it: the Triton kernel is then unavailable on the CPU.
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"} | {"COLUMNS": "160"}
+    command = [sys.executable, "-m", "adam_gpu.cli", "bench", *arguments]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = _bench("--quick", "--device", "cpu", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result.stdout
+
+
+def test_quick_run_writes_json_table_and_plot(quick_run):
+    out, stdout = quick_run
+    run = Run.from_json(out / "results.json")
+    assert (out / "results.png").read_bytes().startswith(b"\x89PNG")
+    markdown = (out / "results.md").read_text()
+    assert "GPU kernels were not measured" in markdown
+    assert "GPU kernels (triton, cupy) were not measured" in " ".join(stdout.split())
+    assert len(run.records) == len(plan(True, "cpu")) * len(contenders())
+    assert run.copy_gbps > 0 and run.environment["device_type"] == "cpu"
+    for record in run.records:
+        assert record.case in markdown and record.contender in markdown
+
+
+def test_quick_run_measures_the_torch_backend_against_torch_optim(quick_run):
+    out, _ = quick_run
+    run = Run.from_json(out / "results.json")
+    measured = {r.contender for r in run.records if r.status == OK}
+    assert {"adam-gpu torch", "torch for-loop", "torch foreach", "torch fused"} <= measured
+    assert not measured & {"adam-gpu triton", "adam-gpu cupy"}, "GPU kernels are not timed on the CPU"
+    medians = {(r.case, r.policy, r.contender): r.median_ms for r in run.records}
+    for record in run.records:
+        if record.status != OK:
+            assert record.reason, f"{record.contender} on {record.case}: a record that was not measured says why"
+            continue
+        assert 0 < record.p20_ms <= record.median_ms <= record.p80_ms
+        assert record.bytes_per_param == POLICIES[record.policy].bytes_per_param()
+        expected_gbps = record.numel * record.bytes_per_param / (record.median_ms * 1e-3) / 1e9
+        assert record.gbps == pytest.approx(expected_gbps)
+        assert record.pct_copy == pytest.approx(100 * record.gbps / run.copy_gbps)
+        assert record.state_bytes_per_param == pytest.approx(2 * POLICIES[record.policy].moment_dtype.itemsize)
+        fused = medians[(record.case, record.policy, "torch fused")]
+        if fused is not None:
+            assert record.speedup_vs_torch_fused == pytest.approx(fused / record.median_ms)
+
+
+def test_quick_run_redraws_from_json(quick_run, tmp_path):
+    out, _ = quick_run
+    copy = tmp_path / "again.json"
+    copy.write_text(json.dumps(json.loads((out / "results.json").read_text())))
+    result = _bench("--report", str(copy))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "again.md").read_text() == (out / "results.md").read_text()
+    assert (tmp_path / "again.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_model_shapes_are_the_published_ones():
+    """Parameter counts as published: GPT-2 small, Llama-3.2-1B (tied embeddings), torchvision ResNet-50."""
+    assert (gpt2_124m().tensors, gpt2_124m().numel) == (148, 124_439_808)
+    assert (llama_3_2_1b().tensors, llama_3_2_1b().numel) == (146, 1_235_814_400)
+    assert (resnet_50().tensors, resnet_50().numel) == (161, 25_557_032)
+    assert (many_small().tensors, many_small().numel) == (1000, 4_096_000)
+
+
+def test_bytes_per_param_of_each_policy():
+    moved = {name: policy.bytes_per_param() for name, policy in POLICIES.items()}
+    assert moved == {"fp32": 28, "bf16": 14, "bf16+fp32-moments": 22}
