@@ -30,7 +30,7 @@ def _device_name(device: torch.device) -> str:
 
 
 def info(console: Console) -> None:
-    console.print(f"adam-gpu {__version__}, Python {platform.pythonpackage_version()}")
+    console.print(f"adam-gpu {__version__}, Python {platform.python_version()}")
     console.print(
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
         f"triton {package_version('triton')}, cupy {package_version('cupy')}"
