@@ -1,10 +1,11 @@
 // Single-pass fused Adam/AdamW step in CUDA C, compiled at run time by NVRTC (cupy.RawModule).
 //
-// Each thread walks the tensor with a grid-stride loop: it loads param, grad, exp_avg, exp_avg_sq (and
-// max_exp_avg_sq) 16 bytes of params at a time where every pointer allows, does the step in fp32,
-// and stores param and moments rounded to nearest even in their storage types; a scalar loop takes
-// the tail (and whole tensors whose pointers are not aligned). Indices are 64-bit. The step is
-// elementwise: no shared memory, no __syncthreads, no atomics.
+// One launch updates many tensors through a table of their addresses: blocks take chunks of one
+// tensor (grid-stride), threads load param, grad, exp_avg, exp_avg_sq (and max_exp_avg_sq) 16 bytes of
+// params at a time where every pointer allows, do the step in fp32, and store param and moments
+// rounded to nearest even in their storage types; single elements take the tail (and whole tensors
+// whose pointers are not aligned). Indices are 64-bit. The step is elementwise: no shared memory, no
+// __syncthreads, no atomics.
 //
 // Specializations are template instantiations named by NVRTC name expressions, e.g.
 //   adam_gpu::adam_step<__nv_bfloat16, float, 2, true, false>
@@ -117,24 +118,51 @@ __device__ __forceinline__ void step_pack(P* param, const P* grad, S* exp_avg, S
   if (AMSGRAD) reinterpret_cast<Pack<S, N>*>(max_exp_avg_sq)[index] = v_max;
 }
 
+// The tensor whose chunks include `chunk`: the last t with chunk_offsets[t] <= chunk.
+__device__ __forceinline__ int tensor_of_chunk(long long chunk, const long long* chunk_offsets, int n_tensors) {
+  int low = 0, high = n_tensors;
+  while (high - low > 1) {
+    const int middle = (low + high) / 2;
+    if (chunk_offsets[middle] <= chunk) {
+      low = middle;
+    } else {
+      high = middle;
+    }
+  }
+  return low;
+}
+
+// One launch updates every tensor of a table (adam_gpu/backends/tensor_table.py): pointers [T][5] (param,
+// grad, exp_avg, exp_avg_sq, max_exp_avg_sq), numels [T], chunk_offsets [T + 1]. Blocks stride over the
+// chunks (chunk_size elements of one tensor, a multiple of 8); threads stride over a chunk's packs.
 template <typename P, typename S, int WEIGHT_DECAY, bool AMSGRAD, bool MAXIMIZE>
-__global__ void adam_step(P* __restrict__ param, const P* __restrict__ grad, S* __restrict__ exp_avg,
-                          S* __restrict__ exp_avg_sq, S* __restrict__ max_exp_avg_sq, long long n_elements,
-                          float one_minus_beta1, float one_minus_beta2, float eps, float l2_weight_decay,
-                          float param_decay, float step_size, float bias_correction2_sqrt) {
+__global__ void adam_step(const long long* __restrict__ pointers, const long long* __restrict__ numels,
+                          const long long* __restrict__ chunk_offsets, int n_tensors, long long n_chunks,
+                          long long chunk_size, float one_minus_beta1, float one_minus_beta2, float eps,
+                          float l2_weight_decay, float param_decay, float step_size, float bias_correction2_sqrt) {
   const StepScalars s{one_minus_beta1, one_minus_beta2, eps,  l2_weight_decay,
                       param_decay,     step_size,       bias_correction2_sqrt};
   constexpr int kPack = 16 / sizeof(P);  // params per 16-byte load
-  const long long first = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
-  const bool vectorized = aligned_for<kPack>(param) && aligned_for<kPack>(grad) && aligned_for<kPack>(exp_avg) &&
-                          aligned_for<kPack>(exp_avg_sq) && (!AMSGRAD || aligned_for<kPack>(max_exp_avg_sq));
-  const long long packs = vectorized ? n_elements / kPack : 0;
-  for (long long i = first; i < packs; i += stride) {
-    step_pack<kPack, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, s);
-  }
-  for (long long i = packs * kPack + first; i < n_elements; i += stride) {
-    step_pack<1, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, s);
+  for (long long chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {
+    const int tensor = tensor_of_chunk(chunk, chunk_offsets, n_tensors);
+    const long long* row = pointers + 5LL * tensor;
+    P* param = reinterpret_cast<P*>(row[0]);
+    const P* grad = reinterpret_cast<const P*>(row[1]);
+    S* exp_avg = reinterpret_cast<S*>(row[2]);
+    S* exp_avg_sq = reinterpret_cast<S*>(row[3]);
+    S* max_exp_avg_sq = reinterpret_cast<S*>(row[4]);
+    const long long start = (chunk - chunk_offsets[tensor]) * chunk_size;
+    const long long stop = start + chunk_size < numels[tensor] ? start + chunk_size : numels[tensor];
+    const bool vectorized = aligned_for<kPack>(param) && aligned_for<kPack>(grad) && aligned_for<kPack>(exp_avg) &&
+                            aligned_for<kPack>(exp_avg_sq) && (!AMSGRAD || aligned_for<kPack>(max_exp_avg_sq));
+    // Whole packs from `start` (a multiple of kPack) up to `packed_stop`, then single elements.
+    const long long packed_stop = vectorized ? start + (stop - start) / kPack * kPack : start;
+    for (long long i = start / kPack + threadIdx.x; i < packed_stop / kPack; i += blockDim.x) {
+      step_pack<kPack, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, s);
+    }
+    for (long long i = packed_stop + threadIdx.x; i < stop; i += blockDim.x) {
+      step_pack<1, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, s);
+    }
   }
 }
 

@@ -1,9 +1,10 @@
-"""Single-pass fused Adam/AdamW step in Triton.
+"""Single-pass fused Adam/AdamW step in Triton, one launch for many tensors.
 
-One program updates BLOCK consecutive elements of one contiguous tensor: it loads param, grad,
-exp_avg, exp_avg_sq (and max_exp_avg_sq), does the whole step in fp32, and stores param and the
-moments back in their storage dtypes. Hyper-parameters are runtime arguments (a scheduled lr never
-recompiles); only the structural options are compile-time constants.
+Each program takes one chunk (CHUNK consecutive elements of one tensor), finds its tensor in the
+launch's table (adam_gpu/backends/tensor_table.py) by binary search, loads param, grad, exp_avg,
+exp_avg_sq (and max_exp_avg_sq) BLOCK elements at a time, does the whole step in fp32 and stores param
+and moments back in their storage dtypes. Hyper-parameters are runtime arguments (a scheduled lr never
+recompiles); only storage types and structural options are compile-time constants.
 """
 
 import triton
@@ -14,12 +15,16 @@ NO_WEIGHT_DECAY: tl.constexpr = tl.constexpr(0)
 L2: tl.constexpr = tl.constexpr(1)
 DECOUPLED: tl.constexpr = tl.constexpr(2)
 
-# Elements per program on a GPU: 4 warps x 8 elements a thread; 128 registers and no spills on sm_90
-# (ahead-of-time compile, 2026-11-25). Not yet tuned on a GPU: the benchmark (issue 5) decides.
+# Elements a program updates per loop iteration on a GPU: 4 warps x 8 elements a thread; no spills on
+# sm_80/sm_90 (ahead-of-time compile, 2026-11-25). Not yet tuned on a GPU: the benchmark (issue 5) decides.
 BLOCK = 1024
+# Elements per program (one chunk of one tensor) on a GPU: 4 iterations of BLOCK, so a 2^20-element
+# tensor still spreads over 256 programs. Not yet measured against other sizes.
+CHUNK = 4096
 # Under TRITON_INTERPRET=1 a program costs about 1.5 ms whatever its size: 1e6 elements take 0.16 s at
-# 16384 and 1.4 s at 1024 (measured on the CI machine), so the interpreter gets large blocks.
+# 16384 and 1.4 s at 1024 (measured on the CI machine), so the interpreter gets large blocks and chunks.
 INTERPRETER_BLOCK = 16384
+INTERPRETER_CHUNK = 65536
 # Contract a * b + c into FMAs (one rounding instead of two). Triton 3.10 turns fusion off by default,
 # so the choice is stated at every launch.
 FP_FUSION = True
@@ -43,13 +48,24 @@ def _store_rounded(ptr, offsets, value, mask):
 
 
 @triton.jit
+def _tensor_of_chunk(chunk, chunk_offsets, n_tensors):
+    """The tensor whose chunks include ``chunk``: the last t with chunk_offsets[t] <= chunk."""
+    low = 0
+    high = n_tensors
+    while high - low > 1:
+        middle = (low + high) // 2
+        below = tl.load(chunk_offsets + middle) <= chunk
+        low = tl.where(below, middle, low)
+        high = tl.where(below, high, middle)
+    return low
+
+
+@triton.jit
 def adam_step_kernel(
-    param_ptr,
-    grad_ptr,
-    exp_avg_ptr,
-    exp_avg_sq_ptr,
-    max_exp_avg_sq_ptr,
-    n_elements,
+    pointers,
+    numels,
+    chunk_offsets,
+    n_tensors,
     one_minus_beta1,
     one_minus_beta2,
     eps,
@@ -57,44 +73,58 @@ def adam_step_kernel(
     param_decay,
     step_size,
     bias_correction2_sqrt,
+    PARAM_TYPE: tl.constexpr,
+    STATE_TYPE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """p -= step_size * m / (sqrt(v) / sqrt(1 - beta2**t) + eps), with step_size = lr / (1 - beta1**t).
 
     The scalars are ``adam_gpu.hyperparameters.StepScalars``, formed in float64 on the host.
     """
-    block_start = tl.program_id(0).to(tl.int64) * BLOCK
-    offsets = block_start + tl.arange(0, BLOCK)
-    mask = offsets < n_elements
+    chunk = tl.program_id(0).to(tl.int64)
+    tensor = _tensor_of_chunk(chunk, chunk_offsets, n_tensors).to(tl.int64)
+    n_elements = tl.load(numels + tensor)
+    chunk_start = (chunk - tl.load(chunk_offsets + tensor)) * CHUNK
+    row = pointers + tensor * 5
+    param_ptr = tl.load(row).to(tl.pointer_type(PARAM_TYPE))
+    grad_ptr = tl.load(row + 1).to(tl.pointer_type(PARAM_TYPE))
+    exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(STATE_TYPE))
+    exp_avg_sq_ptr = tl.load(row + 3).to(tl.pointer_type(STATE_TYPE))
+    max_exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(STATE_TYPE))
 
-    param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
-    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+    for block_start in range(0, CHUNK, BLOCK):
+        offsets = chunk_start + block_start + tl.arange(0, BLOCK)
+        mask = offsets < n_elements
 
-    if MAXIMIZE:
-        grad = -grad
-    if WEIGHT_DECAY == L2:
-        grad = grad + l2_weight_decay * param
-    elif WEIGHT_DECAY == DECOUPLED:
-        param = param * param_decay
+        param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+        grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+        exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
 
-    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
-    exp_avg_sq = exp_avg_sq + one_minus_beta2 * (grad * grad - exp_avg_sq)
-    if AMSGRAD:
-        max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
-        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
-        _store_rounded(max_exp_avg_sq_ptr, offsets, max_exp_avg_sq, mask)
-        second_moment = max_exp_avg_sq
-    else:
-        second_moment = exp_avg_sq
+        if MAXIMIZE:
+            grad = -grad
+        if WEIGHT_DECAY == L2:
+            grad = grad + l2_weight_decay * param
+        elif WEIGHT_DECAY == DECOUPLED:
+            param = param * param_decay
 
-    denom = tl.sqrt(second_moment) / bias_correction2_sqrt + eps
-    param = param - step_size * (exp_avg / denom)
+        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+        exp_avg_sq = exp_avg_sq + one_minus_beta2 * (grad * grad - exp_avg_sq)
+        if AMSGRAD:
+            max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+            max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
+            _store_rounded(max_exp_avg_sq_ptr, offsets, max_exp_avg_sq, mask)
+            second_moment = max_exp_avg_sq
+        else:
+            second_moment = exp_avg_sq
 
-    _store_rounded(param_ptr, offsets, param, mask)
-    _store_rounded(exp_avg_ptr, offsets, exp_avg, mask)
-    _store_rounded(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)
+        denom = tl.sqrt(second_moment) / bias_correction2_sqrt + eps
+        param = param - step_size * (exp_avg / denom)
+
+        _store_rounded(param_ptr, offsets, param, mask)
+        _store_rounded(exp_avg_ptr, offsets, exp_avg, mask)
+        _store_rounded(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)

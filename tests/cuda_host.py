@@ -5,8 +5,8 @@ correctness tests take like any other.
 It checks the kernel's arithmetic, indexing (vector packs, alignment fallback, grid-stride loop, tail),
 rounding and the launcher's specialization and argument choice. It cannot check what only a GPU shows:
 races, the memory model, launch limits, register pressure and speed (tests marked ``gpu`` do that).
-Launches rotate over odd grids (blocks x threads), so the grid-stride loop sees strides that divide
-nothing."""
+Launches rotate over odd grids (blocks x threads) and use several chunk sizes, so the grid-stride loops
+see strides that divide nothing."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
 
 NAME = "cuda-host"
 GRIDS = [(1, 1), (3, 32), (7, 5)]
+# Chunk sizes (multiples of 8, as the kernel needs), chosen by the step's total element count so the same
+# tensors always get the same chunk (and the same cached table): small ones put chunk boundaries, the
+# table search and the pack/element split inside the tensors the tests use.
+CHUNKS = [8, 40, 8192, 24]
 _next_grid = itertools.cycle(GRIDS).__next__
 _SHIM = Path(__file__).with_name("cuda_host_shim.h")
 
@@ -33,28 +37,29 @@ _DRIVER_HEAD = """\
 #include "cuda_host_shim.h"
 #include "{source}"
 
-// Run every (block, thread) of a grid in turn; P and S are deduced from the kernel's signature.
-template <typename P, typename S>
-static void run_grid(void (*kernel)(P*, const P*, S*, S*, S*, long long, float, float, float, float, float, float,
-                                    float),
-                     unsigned grid, unsigned block, void* p, void* g, void* m, void* v, void* v_max, long long n,
-                     const float* s) {{
+typedef void (*Kernel)(const long long*, const long long*, const long long*, int, long long, long long, float,
+                       float, float, float, float, float, float);
+
+// Run every (block, thread) of a grid in turn.
+static void run_grid(Kernel kernel, unsigned grid, unsigned block, const long long* pointers,
+                     const long long* numels, const long long* chunk_offsets, int n_tensors, long long n_chunks,
+                     long long chunk, const float* s) {{
   gridDim.x = grid;
   blockDim.x = block;
   for (unsigned b = 0; b < grid; ++b) {{
     for (unsigned t = 0; t < block; ++t) {{
       blockIdx.x = b;
       threadIdx.x = t;
-      kernel(static_cast<P*>(p), static_cast<const P*>(g), static_cast<S*>(m), static_cast<S*>(v),
-             static_cast<S*>(v_max), n, s[0], s[1], s[2], s[3], s[4], s[5], s[6]);
+      kernel(pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk, s[0], s[1], s[2], s[3], s[4], s[5], s[6]);
     }}
   }}
 }}
 """
 _DRIVER_ENTRY = """
-extern "C" void launch_{index}(unsigned grid, unsigned block, void* p, void* g, void* m, void* v, void* v_max,
-                              long long n, const float* s) {{
-  run_grid(&{name}, grid, block, p, g, m, v, v_max, n, s);
+extern "C" void launch_{index}(unsigned grid, unsigned block, const long long* pointers, const long long* numels,
+                              const long long* chunk_offsets, int n_tensors, long long n_chunks, long long chunk,
+                              const float* s) {{
+  run_grid(&{name}, grid, block, pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk, s);
 }}
 """
 
@@ -74,7 +79,15 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
     entries = {}
     for index, name in enumerate(names):
         entry = getattr(library, f"launch_{index}")
-        entry.argtypes = [ctypes.c_uint, ctypes.c_uint, *[ctypes.c_void_p] * 5, ctypes.c_longlong, ctypes.c_void_p]
+        entry.argtypes = [
+            ctypes.c_uint,
+            ctypes.c_uint,
+            *[ctypes.c_void_p] * 3,
+            ctypes.c_int,
+            ctypes.c_longlong,
+            ctypes.c_longlong,
+            ctypes.c_void_p,
+        ]
         entry.restype = None
         entries[name] = entry
     return entries
@@ -92,10 +105,14 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def _launch(request: cuda_source.KernelLaunch) -> None:
     grid, block = _next_grid()
-    scalars = (ctypes.c_float * len(request.scalars))(*request.scalars)
+    n_tensors, n_chunks, chunk, *scalars = request.arguments()
+    packed = (ctypes.c_float * len(scalars))(*scalars)
+    table = request.table
+    pointers = (table.pointers.data_ptr(), table.numels.data_ptr(), table.chunk_offsets.data_ptr())
     entry = _library()[request.name_expression]
-    entry(grid, block, *request.pointers, request.n_elements, ctypes.cast(scalars, ctypes.c_void_p))
+    entry(grid, block, *pointers, n_tensors, n_chunks, chunk, ctypes.cast(packed, ctypes.c_void_p))
 
 
 def adam_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparameters) -> None:
-    cuda_source.for_each_launch(tensors, steps, hp, _launch)
+    chunk = CHUNKS[sum(p.numel() for p in tensors.params) % len(CHUNKS)]
+    cuda_source.for_each_launch(tensors, steps, hp, chunk, _launch)

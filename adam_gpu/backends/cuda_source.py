@@ -1,6 +1,6 @@
 """The CUDA C kernel ``kernels/adam_cuda.cu`` as the launchers see it, without importing CuPy:
-its source, the name expression of each specialization, the NVRTC options, and the per-tensor
-launch loop. Shared by the ``cupy`` backend, the NVRTC compile tests and the host-execution tests,
+its source, the name expression of each specialization, the NVRTC options, and the launch loop.
+Shared by the ``cupy`` backend, the NVRTC compile tests and the host-execution tests,
 so all three use the same specializations, options and arguments."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import NamedTuple
 
 import torch
 
-from adam_gpu.backends.layout import contiguous_stand_ins
+from adam_gpu.backends import tensor_table
+from adam_gpu.backends.tensor_table import TensorTable
 from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
 from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
 
@@ -29,13 +30,16 @@ NVRTC_OPTIONS = ("--std=c++17",)
 
 
 class KernelLaunch(NamedTuple):
-    """One launch of one specialization over one contiguous tensor."""
+    """One launch of one specialization over one tensor table."""
 
     name_expression: str
-    n_elements: int
-    pointers: list[int]  # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
+    table: TensorTable
+    chunk: int  # elements per chunk: a multiple of 8, so chunks start on 16-byte boundaries
     scalars: StepScalars
-    pack: int  # elements per 16-byte param load: the kernel's unit of work
+
+    def arguments(self) -> tuple[int | float, ...]:
+        """The kernel's arguments after the table's three pointers, in order."""
+        return (self.table.n_tensors, self.table.n_chunks, self.chunk, *self.scalars)
 
 
 Launch = Callable[[KernelLaunch], None]
@@ -97,16 +101,14 @@ def compile_options() -> tuple[str, ...]:
     return (*NVRTC_OPTIONS, *(f"-I{path}" for path in include_dirs()))
 
 
-def for_each_launch(tensors: StepTensors, steps: list[float], hp: AdamHyperparameters, launch: Launch) -> None:
-    """Call ``launch`` once per non-empty tensor; non-contiguous tensors go through contiguous copies
-    that are written back after the launch."""
+def for_each_launch(
+    tensors: StepTensors, steps: list[float], hp: AdamHyperparameters, chunk: int, launch: Launch
+) -> None:
+    """Call ``launch`` once per launch group (see tensor_table.launch_groups): usually once per step."""
+    if chunk % 8:
+        raise ValueError(f"chunk must be a multiple of 8 elements (16 bytes of 16-bit params), got {chunk}")
     decay = weight_decay_mode(hp)
-    for step, originals in zip(steps, tensors.per_tensor(), strict=True):
-        n_elements = originals[0].numel()
-        if n_elements == 0:
-            continue
-        with contiguous_stand_ins(originals) as (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):
-            name = name_expression(param.dtype, exp_avg.dtype, decay, hp.amsgrad, hp.maximize)
-            maximum = max_exp_avg_sq if hp.amsgrad else exp_avg_sq  # never touched without amsgrad
-            pointers = [t.data_ptr() for t in (param, grad, exp_avg, exp_avg_sq, maximum)]
-            launch(KernelLaunch(name, n_elements, pointers, hp.step_scalars(step), 16 // param.element_size()))
+    with tensor_table.launch_groups(tensors, steps, hp, chunk) as groups:
+        for group in groups:
+            name = name_expression(group.param_dtype, group.state_dtype, decay, hp.amsgrad, hp.maximize)
+            launch(KernelLaunch(name, group.table, chunk, group.scalars))

@@ -1,6 +1,7 @@
 """Launcher of the CUDA C kernel ``kernels/adam_cuda.cu`` through CuPy: NVRTC compiles each
-specialization on first use (cached per device and specialization), and kernels run on torch's
-current stream on torch's own memory (raw pointers: no copies, no host synchronization)."""
+specialization on first use (cached per device and specialization), and one launch per group runs on
+torch's current stream on torch's own memory. The kernel gets raw addresses (a tensor table and int64
+arguments), not CuPy arrays: no copies, and no need for a bf16 dtype that CuPy does not have."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from adam_gpu.backends import cuda_source
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
 
-# Threads per block, and resident blocks per SM the grid-stride loop is sized for (2048 threads per SM
-# on sm_80/sm_90). Not yet tuned on a GPU: the benchmark (issue 5) decides.
+# Threads per block, resident blocks per SM the grid-stride loop over chunks is sized for (2048 threads
+# per SM on sm_80/sm_90), and elements per chunk (4 passes of 256 threads x 8 bf16 params).
+# Not yet tuned on a GPU: the benchmark (issue 5) decides.
 THREADS_PER_BLOCK = 256
 BLOCKS_PER_SM = 8
+CHUNK = 8192
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -49,10 +52,19 @@ def adam_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparameters)
     device_index = tensors.device.index if tensors.device.index is not None else torch.cuda.current_device()
 
     def launch(request: cuda_source.KernelLaunch) -> None:
-        blocks = -(-request.n_elements // (request.pack * THREADS_PER_BLOCK))
-        grid = max(1, min(blocks, _max_blocks(device_index)))
-        arguments = (*request.pointers, np.int64(request.n_elements), *map(np.float32, request.scalars))
+        table = request.table
+        grid = max(1, min(table.n_chunks, _max_blocks(device_index)))
+        n_tensors, n_chunks, chunk, *scalars = request.arguments()
+        arguments = (
+            table.pointers.data_ptr(),
+            table.numels.data_ptr(),
+            table.chunk_offsets.data_ptr(),
+            np.int32(n_tensors),
+            np.int64(n_chunks),
+            np.int64(chunk),
+            *map(np.float32, scalars),
+        )
         _kernel(device_index, request.name_expression)((grid,), (THREADS_PER_BLOCK,), arguments)
 
     with cupy.cuda.Device(device_index), cupy.cuda.Stream.from_external(torch.cuda.current_stream(device_index)):
-        cuda_source.for_each_launch(tensors, steps, hp, launch)
+        cuda_source.for_each_launch(tensors, steps, hp, CHUNK, launch)

@@ -1,4 +1,5 @@
-"""Launcher of the Triton kernel in ``kernels/adam_triton.py``: tensors in, kernel arguments out.
+"""Launcher of the Triton kernel in ``kernels/adam_triton.py``: one launch per (param dtype, moment
+dtype, step count) of a group, usually one per group, over the group's tensor table.
 
 The kernel module is imported on first use (``@triton.jit`` reads TRITON_INTERPRET at that moment) and
 Triton compiles on the first launch of each specialization; importing this module compiles nothing.
@@ -13,10 +14,13 @@ from types import ModuleType
 
 import torch
 import triton
+import triton.language as tl
 
-from adam_gpu.backends.layout import contiguous_stand_ins
+from adam_gpu.backends import tensor_table
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
+
+TRITON_TYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @functools.cache
@@ -57,26 +61,24 @@ def _weight_decay_mode(hp: AdamHyperparameters, kernels: ModuleType) -> int:
 def adam_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparameters) -> None:
     kernels = _kernels()
     device = tensors.device
-    block = kernels.INTERPRETER_BLOCK if device.type == "cpu" else kernels.BLOCK
-    weight_decay_mode = _weight_decay_mode(hp, kernels)
-    device_guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with device_guard:
-        for step, originals in zip(steps, tensors.per_tensor(), strict=True):
-            n_elements = originals[0].numel()
-            if n_elements == 0:
-                continue
-            with contiguous_stand_ins(originals) as (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq):
-                kernels.adam_step_kernel[(triton.cdiv(n_elements, block),)](
-                    param,
-                    grad,
-                    exp_avg,
-                    exp_avg_sq,
-                    max_exp_avg_sq if hp.amsgrad else exp_avg_sq,
-                    n_elements,
-                    *hp.step_scalars(step),
-                    WEIGHT_DECAY=weight_decay_mode,
-                    AMSGRAD=hp.amsgrad,
-                    MAXIMIZE=hp.maximize,
-                    BLOCK=block,
-                    enable_fp_fusion=kernels.FP_FUSION,
-                )
+    on_cpu = device.type == "cpu"
+    block, chunk = (kernels.INTERPRETER_BLOCK, kernels.INTERPRETER_CHUNK) if on_cpu else (kernels.BLOCK, kernels.CHUNK)
+    device_guard = contextlib.nullcontext() if on_cpu else torch.cuda.device(device)
+    with device_guard, tensor_table.launch_groups(tensors, steps, hp, chunk) as launches:
+        for launch in launches:
+            table = launch.table
+            kernels.adam_step_kernel[(table.n_chunks,)](
+                table.pointers,
+                table.numels,
+                table.chunk_offsets,
+                table.n_tensors,
+                *launch.scalars,
+                PARAM_TYPE=TRITON_TYPES[launch.param_dtype],
+                STATE_TYPE=TRITON_TYPES[launch.state_dtype],
+                WEIGHT_DECAY=_weight_decay_mode(hp, kernels),
+                AMSGRAD=hp.amsgrad,
+                MAXIMIZE=hp.maximize,
+                CHUNK=chunk,
+                BLOCK=block,
+                enable_fp_fusion=kernels.FP_FUSION,
+            )

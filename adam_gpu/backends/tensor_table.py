@@ -1,0 +1,99 @@
+"""The device-side table a multi-tensor launch reads: one launch updates every tensor of a group.
+
+For each launch the kernels get three small int64 tensors on the device: ``pointers`` [T, 5] (param,
+grad, exp_avg, exp_avg_sq, max_exp_avg_sq), ``numels`` [T] and ``chunk_offsets`` [T + 1] (the first
+chunk of each tensor; a chunk is ``chunk`` consecutive elements of one tensor). A program (Triton) or a
+block iteration (CUDA C) takes one chunk and finds its tensor by binary search in ``chunk_offsets``.
+Tables are cached by the tensors' addresses and sizes, so a training loop builds them once; they are
+rebuilt only when a storage moves (a new grad tensor after ``zero_grad(set_to_none=True)``, say).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from adam_gpu.backends.layout import contiguous_stand_ins
+from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
+from adam_gpu.step_tensors import StepTensors
+
+POINTERS_PER_TENSOR = 5
+_CACHE_SIZE = 64  # tables kept per process: a few per param group and dtype policy
+
+
+@dataclass(frozen=True)
+class TensorTable:
+    pointers: torch.Tensor  # int64 [T, 5] on the tensors' device
+    numels: torch.Tensor  # int64 [T]
+    chunk_offsets: torch.Tensor  # int64 [T + 1]
+    n_tensors: int
+    n_chunks: int
+
+
+@dataclass(frozen=True)
+class LaunchGroup:
+    """Tensors that one launch updates: same param dtype, moment dtype and step count."""
+
+    param_dtype: torch.dtype
+    state_dtype: torch.dtype
+    scalars: StepScalars
+    table: TensorTable
+    max_numel: int
+
+
+_tables: OrderedDict[tuple, TensorTable] = OrderedDict()
+
+
+def _table(rows: list[tuple[int, ...]], numels: list[int], chunk: int, device: torch.device) -> TensorTable:
+    key = (device, chunk, tuple(rows), tuple(numels))
+    table = _tables.get(key)
+    if table is None:
+        chunks = [-(-n // chunk) for n in numels]
+        host = torch.tensor(
+            [value for row in rows for value in row] + numels + [0, *itertools.accumulate(chunks)], dtype=torch.int64
+        )
+        on_device = host.to(device, non_blocking=True) if device.type == "cuda" else host
+        count = len(numels)
+        table = TensorTable(
+            pointers=on_device[: POINTERS_PER_TENSOR * count].view(count, POINTERS_PER_TENSOR),
+            numels=on_device[POINTERS_PER_TENSOR * count : POINTERS_PER_TENSOR * count + count],
+            chunk_offsets=on_device[POINTERS_PER_TENSOR * count + count :],
+            n_tensors=count,
+            n_chunks=sum(chunks),
+        )
+        _tables[key] = table
+        if len(_tables) > _CACHE_SIZE:
+            _tables.popitem(last=False)
+    else:
+        _tables.move_to_end(key)
+    return table
+
+
+@contextlib.contextmanager
+def launch_groups(
+    tensors: StepTensors, steps: list[float], hp: AdamHyperparameters, chunk: int
+) -> Iterator[list[LaunchGroup]]:
+    """The launches one step needs (usually one), while contiguous stand-ins of non-contiguous tensors
+    exist; the stand-ins are written back when the block ends without an error."""
+    with contextlib.ExitStack() as stack:
+        groups: dict[tuple, tuple[list[tuple[int, ...]], list[int]]] = {}
+        for step, originals in zip(steps, tensors.per_tensor(), strict=True):
+            numel = originals[0].numel()
+            if numel == 0:
+                continue
+            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = stack.enter_context(contiguous_stand_ins(originals))
+            maximum = max_exp_avg_sq if hp.amsgrad else exp_avg_sq  # never touched without amsgrad
+            row = tuple(t.data_ptr() for t in (param, grad, exp_avg, exp_avg_sq, maximum))
+            rows, numels = groups.setdefault((param.dtype, exp_avg.dtype, step), ([], []))
+            rows.append(row)
+            numels.append(numel)
+        yield [
+            LaunchGroup(param_dtype, state_dtype, hp.step_scalars(step), _table(rows, numels, chunk, tensors.device),
+                        max(numels))
+            for (param_dtype, state_dtype, step), (rows, numels) in groups.items()
+        ]  # fmt: skip
