@@ -8,6 +8,7 @@ from types import ModuleType
 import torch
 
 from adam_gpu import dispatch
+from adam_gpu.device_inputs import FOUND_INF, DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.step_tensors import StepTensors
 
@@ -58,10 +59,27 @@ def check_state_steps(state_steps: Sequence[torch.Tensor], count: int) -> None:
 
 
 def apply_step(
-    backend: ModuleType, tensors: StepTensors, state_steps: Sequence[torch.Tensor], hp: AdamHyperparameters
+    backend: ModuleType,
+    tensors: StepTensors,
+    state_steps: Sequence[torch.Tensor],
+    hp: AdamHyperparameters,
+    device_inputs: DeviceInputs | None = None,
 ) -> None:
-    """Increment the step counts, then let ``backend`` update params and moments (inputs already checked)."""
+    """Increment the step counts, then let ``backend`` update params and moments (inputs already checked).
+
+    Host step counts (torch's non-capturable layout) are read as floats, which does not synchronize.
+    Step counts on the device (``device_inputs.steps``) are incremented and read on the device; when
+    found_inf is set the increment is taken back on the device too, as torch's fused Adam does."""
+    if device_inputs is not None and device_inputs.steps is not None:
+        torch._foreach_add_(list(state_steps), 1.0)
+        backend.adam_step(tensors, None, hp, device_inputs)
+        if device_inputs.grad_scaling:
+            torch._foreach_sub_(list(state_steps), device_inputs.values[FOUND_INF])
+        return
     for step in state_steps:
         step += 1
-    # Step counts live on the host (torch's non-capturable layout), so reading them does not synchronize.
-    backend.adam_step(tensors, [float(step) for step in state_steps], hp)
+    steps = [float(step) for step in state_steps]
+    if device_inputs is None:
+        backend.adam_step(tensors, steps, hp)
+    else:
+        backend.adam_step(tensors, steps, hp, device_inputs)

@@ -43,7 +43,14 @@ class AdamHyperparameters:
             param_decay=1.0 - self.lr * self.weight_decay if self.decoupled else 1.0,
             step_size=self.lr / (1.0 - self.beta1**step),
             bias_correction2_sqrt=math.sqrt(1.0 - self.beta2**step),
+            decoupled_weight_decay=self.weight_decay if self.decoupled else 0.0,
+            log2_beta1=_log2(self.beta1),
+            log2_beta2=_log2(self.beta2),
         )
+
+
+def _log2(beta: float) -> float:
+    return -math.inf if beta == 0 else math.log2(beta)
 
 
 class StepScalars(NamedTuple):
@@ -52,6 +59,10 @@ class StepScalars(NamedTuple):
     ``g += l2_weight_decay * p`` (Adam); ``p *= param_decay`` (AdamW);
     ``m += one_minus_beta1 * (g - m)``; ``v += one_minus_beta2 * (g * g - v)``;
     ``p -= step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)``.
+
+    With the step count and lr on the device (capturable mode) the kernel forms the last three itself:
+    ``step_size = lr / (1 - 2**(step * log2_beta1))``, ``bias_correction2_sqrt = sqrt(1 - 2**(step *
+    log2_beta2))`` and ``param_decay = 1 - lr * decoupled_weight_decay``.
 
     The moment updates are the textbook ``m = beta1 * m + (1 - beta1) * g`` written as a lerp: in fp32,
     0.9 is stored 2e-8 off while ``1 - fp32(0.1)`` is 1.5e-9 off, and over 20 steps the textbook form
@@ -65,6 +76,9 @@ class StepScalars(NamedTuple):
     param_decay: float
     step_size: float
     bias_correction2_sqrt: float
+    decoupled_weight_decay: float
+    log2_beta1: float
+    log2_beta2: float
 
 
 def check_hyperparameters(lr: object, betas: object, eps: object, weight_decay: object) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch.optim import Optimizer
 
 from adam_gpu import dispatch
+from adam_gpu.device_inputs import DeviceInputs, device_values
 from adam_gpu.functional import apply_step
 from adam_gpu.hyperparameters import AdamHyperparameters, check_hyperparameters
 from adam_gpu.step_tensors import StepTensors, check_grad, check_moment, check_one_device, check_param
@@ -52,12 +53,17 @@ class FusedAdam(Optimizer):
     """Adam with a fused single-pass kernel; ``decoupled_weight_decay=True`` makes it AdamW.
 
     Args follow ``torch.optim.Adam``. ``foreach`` and ``fused`` are accepted for drop-in use and
-    ignored (the step is always fused); ``capturable`` and ``differentiable`` are not supported.
+    ignored (the step is always fused); ``differentiable`` is not supported.
+    capturable: keep step counts on the params' device and read lr (a tensor, to change it after
+        capture) and them there: ``step()`` never synchronizes and can be captured in a CUDA graph; with
+        it, ``torch.amp.GradScaler`` hands its scale and found_inf to the kernels (no host check).
     backend: ``"auto"`` picks the best backend that can run each group's tensors (recorded in
         ``selected_backends`` after each step); a named backend that cannot run raises
         ``BackendUnavailableError`` with the reason.
     state_dtype: None keeps exp_avg/exp_avg_sq in the param dtype (torch's layout); ``torch.float32``
         keeps them in fp32 for fp16/bf16 params.
+    max_grad_norm: clip the global gradient norm (all groups) to this, as
+        ``torch.nn.utils.clip_grad_norm_`` would, inside the update: grads are not rewritten.
     """
 
     def __init__(
@@ -77,11 +83,12 @@ class FusedAdam(Optimizer):
         decoupled_weight_decay: bool = False,
         backend: str = dispatch.AUTO,
         state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
         dispatch.check_backend_name(backend)
-        if capturable:
-            raise ValueError("capturable=True is not supported yet: lr and the step count are kept on the host")
+        if max_grad_norm is not None and not float(max_grad_norm) > 0:
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         if differentiable:
             raise ValueError("differentiable=True is not supported: the fused kernels record no autograd history")
         _check_state_dtype(state_dtype)
@@ -100,13 +107,19 @@ class FusedAdam(Optimizer):
             state_dtype=state_dtype,
         )
         self.backend = backend
+        self.max_grad_norm = max_grad_norm
         # Name of the backend that ran each param group in the last step (None: no grads in it).
         self.selected_backends: list[str | None] = []
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults, state and param_groups; the backend choice goes too.
-        return {**super().__getstate__(), "backend": self.backend, "selected_backends": self.selected_backends}
+        return {
+            **super().__getstate__(),
+            "backend": self.backend,
+            "selected_backends": self.selected_backends,
+            "max_grad_norm": self.max_grad_norm,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Called by unpickling (state from __getstate__) and by load_state_dict (state and groups only:
@@ -114,9 +127,16 @@ class FusedAdam(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("backend", dispatch.AUTO)
         self.__dict__.setdefault("selected_backends", [])
+        self.__dict__.setdefault("max_grad_norm", None)
         for group in self.param_groups:
             for key in _GROUP_OPTIONS:
                 group.setdefault(key, self.defaults[key])
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """torch.amp.GradScaler hands ``grad_scale`` and ``found_inf`` to ``step()`` instead of unscaling
+        and checking on the host, when every group keeps its step counts on the device (capturable)."""
+        return all(group["capturable"] for group in self.param_groups)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -139,18 +159,35 @@ class FusedAdam(Optimizer):
                 loss = closure()
         plans = [self._plan(group) for group in self.param_groups]
         self.selected_backends = [plan.backend_name if plan else None for plan in plans]
+        clip_coefficient = self._clip_coefficient([plan for plan in plans if plan is not None])
         for plan in plans:
             if plan is not None:
-                self._run(plan)
+                self._run(plan, clip_coefficient)
         return loss
+
+    def _clip_coefficient(self, plans: list[_GroupPlan]) -> torch.Tensor | None:
+        """``min(1, max_grad_norm / (norm + 1e-6))`` of all grads together, as torch.nn.utils.clip_grad_norm_
+        computes it, on the device (grads scaled by AMP are measured unscaled); None without clipping."""
+        if self.max_grad_norm is None or not plans:
+            return None
+        device = plans[0].params[0].device
+        norms = [norm.to(device) for plan in plans for norm in torch._foreach_norm([p.grad for p in plan.params])]
+        total = torch.linalg.vector_norm(torch.stack(norms).to(torch.float32))
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            total = total / grad_scale.to(device)
+        return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
 
     def _plan(self, group: dict[str, Any]) -> _GroupPlan | None:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return None
         beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        # A capturable group's lr tensor is read on the device; float() here would wait for it.
+        on_device_lr = group["capturable"] and isinstance(lr, torch.Tensor)
         hp = AdamHyperparameters(
-            lr=float(group["lr"]),
+            lr=0.0 if on_device_lr else float(lr),
             beta1=float(beta1),
             beta2=float(beta2),
             eps=float(group["eps"]),
@@ -174,7 +211,7 @@ class FusedAdam(Optimizer):
         name, backend = dispatch.resolve(self.backend, params[0].device, {p.dtype for p in params})
         return _GroupPlan(group, params, hp, name, backend)
 
-    def _run(self, plan: _GroupPlan) -> None:
+    def _run(self, plan: _GroupPlan, clip_coefficient: torch.Tensor | None) -> None:
         states = [self._state_for(p, plan.group) for p in plan.params]
         tensors = StepTensors(
             params=plan.params,
@@ -183,7 +220,23 @@ class FusedAdam(Optimizer):
             exp_avg_sqs=[s["exp_avg_sq"] for s in states],
             max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if plan.hp.amsgrad else [],
         )
-        apply_step(plan.backend, tensors, [s["step"] for s in states], plan.hp)
+        steps = [s["step"] for s in states]
+        apply_step(plan.backend, tensors, steps, plan.hp, self._device_inputs(plan, steps, clip_coefficient))
+
+    def _device_inputs(
+        self, plan: _GroupPlan, steps: list[torch.Tensor], clip_coefficient: torch.Tensor | None
+    ) -> DeviceInputs | None:
+        """What the step reads from the device: in capturable mode lr and the step counts; with AMP
+        (GradScaler's grad_scale and found_inf, set on the optimizer around ``step()``) and with fused
+        clipping, the grad multiplier and found_inf. None when everything comes from the host."""
+        capturable = plan.group["capturable"]
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        grad_scaling = grad_scale is not None or found_inf is not None or clip_coefficient is not None
+        if not (capturable or grad_scaling):
+            return None
+        device = plan.params[0].device
+        values = device_values(plan.group["lr"], device, grad_scale, found_inf, clip_coefficient)
+        return DeviceInputs(values, steps if capturable else None, grad_scaling)
 
     def _state_for(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The param's state, created on first use exactly as torch.optim.Adam lays it out."""
@@ -194,7 +247,9 @@ class FusedAdam(Optimizer):
             return torch.zeros_like(param, dtype=moment_dtype, memory_format=torch.preserve_format)
 
         if not state:
-            state["step"] = torch.tensor(0.0, dtype=_scalar_dtype())
+            # Capturable: the step count lives on the device (float32, as torch's capturable layout).
+            on_device = {"dtype": torch.float32, "device": param.device} if group["capturable"] else {}
+            state["step"] = torch.tensor(0.0, **({"dtype": _scalar_dtype()} | on_device))
             state["exp_avg"] = zeros()
             state["exp_avg_sq"] = zeros()
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
@@ -204,7 +259,8 @@ class FusedAdam(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loading, then two repairs: fp32 moments (``state_dtype=torch.float32``) are taken
         from the saved values rather than from torch's cast to the param dtype, and ``step`` is kept
-        on the host (a state_dict of torch's fused AdamW holds it on the GPU)."""
+        on the host (a state_dict of torch's fused AdamW holds it on the GPU), or on the device for a
+        capturable group."""
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         for saved_id, group, param in zip(saved_ids, *_groups_and_params(self.param_groups), strict=True):
@@ -212,7 +268,10 @@ class FusedAdam(Optimizer):
             if not saved:
                 continue
             state = self.state[param]
-            state["step"] = state["step"].detach().to("cpu", _scalar_dtype())
+            if group["capturable"]:
+                state["step"] = state["step"].detach().to(param.device, torch.float32)
+            else:
+                state["step"] = state["step"].detach().to("cpu", _scalar_dtype())
             if group["state_dtype"] is not None:
                 for key in MOMENT_KEYS:
                     if key in saved:
@@ -238,6 +297,7 @@ class FusedAdamW(FusedAdam):
         fused: bool | None = None,
         backend: str = dispatch.AUTO,
         state_dtype: torch.dtype | None = None,
+        max_grad_norm: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -254,6 +314,7 @@ class FusedAdamW(FusedAdam):
             decoupled_weight_decay=True,
             backend=backend,
             state_dtype=state_dtype,
+            max_grad_norm=max_grad_norm,
         )
 
 

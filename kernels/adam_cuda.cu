@@ -33,6 +33,7 @@ struct StepScalars {
   float param_decay;
   float step_size;
   float bias_correction2_sqrt;
+  float grad_multiplier;  // 1, or from the device: 1 / AMP grad scale x clip coefficient
 };
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -63,6 +64,7 @@ __device__ __forceinline__ void adam_update(float& p, float g, float& m, float& 
                                             const StepScalars& s) {
   static_assert(WEIGHT_DECAY == kNoWeightDecay || WEIGHT_DECAY == kL2 || WEIGHT_DECAY == kDecoupled,
                 "unknown weight-decay mode");
+  g *= s.grad_multiplier;
   if (MAXIMIZE) g = -g;
   if (WEIGHT_DECAY == kL2) g += s.l2_weight_decay * p;
   if (WEIGHT_DECAY == kDecoupled) p *= s.param_decay;
@@ -132,20 +134,35 @@ __device__ __forceinline__ int tensor_of_chunk(long long chunk, const long long*
   return low;
 }
 
-// One launch updates every tensor of a table (adam_gpu/backends/tensor_table.py): pointers [T][5] (param,
-// grad, exp_avg, exp_avg_sq, max_exp_avg_sq), numels [T], chunk_offsets [T + 1]. Blocks stride over the
-// chunks (chunk_size elements of one tensor, a multiple of 8); threads stride over a chunk's packs.
+// One launch updates every tensor of a table (adam_gpu/backends/tensor_table.py): pointers [T][6] (param,
+// grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step count), numels [T], chunk_offsets [T + 1]. Blocks stride
+// over the chunks (chunk_size elements of one tensor, a multiple of 8); threads over a chunk's packs.
+//
+// device_step (capturable mode): lr is device_scalars[0] and each tensor's step count (float) is read
+// through the table; the kernel forms step_size, bias_correction2_sqrt and param_decay itself.
+// grad_scaling (AMP, fused clipping): grads are multiplied by device_scalars[1], and nothing is written
+// when device_scalars[2] (found_inf) is not zero. Both are runtime flags, uniform across the launch.
 template <typename P, typename S, int WEIGHT_DECAY, bool AMSGRAD, bool MAXIMIZE>
 __global__ void adam_step(const long long* __restrict__ pointers, const long long* __restrict__ numels,
                           const long long* __restrict__ chunk_offsets, int n_tensors, long long n_chunks,
-                          long long chunk_size, float one_minus_beta1, float one_minus_beta2, float eps,
-                          float l2_weight_decay, float param_decay, float step_size, float bias_correction2_sqrt) {
-  const StepScalars s{one_minus_beta1, one_minus_beta2, eps,  l2_weight_decay,
-                      param_decay,     step_size,       bias_correction2_sqrt};
+                          long long chunk_size, const float* __restrict__ device_scalars, int device_step,
+                          int grad_scaling, float one_minus_beta1, float one_minus_beta2, float eps,
+                          float l2_weight_decay, float param_decay, float step_size, float bias_correction2_sqrt,
+                          float decoupled_weight_decay, float log2_beta1, float log2_beta2) {
+  if (grad_scaling && device_scalars[2] != 0.0f) return;  // found_inf: leave everything as it was
   constexpr int kPack = 16 / sizeof(P);  // params per 16-byte load
   for (long long chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {
     const int tensor = tensor_of_chunk(chunk, chunk_offsets, n_tensors);
-    const long long* row = pointers + 5LL * tensor;
+    const long long* row = pointers + 6LL * tensor;
+    StepScalars s{one_minus_beta1, one_minus_beta2, eps, l2_weight_decay, param_decay, step_size,
+                  bias_correction2_sqrt, grad_scaling ? device_scalars[1] : 1.0f};
+    if (device_step) {
+      const float lr = device_scalars[0];
+      const float step = *reinterpret_cast<const float*>(row[5]);
+      s.step_size = lr / (1.0f - exp2f(step * log2_beta1));
+      s.bias_correction2_sqrt = sqrtf(1.0f - exp2f(step * log2_beta2));
+      s.param_decay = 1.0f - lr * decoupled_weight_decay;
+    }
     P* param = reinterpret_cast<P*>(row[0]);
     const P* grad = reinterpret_cast<const P*>(row[1]);
     S* exp_avg = reinterpret_cast<S*>(row[2]);

@@ -66,6 +66,7 @@ def adam_step_kernel(
     numels,
     chunk_offsets,
     n_tensors,
+    device_scalars,
     one_minus_beta1,
     one_minus_beta2,
     eps,
@@ -73,28 +74,48 @@ def adam_step_kernel(
     param_decay,
     step_size,
     bias_correction2_sqrt,
+    decoupled_weight_decay,
+    log2_beta1,
+    log2_beta2,
     PARAM_TYPE: tl.constexpr,
     STATE_TYPE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    DEVICE_STEP: tl.constexpr,
+    GRAD_SCALING: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """p -= step_size * m / (sqrt(v) / sqrt(1 - beta2**t) + eps), with step_size = lr / (1 - beta1**t).
 
-    The scalars are ``adam_gpu.hyperparameters.StepScalars``, formed in float64 on the host.
+    The scalars are ``adam_gpu.hyperparameters.StepScalars``, formed in float64 on the host. With
+    DEVICE_STEP (capturable), lr is ``device_scalars[0]`` and each tensor's step count is read from the
+    table, and the kernel forms step_size, bias_correction2_sqrt and param_decay itself. With
+    GRAD_SCALING, grads are multiplied by ``device_scalars[1]`` (AMP unscaling and the clip coefficient)
+    and nothing is written when ``device_scalars[2]`` (found_inf) is not zero.
     """
     chunk = tl.program_id(0).to(tl.int64)
     tensor = _tensor_of_chunk(chunk, chunk_offsets, n_tensors).to(tl.int64)
     n_elements = tl.load(numels + tensor)
     chunk_start = (chunk - tl.load(chunk_offsets + tensor)) * CHUNK
-    row = pointers + tensor * 5
+    row = pointers + tensor * 6
     param_ptr = tl.load(row).to(tl.pointer_type(PARAM_TYPE))
     grad_ptr = tl.load(row + 1).to(tl.pointer_type(PARAM_TYPE))
     exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(STATE_TYPE))
     exp_avg_sq_ptr = tl.load(row + 3).to(tl.pointer_type(STATE_TYPE))
     max_exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(STATE_TYPE))
+    if DEVICE_STEP:
+        lr = tl.load(device_scalars)
+        step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
+        step_size = lr / (1.0 - tl.exp2(step * log2_beta1))
+        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))
+        param_decay = 1.0 - lr * decoupled_weight_decay
+    if GRAD_SCALING:
+        grad_multiplier = tl.load(device_scalars + 1)
+        # found_inf: no element is written. (A scalar bool in the mask would be simpler, but Triton's
+        # interpreter cannot AND a scalar bool with a block of them.)
+        n_elements = n_elements * (tl.load(device_scalars + 2) == 0.0).to(tl.int64)
 
     for block_start in range(0, CHUNK, BLOCK):
         offsets = chunk_start + block_start + tl.arange(0, BLOCK)
@@ -105,6 +126,8 @@ def adam_step_kernel(
         exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
         exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
 
+        if GRAD_SCALING:
+            grad = grad * grad_multiplier
         if MAXIMIZE:
             grad = -grad
         if WEIGHT_DECAY == L2:

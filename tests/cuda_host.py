@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from adam_gpu.backends import cuda_source
+from adam_gpu.device_inputs import DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
 
@@ -37,29 +38,33 @@ _DRIVER_HEAD = """\
 #include "cuda_host_shim.h"
 #include "{source}"
 
-typedef void (*Kernel)(const long long*, const long long*, const long long*, int, long long, long long, float,
-                       float, float, float, float, float, float);
+typedef void (*Kernel)(const long long*, const long long*, const long long*, int, long long, long long, const float*,
+                       int, int, float, float, float, float, float, float, float, float, float, float);
 
 // Run every (block, thread) of a grid in turn.
 static void run_grid(Kernel kernel, unsigned grid, unsigned block, const long long* pointers,
                      const long long* numels, const long long* chunk_offsets, int n_tensors, long long n_chunks,
-                     long long chunk, const float* s) {{
+                     long long chunk, const float* device_scalars, int device_step, int grad_scaling,
+                     const float* s) {{
   gridDim.x = grid;
   blockDim.x = block;
   for (unsigned b = 0; b < grid; ++b) {{
     for (unsigned t = 0; t < block; ++t) {{
       blockIdx.x = b;
       threadIdx.x = t;
-      kernel(pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk, s[0], s[1], s[2], s[3], s[4], s[5], s[6]);
+      kernel(pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk, device_scalars, device_step, grad_scaling,
+             s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9]);
     }}
   }}
 }}
 """
 _DRIVER_ENTRY = """
 extern "C" void launch_{index}(unsigned grid, unsigned block, const long long* pointers, const long long* numels,
-                              const long long* chunk_offsets, int n_tensors, long long n_chunks, long long chunk,
+                              const long long* chunk_offsets, const float* device_scalars, int n_tensors,
+                              long long n_chunks, long long chunk, int device_step, int grad_scaling,
                               const float* s) {{
-  run_grid(&{name}, grid, block, pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk, s);
+  run_grid(&{name}, grid, block, pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk, device_scalars,
+           device_step, grad_scaling, s);
 }}
 """
 
@@ -82,11 +87,13 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
         entry.argtypes = [
             ctypes.c_uint,
             ctypes.c_uint,
-            *[ctypes.c_void_p] * 3,
+            *[ctypes.c_void_p] * 4,  # pointers, numels, chunk_offsets, device_scalars
             ctypes.c_int,
             ctypes.c_longlong,
             ctypes.c_longlong,
-            ctypes.c_void_p,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_void_p,  # the StepScalars, as a float array
         ]
         entry.restype = None
         entries[name] = entry
@@ -105,14 +112,17 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def _launch(request: cuda_source.KernelLaunch) -> None:
     grid, block = _next_grid()
-    n_tensors, n_chunks, chunk, *scalars = request.arguments()
+    addresses, integers, scalars = request.arguments()
     packed = (ctypes.c_float * len(scalars))(*scalars)
-    table = request.table
-    pointers = (table.pointers.data_ptr(), table.numels.data_ptr(), table.chunk_offsets.data_ptr())
     entry = _library()[request.name_expression]
-    entry(grid, block, *pointers, n_tensors, n_chunks, chunk, ctypes.cast(packed, ctypes.c_void_p))
+    entry(grid, block, *addresses, *integers, ctypes.cast(packed, ctypes.c_void_p))
 
 
-def adam_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparameters) -> None:
+_UNUSED_SCALARS = torch.zeros(3, dtype=torch.float32)
+
+
+def adam_step(
+    tensors: StepTensors, steps: list[float] | None, hp: AdamHyperparameters, device_inputs: DeviceInputs | None = None
+) -> None:
     chunk = CHUNKS[sum(p.numel() for p in tensors.params) % len(CHUNKS)]
-    cuda_source.for_each_launch(tensors, steps, hp, chunk, _launch)
+    cuda_source.for_each_launch(tensors, steps, hp, chunk, device_inputs, _UNUSED_SCALARS, _launch)

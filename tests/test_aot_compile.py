@@ -33,12 +33,14 @@ POLICIES: dict[str, tuple[str, str]] = {
     "bf16-fp32-moments": ("bf16", "fp32"),
     "fp16-fp32-moments": ("fp16", "fp32"),
 }
-# Option set -> (WEIGHT_DECAY mode name in kernels.adam_triton, AMSGRAD, MAXIMIZE).
-# adamw-amsgrad-maximize is the heaviest (one more load and store, the most live values); adam-plain the lightest.
-OPTIONS: dict[str, tuple[str, bool, bool]] = {
-    "adamw-amsgrad-maximize": ("DECOUPLED", True, True),
-    "adam-plain": ("NO_WEIGHT_DECAY", False, False),
-    "adam-l2": ("L2", False, False),
+# Option set -> (WEIGHT_DECAY mode name in kernels.adam_triton, AMSGRAD, MAXIMIZE, DEVICE_STEP and GRAD_SCALING).
+# The capturable AMP variant is the heaviest (one more load and store, device scalars, the most live values);
+# adam-plain the lightest.
+OPTIONS: dict[str, tuple[str, bool, bool, bool]] = {
+    "adamw-amsgrad-maximize": ("DECOUPLED", True, True, False),
+    "adamw-amsgrad-capturable-amp": ("DECOUPLED", True, True, True),
+    "adam-plain": ("NO_WEIGHT_DECAY", False, False, False),
+    "adam-l2": ("L2", False, False, False),
 }
 
 
@@ -75,14 +77,15 @@ def compile_variants(variants: list[Variant], out_dir: Path) -> list[dict[str, o
     from adam_gpu.kernels import adam_triton
 
     kernel = adam_triton.adam_step_kernel
-    # The launch's tensor table (pointers, numels, chunk offsets) and the tensor count, then the scalars.
-    scalars = kernel.arg_names[kernel.arg_names.index("n_tensors") + 1 : kernel.arg_names.index("PARAM_TYPE")]
+    # The launch's tensor table (pointers, numels, chunk offsets), the tensor count, device scalars, then the scalars.
+    scalars = kernel.arg_names[kernel.arg_names.index("device_scalars") + 1 : kernel.arg_names.index("PARAM_TYPE")]
     types = {"fp32": triton.language.float32, "fp16": triton.language.float16, "bf16": triton.language.bfloat16}
     records = []
     for variant in variants:
         param_dtype, moment_dtype = POLICIES[variant.policy]
-        weight_decay, amsgrad, maximize = OPTIONS[variant.options]
+        weight_decay, amsgrad, maximize, device_scalars = OPTIONS[variant.options]
         signature = {"pointers": "*i64", "numels": "*i64", "chunk_offsets": "*i64", "n_tensors": "i32"}
+        signature["device_scalars"] = "*fp32"
         signature |= dict.fromkeys(scalars, "fp32")
         constexprs = {
             "PARAM_TYPE": types[param_dtype],
@@ -90,6 +93,8 @@ def compile_variants(variants: list[Variant], out_dir: Path) -> list[dict[str, o
             "WEIGHT_DECAY": getattr(adam_triton, weight_decay).value,
             "AMSGRAD": amsgrad,
             "MAXIMIZE": maximize,
+            "DEVICE_STEP": device_scalars,
+            "GRAD_SCALING": device_scalars,
             "CHUNK": adam_triton.CHUNK,
             "BLOCK": adam_triton.BLOCK,
         }

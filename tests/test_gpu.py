@@ -147,3 +147,45 @@ def test_64_bit_indices(backend):
         _check([t[part] for t in (param, exp_avg, exp_avg_sq, max_exp_avg_sq)], head)
     del tensors, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
     torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_captured_step_replays_equal_eager_steps(backend):
+    """capturable=True: one step() captured in a CUDA graph and replayed with new grads and a new lr (changed
+    in place, as a scheduler does for a tensor lr) gives the same params, moments and steps as eager steps."""
+    generator = seeded_generator("gpu-graph", backend)
+    shapes = [(1000, 37), (4097,), (1,)]
+    params = [torch.randn(shape, generator=generator).cuda().requires_grad_() for shape in shapes]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    lr, twin_lr = torch.tensor(1e-2, device="cuda"), torch.tensor(1e-2, device="cuda")
+    captured = FusedAdamW(params, lr=lr, capturable=True, amsgrad=True, backend=backend)
+    eager = FusedAdamW(twins, lr=twin_lr, capturable=True, amsgrad=True, backend=backend)
+    for p, q in zip(params, twins, strict=True):
+        p.grad = torch.randn(p.shape, generator=generator).cuda()
+        q.grad = p.grad.clone()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compiles the kernels and builds the tensor table before capture
+        for _ in range(3):
+            captured.step()
+            eager.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured.step()
+
+    for replay in range(5):
+        for p, q in zip(params, twins, strict=True):
+            p.grad.copy_(torch.randn(p.shape, generator=generator).cuda())
+            q.grad.copy_(p.grad)
+        lr.fill_(1e-2 * 0.7**replay)
+        twin_lr.fill_(1e-2 * 0.7**replay)
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    for index, (p, q) in enumerate(zip(params, twins, strict=True)):
+        assert_close_relative(p, q, f"param {index}")
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
+            assert_close_relative(captured.state[p][key], eager.state[q][key], f"{key} {index}")
+    assert float(captured.state[params[0]]["step"]) == 3 + 5

@@ -17,6 +17,7 @@ import torch
 
 from adam_gpu.backends import tensor_table
 from adam_gpu.backends.tensor_table import TensorTable
+from adam_gpu.device_inputs import DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
 from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
 
@@ -36,10 +37,17 @@ class KernelLaunch(NamedTuple):
     table: TensorTable
     chunk: int  # elements per chunk: a multiple of 8, so chunks start on 16-byte boundaries
     scalars: StepScalars
+    device_scalars: int  # address of DeviceInputs.values (or of any 3 floats when both flags are off)
+    device_step: bool
+    grad_scaling: bool
 
-    def arguments(self) -> tuple[int | float, ...]:
-        """The kernel's arguments after the table's three pointers, in order."""
-        return (self.table.n_tensors, self.table.n_chunks, self.chunk, *self.scalars)
+    def arguments(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
+        """The kernel's arguments in order, as (addresses, integers, floats): the table's three tensors and
+        device_scalars; n_tensors, n_chunks, chunk, device_step, grad_scaling; the StepScalars."""
+        table = self.table
+        addresses = (table.pointers.data_ptr(), table.numels.data_ptr(), table.chunk_offsets.data_ptr())
+        integers = (table.n_tensors, table.n_chunks, self.chunk, int(self.device_step), int(self.grad_scaling))
+        return (*addresses, self.device_scalars), integers, tuple(self.scalars)
 
 
 Launch = Callable[[KernelLaunch], None]
@@ -102,13 +110,27 @@ def compile_options() -> tuple[str, ...]:
 
 
 def for_each_launch(
-    tensors: StepTensors, steps: list[float], hp: AdamHyperparameters, chunk: int, launch: Launch
+    tensors: StepTensors,
+    steps: list[float] | None,
+    hp: AdamHyperparameters,
+    chunk: int,
+    device_inputs: DeviceInputs | None,
+    unused_scalars: torch.Tensor,
+    launch: Launch,
 ) -> None:
-    """Call ``launch`` once per launch group (see tensor_table.launch_groups): usually once per step."""
+    """Call ``launch`` once per launch group (see tensor_table.launch_groups): usually once per step.
+    ``unused_scalars`` (3 floats on the device) stands in for ``device_inputs.values`` when there are none."""
     if chunk % 8:
         raise ValueError(f"chunk must be a multiple of 8 elements (16 bytes of 16-bit params), got {chunk}")
     decay = weight_decay_mode(hp)
-    with tensor_table.launch_groups(tensors, steps, hp, chunk) as groups:
+    device_steps = device_inputs.steps if device_inputs else None
+    values = device_inputs.values if device_inputs else unused_scalars
+    grad_scaling = bool(device_inputs and device_inputs.grad_scaling)
+    with tensor_table.launch_groups(tensors, steps, hp, chunk, device_steps) as groups:
         for group in groups:
             name = name_expression(group.param_dtype, group.state_dtype, decay, hp.amsgrad, hp.maximize)
-            launch(KernelLaunch(name, group.table, chunk, group.scalars))
+            launch(
+                KernelLaunch(
+                    name, group.table, chunk, group.scalars, values.data_ptr(), device_steps is not None, grad_scaling
+                )
+            )

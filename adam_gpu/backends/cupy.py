@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from adam_gpu.backends import cuda_source
+from adam_gpu.device_inputs import DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
 
@@ -48,23 +49,27 @@ def _max_blocks(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count * BLOCKS_PER_SM
 
 
-def adam_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparameters) -> None:
+@functools.cache
+def _unused_scalars(device_index: int) -> torch.Tensor:
+    return torch.zeros(3, dtype=torch.float32, device=torch.device("cuda", device_index))
+
+
+def adam_step(
+    tensors: StepTensors, steps: list[float] | None, hp: AdamHyperparameters, device_inputs: DeviceInputs | None = None
+) -> None:
     device_index = tensors.device.index if tensors.device.index is not None else torch.cuda.current_device()
 
     def launch(request: cuda_source.KernelLaunch) -> None:
-        table = request.table
-        grid = max(1, min(table.n_chunks, _max_blocks(device_index)))
-        n_tensors, n_chunks, chunk, *scalars = request.arguments()
+        grid = max(1, min(request.table.n_chunks, _max_blocks(device_index)))
+        addresses, (n_tensors, n_chunks, chunk, device_step, grad_scaling), scalars = request.arguments()
+        integers = (np.int32(n_tensors), np.int64(n_chunks), np.int64(chunk))
+        # Addresses go as Python ints (CuPy passes them as 64-bit values), int and float as numpy scalars.
         arguments = (
-            table.pointers.data_ptr(),
-            table.numels.data_ptr(),
-            table.chunk_offsets.data_ptr(),
-            np.int32(n_tensors),
-            np.int64(n_chunks),
-            np.int64(chunk),
+            *addresses[:3], *integers, addresses[3], np.int32(device_step), np.int32(grad_scaling),
             *map(np.float32, scalars),
-        )
+        )  # fmt: skip
         _kernel(device_index, request.name_expression)((grid,), (THREADS_PER_BLOCK,), arguments)
 
-    with cupy.cuda.Device(device_index), cupy.cuda.Stream.from_external(torch.cuda.current_stream(device_index)):
-        cuda_source.for_each_launch(tensors, steps, hp, CHUNK, launch)
+    stream = cupy.cuda.Stream.from_external(torch.cuda.current_stream(device_index))
+    with cupy.cuda.Device(device_index), stream:
+        cuda_source.for_each_launch(tensors, steps, hp, CHUNK, device_inputs, _unused_scalars(device_index), launch)

@@ -1,9 +1,10 @@
 """The device-side table a multi-tensor launch reads: one launch updates every tensor of a group.
 
-For each launch the kernels get three small int64 tensors on the device: ``pointers`` [T, 5] (param,
-grad, exp_avg, exp_avg_sq, max_exp_avg_sq), ``numels`` [T] and ``chunk_offsets`` [T + 1] (the first
-chunk of each tensor; a chunk is ``chunk`` consecutive elements of one tensor). A program (Triton) or a
-block iteration (CUDA C) takes one chunk and finds its tensor by binary search in ``chunk_offsets``.
+For each launch the kernels get three small int64 tensors on the device: ``pointers`` [T, 6] (param,
+grad, exp_avg, exp_avg_sq, max_exp_avg_sq, and the step count when it lives on the device), ``numels``
+[T] and ``chunk_offsets`` [T + 1] (the first chunk of each tensor; a chunk is ``chunk`` consecutive
+elements of one tensor). A program (Triton) or a block iteration (CUDA C) takes one chunk and finds
+its tensor by binary search in ``chunk_offsets``.
 Tables are cached by the tensors' addresses and sizes, so a training loop builds them once; they are
 rebuilt only when a storage moves (a new grad tensor after ``zero_grad(set_to_none=True)``, say).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,13 +23,13 @@ from adam_gpu.backends.layout import contiguous_stand_ins
 from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
 from adam_gpu.step_tensors import StepTensors
 
-POINTERS_PER_TENSOR = 5
+POINTERS_PER_TENSOR = 6
 _CACHE_SIZE = 64  # tables kept per process: a few per param group and dtype policy
 
 
 @dataclass(frozen=True)
 class TensorTable:
-    pointers: torch.Tensor  # int64 [T, 5] on the tensors' device
+    pointers: torch.Tensor  # int64 [T, 6] on the tensors' device
     numels: torch.Tensor  # int64 [T]
     chunk_offsets: torch.Tensor  # int64 [T + 1]
     n_tensors: int
@@ -37,7 +38,7 @@ class TensorTable:
 
 @dataclass(frozen=True)
 class LaunchGroup:
-    """Tensors that one launch updates: same param dtype, moment dtype and step count."""
+    """Tensors that one launch updates: same param dtype, moment dtype and (for host step counts) step."""
 
     param_dtype: torch.dtype
     state_dtype: torch.dtype
@@ -76,24 +77,33 @@ def _table(rows: list[tuple[int, ...]], numels: list[int], chunk: int, device: t
 
 @contextlib.contextmanager
 def launch_groups(
-    tensors: StepTensors, steps: list[float], hp: AdamHyperparameters, chunk: int
+    tensors: StepTensors,
+    steps: list[float] | None,
+    hp: AdamHyperparameters,
+    chunk: int,
+    device_steps: Sequence[torch.Tensor] | None = None,
 ) -> Iterator[list[LaunchGroup]]:
     """The launches one step needs (usually one), while contiguous stand-ins of non-contiguous tensors
-    exist; the stand-ins are written back when the block ends without an error."""
+    exist; the stand-ins are written back when the block ends without an error.
+
+    ``steps`` are host step counts (one launch per distinct count), or None with ``device_steps``: the
+    step counts' addresses then go into the table and the kernel reads them."""
     with contextlib.ExitStack() as stack:
         groups: dict[tuple, tuple[list[tuple[int, ...]], list[int]]] = {}
-        for step, originals in zip(steps, tensors.per_tensor(), strict=True):
+        step_values = steps if steps is not None else [None] * len(tensors)
+        step_pointers = [s.data_ptr() for s in device_steps] if device_steps is not None else [0] * len(tensors)
+        for step, step_pointer, originals in zip(step_values, step_pointers, tensors.per_tensor(), strict=True):
             numel = originals[0].numel()
             if numel == 0:
                 continue
             param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = stack.enter_context(contiguous_stand_ins(originals))
             maximum = max_exp_avg_sq if hp.amsgrad else exp_avg_sq  # never touched without amsgrad
-            row = tuple(t.data_ptr() for t in (param, grad, exp_avg, exp_avg_sq, maximum))
+            row = (*(t.data_ptr() for t in (param, grad, exp_avg, exp_avg_sq, maximum)), step_pointer)
             rows, numels = groups.setdefault((param.dtype, exp_avg.dtype, step), ([], []))
             rows.append(row)
             numels.append(numel)
         yield [
-            LaunchGroup(param_dtype, state_dtype, hp.step_scalars(step), _table(rows, numels, chunk, tensors.device),
-                        max(numels))
+            LaunchGroup(param_dtype, state_dtype, hp.step_scalars(1.0 if step is None else step),
+                        _table(rows, numels, chunk, tensors.device), max(numels))
             for (param_dtype, state_dtype, step), (rows, numels) in groups.items()
         ]  # fmt: skip

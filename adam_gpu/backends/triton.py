@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from adam_gpu.backends import tensor_table
+from adam_gpu.device_inputs import DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
 
@@ -58,13 +59,23 @@ def _weight_decay_mode(hp: AdamHyperparameters, kernels: ModuleType) -> int:
     return (kernels.DECOUPLED if hp.decoupled else kernels.L2).value
 
 
-def adam_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparameters) -> None:
+@functools.cache
+def _unused_device_scalars(device: torch.device) -> torch.Tensor:
+    """What the kernel's device_scalars argument points to when neither DEVICE_STEP nor GRAD_SCALING is set."""
+    return torch.zeros(3, dtype=torch.float32, device=device)
+
+
+def adam_step(
+    tensors: StepTensors, steps: list[float] | None, hp: AdamHyperparameters, device_inputs: DeviceInputs | None = None
+) -> None:
     kernels = _kernels()
     device = tensors.device
     on_cpu = device.type == "cpu"
     block, chunk = (kernels.INTERPRETER_BLOCK, kernels.INTERPRETER_CHUNK) if on_cpu else (kernels.BLOCK, kernels.CHUNK)
     device_guard = contextlib.nullcontext() if on_cpu else torch.cuda.device(device)
-    with device_guard, tensor_table.launch_groups(tensors, steps, hp, chunk) as launches:
+    device_steps = device_inputs.steps if device_inputs else None
+    values = device_inputs.values if device_inputs else _unused_device_scalars(device)
+    with device_guard, tensor_table.launch_groups(tensors, steps, hp, chunk, device_steps) as launches:
         for launch in launches:
             table = launch.table
             kernels.adam_step_kernel[(table.n_chunks,)](
@@ -72,12 +83,15 @@ def adam_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparameters)
                 table.numels,
                 table.chunk_offsets,
                 table.n_tensors,
+                values,
                 *launch.scalars,
                 PARAM_TYPE=TRITON_TYPES[launch.param_dtype],
                 STATE_TYPE=TRITON_TYPES[launch.state_dtype],
                 WEIGHT_DECAY=_weight_decay_mode(hp, kernels),
                 AMSGRAD=hp.amsgrad,
                 MAXIMIZE=hp.maximize,
+                DEVICE_STEP=device_steps is not None,
+                GRAD_SCALING=bool(device_inputs and device_inputs.grad_scaling),
                 CHUNK=chunk,
                 BLOCK=block,
                 enable_fp_fusion=kernels.FP_FUSION,

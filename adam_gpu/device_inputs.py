@@ -1,0 +1,45 @@
+"""Per-step inputs that stay on the device, so that ``step()`` never waits for it: the capturable mode
+(lr and step counts on the device, replayable in a CUDA graph), AMP (GradScaler's scale and found_inf)
+and fused gradient clipping (the clip coefficient)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+LR, GRAD_MULTIPLIER, FOUND_INF = 0, 1, 2  # the layout of DeviceInputs.values
+
+
+@dataclass(frozen=True)
+class DeviceInputs:
+    """``values`` is float32 [3] on the params' device: lr, the factor every grad is multiplied by
+    (1 / grad scale x clip coefficient), and found_inf (non-zero: the step writes nothing).
+    ``steps``: each tensor's step count on the device (capturable mode; the kernels then form the bias
+    corrections themselves), or None when step counts are on the host."""
+
+    values: torch.Tensor
+    steps: Sequence[torch.Tensor] | None
+    grad_scaling: bool  # whether the grad multiplier and found_inf apply
+
+
+def device_values(
+    lr: float | torch.Tensor,
+    device: torch.device,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    clip_coefficient: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Assemble ``DeviceInputs.values`` with device ops only (no host synchronization)."""
+    values = torch.zeros(3, dtype=torch.float32, device=device)
+    values[LR] = lr if isinstance(lr, torch.Tensor) else float(lr)
+    multiplier = torch.ones((), dtype=torch.float32, device=device)
+    if grad_scale is not None:
+        multiplier = multiplier / grad_scale.to(device=device, dtype=torch.float32)
+    if clip_coefficient is not None:
+        multiplier = multiplier * clip_coefficient.to(device=device, dtype=torch.float32)
+    values[GRAD_MULTIPLIER] = multiplier
+    if found_inf is not None:
+        values[FOUND_INF] = found_inf.to(device=device, dtype=torch.float32)
+    return values
