@@ -30,16 +30,19 @@ def fused_adam(
     amsgrad: bool = False,
     maximize: bool = False,
     backend: str = dispatch.AUTO,
+    masters: Sequence[torch.Tensor | None] | None = None,
 ) -> str | None:
     """One Adam (``decoupled=False``) or AdamW (``decoupled=True``) step over every tensor, in place.
 
     Like torch's functional ``adam``, each ``state_steps[i]`` (a 1-element tensor) is incremented first
     and the step uses the incremented count. ``max_exp_avg_sqs`` may be empty unless ``amsgrad``. All
-    tensors must be on one device. Returns the name of the backend that ran (None for no params).
+    tensors must be on one device. ``masters`` (optional) gives each param an fp32 master copy, an int16
+    lean remainder (bf16 params) or None: the step then updates the master and writes the param as its
+    rounding. Returns the name of the backend that ran (None for no params).
     Everything is checked before anything is written: on an error, params and state are untouched.
     """
     hp = AdamHyperparameters(float(lr), beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize)
-    tensors = StepTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [])
+    tensors = StepTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], masters or [])
     tensors.check(amsgrad)
     check_state_steps(state_steps, len(tensors))
     if not len(tensors):

@@ -24,6 +24,7 @@ from adam_gpu.hyperparameters import AdamHyperparameters, check_hyperparameters
 from adam_gpu.step_tensors import StepTensors, check_grad, check_moment, check_one_device, check_param
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+MASTER_KEYS = {True: "master_param", "lean": "master_remainder"}  # master_weights -> the state key
 STATE_DTYPES = (None, torch.float32)
 # Group keys that torch.optim.Adam's state_dict may lack (older torch) or that only adam-gpu has.
 _GROUP_OPTIONS = (
@@ -35,6 +36,7 @@ _GROUP_OPTIONS = (
     "fused",
     "decoupled_weight_decay",
     "state_dtype",
+    "master_weights",
 )
 
 
@@ -64,6 +66,10 @@ class FusedAdam(Optimizer):
         keeps them in fp32 for fp16/bf16 params.
     max_grad_norm: clip the global gradient norm (all groups) to this, as
         ``torch.nn.utils.clip_grad_norm_`` would, inside the update: grads are not rewritten.
+    master_weights: for fp16/bf16 params, ``True`` keeps an fp32 master copy (``state["master_param"]``)
+        updated in the same pass, the param written as its rounding; ``"lean"`` (bf16 only) keeps a 16-bit
+        remainder (``state["master_remainder"]``) that with the bf16 param reconstructs the fp32 master
+        exactly: 2 extra bytes a parameter instead of 4.
     """
 
     def __init__(
@@ -84,8 +90,10 @@ class FusedAdam(Optimizer):
         backend: str = dispatch.AUTO,
         state_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
+        master_weights: bool | str = False,
     ) -> None:
         check_hyperparameters(lr, betas, eps, weight_decay)
+        _check_master_weights(master_weights)
         dispatch.check_backend_name(backend)
         if max_grad_norm is not None and not float(max_grad_norm) > 0:
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
@@ -105,6 +113,7 @@ class FusedAdam(Optimizer):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
             state_dtype=state_dtype,
+            master_weights=master_weights,
         )
         self.backend = backend
         self.max_grad_norm = max_grad_norm
@@ -144,8 +153,10 @@ class FusedAdam(Optimizer):
         try:
             check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
             _check_state_dtype(group["state_dtype"])
+            _check_master_weights(group["master_weights"])
             for index, param in enumerate(group["params"]):
                 check_param(param, index)
+                _check_lean_master_param(group["master_weights"], param, index)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -197,9 +208,11 @@ class FusedAdam(Optimizer):
             maximize=bool(group["maximize"]),
         )
         _check_state_dtype(group["state_dtype"])
+        _check_master_weights(group["master_weights"])
         tensors = [*params]
         for index, param in enumerate(params):
             check_param(param, index)
+            _check_lean_master_param(group["master_weights"], param, index)
             check_grad(param, param.grad, index)
             tensors.append(param.grad)
             state = self.state.get(param, {})
@@ -219,6 +232,7 @@ class FusedAdam(Optimizer):
             exp_avgs=[s["exp_avg"] for s in states],
             exp_avg_sqs=[s["exp_avg_sq"] for s in states],
             max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if plan.hp.amsgrad else [],
+            masters=[next((s[key] for key in MASTER_KEYS.values() if key in s), None) for s in states],
         )
         steps = [s["step"] for s in states]
         apply_step(plan.backend, tensors, steps, plan.hp, self._device_inputs(plan, steps, clip_coefficient))
@@ -252,13 +266,19 @@ class FusedAdam(Optimizer):
             state["step"] = torch.tensor(0.0, **({"dtype": _scalar_dtype()} | on_device))
             state["exp_avg"] = zeros()
             state["exp_avg_sq"] = zeros()
+        master_key = MASTER_KEYS.get(group["master_weights"]) if param.dtype in HALF_DTYPES else None
+        if master_key == "master_param" and master_key not in state:
+            state[master_key] = param.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        if master_key == "master_remainder" and master_key not in state:
+            # The bf16 param is the master's high half and the remainder starts at 0: they rebuild it exactly.
+            state[master_key] = torch.zeros(param.shape, dtype=torch.int16, device=param.device)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = zeros()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's loading, then two repairs: fp32 moments (``state_dtype=torch.float32``) are taken
-        from the saved values rather than from torch's cast to the param dtype, and ``step`` is kept
+        """torch's loading, then repairs: fp32 moments (``state_dtype=torch.float32``) and master weights
+        are taken from the saved values rather than from torch's cast to the param dtype, and ``step`` is kept
         on the host (a state_dict of torch's fused AdamW holds it on the GPU), or on the device for a
         capturable group."""
         super().load_state_dict(state_dict)
@@ -276,6 +296,10 @@ class FusedAdam(Optimizer):
                 for key in MOMENT_KEYS:
                     if key in saved:
                         state[key] = saved[key].to(param.device, group["state_dtype"], copy=True)
+            # torch cast the masters to the param dtype too: restore the fp32 copy and the int16 remainder.
+            for key in MASTER_KEYS.values():
+                if key in saved:
+                    state[key] = saved[key].to(param.device, copy=True)
 
 
 class FusedAdamW(FusedAdam):
@@ -298,6 +322,7 @@ class FusedAdamW(FusedAdam):
         backend: str = dispatch.AUTO,
         state_dtype: torch.dtype | None = None,
         max_grad_norm: float | None = None,
+        master_weights: bool | str = False,
     ) -> None:
         super().__init__(
             params,
@@ -315,6 +340,23 @@ class FusedAdamW(FusedAdam):
             backend=backend,
             state_dtype=state_dtype,
             max_grad_norm=max_grad_norm,
+            master_weights=master_weights,
+        )
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check_master_weights(master_weights: object) -> None:
+    if master_weights not in (False, True, "lean"):
+        raise ValueError(f"master_weights must be False, True or 'lean', got {master_weights!r}")
+
+
+def _check_lean_master_param(master_weights: object, param: torch.Tensor, index: int) -> None:
+    if master_weights == "lean" and param.dtype == torch.float16:
+        raise TypeError(
+            f"param {index} is float16: master_weights='lean' rebuilds fp32 from a bf16 param's bits; "
+            "use master_weights=True for float16 params"
         )
 
 

@@ -15,7 +15,9 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class StepTensors:
     """Parallel lists: ``params[i]`` is updated from ``grads[i]`` with moments ``exp_avgs[i]``, ...
 
-    ``max_exp_avg_sqs`` is empty unless the step uses amsgrad.
+    ``max_exp_avg_sqs`` is empty unless the step uses amsgrad. ``masters`` is empty, or holds for each
+    param its fp32 master copy, its int16 remainder (bf16 params: the lean master, see MASTER_MODES) or
+    None.
     """
 
     params: Sequence[torch.Tensor]
@@ -23,6 +25,7 @@ class StepTensors:
     exp_avgs: Sequence[torch.Tensor]
     exp_avg_sqs: Sequence[torch.Tensor]
     max_exp_avg_sqs: Sequence[torch.Tensor] = field(default_factory=list)
+    masters: Sequence[torch.Tensor | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -36,9 +39,10 @@ class StepTensors:
         return {p.dtype for p in self.params}
 
     def per_tensor(self) -> list[tuple[torch.Tensor, ...]]:
-        """``(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq or None)`` for each param."""
+        """``(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq or None, master or None)`` for each param."""
         maxima = self.max_exp_avg_sqs or [None] * len(self.params)
-        return list(zip(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, maxima, strict=True))
+        masters = self.masters or [None] * len(self.params)
+        return list(zip(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, maxima, masters, strict=True))
 
     def check(self, amsgrad: bool) -> None:
         """Raise TypeError/ValueError naming the first tensor a kernel must not be given."""
@@ -48,12 +52,35 @@ class StepTensors:
         for name, tensors in lists.items():
             if len(tensors) != len(self.params):
                 raise ValueError(f"{len(self.params)} params but {len(tensors)} {name}")
-        for index, (param, grad, *moments) in enumerate(self.per_tensor()):
+        if self.masters and len(self.masters) != len(self.params):
+            raise ValueError(f"{len(self.params)} params but {len(self.masters)} masters")
+        for index, (param, grad, *moments, master) in enumerate(self.per_tensor()):
             check_param(param, index)
             check_grad(param, grad, index)
             for moment in moments[: 3 if amsgrad else 2]:
                 check_moment(param, moment, index)
-        check_one_device(t for tensors in (self.params, *lists.values()) for t in tensors)
+            check_master(param, master, index)
+        masters = [m for m in self.masters if m is not None]
+        check_one_device(t for tensors in (self.params, *lists.values(), masters) for t in tensors)
+
+
+# What a param's master tensor holds, by its dtype: 0 no master, 1 an fp32 copy, 2 the lean remainder.
+MASTER_MODES = {None: 0, torch.float32: 1, torch.int16: 2}
+
+
+def master_mode(param: torch.Tensor, master: torch.Tensor | None) -> int:
+    return MASTER_MODES[None if master is None else master.dtype]
+
+
+def check_master(param: torch.Tensor, master: object, index: int) -> None:
+    if master is None:
+        return
+    if not isinstance(master, torch.Tensor) or master.dtype not in MASTER_MODES:
+        raise TypeError(f"master {index} must be a float32 copy or an int16 remainder, got {master!r:.80}")
+    if master.shape != param.shape:
+        raise ValueError(f"master {index} has shape {tuple(master.shape)} but its param {tuple(param.shape)}")
+    if master.dtype == torch.int16 and param.dtype != torch.bfloat16:
+        raise TypeError(f"master {index} is a lean remainder (int16), which only bf16 params have, not {param.dtype}")
 
 
 def check_one_device(tensors: Iterable[torch.Tensor]) -> None:

@@ -8,8 +8,8 @@
 // __syncthreads, no atomics.
 //
 // Specializations are template instantiations named by NVRTC name expressions, e.g.
-//   adam_gpu::adam_step<__nv_bfloat16, float, 2, true, false>
-// (param type, moment type, weight-decay mode, amsgrad, maximize).
+//   adam_gpu::adam_step<__nv_bfloat16, float, 2, true, false, 0>
+// (param type, moment type, weight-decay mode, amsgrad, maximize, master mode).
 //
 // The same file builds on the host with g++ and tests/cuda_host_shim.h, which defines
 // ADAM_GPU_HOST_BUILD: the tests run it on the CPU through the shared correctness tests.
@@ -23,6 +23,9 @@ namespace adam_gpu {
 
 // Weight-decay modes, as in kernels/adam_triton.py: none, L2 added to the gradient (Adam), decoupled (AdamW).
 enum WeightDecay : int { kNoWeightDecay = 0, kL2 = 1, kDecoupled = 2 };
+// Master modes, as in kernels/adam_triton.py: the param is the value; an fp32 master copy is (the param is
+// its rounding); the bf16 param plus an int16 remainder reconstruct the fp32 master exactly.
+enum Master : int { kNoMaster = 0, kFp32Master = 1, kLeanMaster = 2 };
 
 // The per-step scalars of adam_gpu.hyperparameters.StepScalars, formed in float64 on the host.
 struct StepScalars {
@@ -55,6 +58,21 @@ template <>
 struct Store<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
 };
+
+// The lean master: fp32 bits = (bf16 bits << 16) + signed 16-bit remainder.
+__device__ __forceinline__ float lean_master(__nv_bfloat16 param, short remainder) {
+  const unsigned int high = static_cast<unsigned int>(__bfloat16_as_ushort(param)) << 16;
+  return __uint_as_float(high + static_cast<unsigned int>(static_cast<int>(remainder)));
+}
+
+// The bf16 param rounded half-up on the bits (so the remainder fits int16: [-0x8000, 0x7FFF]; the param is
+// still within half an ulp) and the remainder that restores `value` exactly. NaN stays NaN.
+__device__ __forceinline__ void split_lean_master(float value, __nv_bfloat16& param, short& remainder) {
+  const unsigned int bits = __float_as_uint(value);
+  const unsigned int param_bits = value != value ? ((bits >> 16) | 0x40u) : ((bits + 0x8000u) >> 16);
+  param = __ushort_as_bfloat16(static_cast<unsigned short>(param_bits));
+  remainder = static_cast<short>(static_cast<unsigned short>((bits - (param_bits << 16)) & 0xFFFFu));
+}
 
 // max that propagates NaN, as torch.maximum does.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
@@ -93,23 +111,39 @@ __device__ __forceinline__ bool aligned_for(const T* ptr) {
 }
 
 // Update the N elements of pack number `index` (element index * N onwards).
-template <int N, typename P, typename S, int WEIGHT_DECAY, bool AMSGRAD, bool MAXIMIZE>
+template <int N, typename P, typename S, int WEIGHT_DECAY, bool AMSGRAD, bool MAXIMIZE, int MASTER>
 __device__ __forceinline__ void step_pack(P* param, const P* grad, S* exp_avg, S* exp_avg_sq, S* max_exp_avg_sq,
-                                          long long index, const StepScalars& s) {
+                                          void* master, long long index, const StepScalars& s) {
   Pack<P, N> p = reinterpret_cast<const Pack<P, N>*>(param)[index];
   const Pack<P, N> g = reinterpret_cast<const Pack<P, N>*>(grad)[index];
   Pack<S, N> m = reinterpret_cast<const Pack<S, N>*>(exp_avg)[index];
   Pack<S, N> v = reinterpret_cast<const Pack<S, N>*>(exp_avg_sq)[index];
   Pack<S, N> v_max;
   if (AMSGRAD) v_max = reinterpret_cast<const Pack<S, N>*>(max_exp_avg_sq)[index];
+  Pack<float, N> full;   // kFp32Master
+  Pack<short, N> low;    // kLeanMaster
+  if constexpr (MASTER == kFp32Master) full = reinterpret_cast<const Pack<float, N>*>(master)[index];
+  if constexpr (MASTER == kLeanMaster) low = reinterpret_cast<const Pack<short, N>*>(master)[index];
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    float pk = to_float(p.lane[k]);
+    float pk;
+    if constexpr (MASTER == kFp32Master) {
+      pk = full.lane[k];
+    } else if constexpr (MASTER == kLeanMaster) {
+      pk = lean_master(p.lane[k], low.lane[k]);
+    } else {
+      pk = to_float(p.lane[k]);
+    }
     float mk = to_float(m.lane[k]);
     float vk = to_float(v.lane[k]);
     float v_max_k = AMSGRAD ? to_float(v_max.lane[k]) : 0.0f;
     adam_update<WEIGHT_DECAY, AMSGRAD, MAXIMIZE>(pk, to_float(g.lane[k]), mk, vk, v_max_k, s);
-    p.lane[k] = Store<P>::from(pk);
+    if constexpr (MASTER == kLeanMaster) {
+      split_lean_master(pk, p.lane[k], low.lane[k]);
+    } else {
+      p.lane[k] = Store<P>::from(pk);
+    }
+    if constexpr (MASTER == kFp32Master) full.lane[k] = pk;
     m.lane[k] = Store<S>::from(mk);
     v.lane[k] = Store<S>::from(vk);
     if (AMSGRAD) v_max.lane[k] = Store<S>::from(v_max_k);
@@ -118,6 +152,8 @@ __device__ __forceinline__ void step_pack(P* param, const P* grad, S* exp_avg, S
   reinterpret_cast<Pack<S, N>*>(exp_avg)[index] = m;
   reinterpret_cast<Pack<S, N>*>(exp_avg_sq)[index] = v;
   if (AMSGRAD) reinterpret_cast<Pack<S, N>*>(max_exp_avg_sq)[index] = v_max;
+  if constexpr (MASTER == kFp32Master) reinterpret_cast<Pack<float, N>*>(master)[index] = full;
+  if constexpr (MASTER == kLeanMaster) reinterpret_cast<Pack<short, N>*>(master)[index] = low;
 }
 
 // The tensor whose chunks include `chunk`: the last t with chunk_offsets[t] <= chunk.
@@ -134,15 +170,15 @@ __device__ __forceinline__ int tensor_of_chunk(long long chunk, const long long*
   return low;
 }
 
-// One launch updates every tensor of a table (adam_gpu/backends/tensor_table.py): pointers [T][6] (param,
-// grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step count), numels [T], chunk_offsets [T + 1]. Blocks stride
+// One launch updates every tensor of a table (adam_gpu/backends/tensor_table.py): pointers [T][7] (param,
+// grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step count, master), numels [T], chunk_offsets [T + 1]. Blocks stride
 // over the chunks (chunk_size elements of one tensor, a multiple of 8); threads over a chunk's packs.
 //
 // device_step (capturable mode): lr is device_scalars[0] and each tensor's step count (float) is read
 // through the table; the kernel forms step_size, bias_correction2_sqrt and param_decay itself.
 // grad_scaling (AMP, fused clipping): grads are multiplied by device_scalars[1], and nothing is written
 // when device_scalars[2] (found_inf) is not zero. Both are runtime flags, uniform across the launch.
-template <typename P, typename S, int WEIGHT_DECAY, bool AMSGRAD, bool MAXIMIZE>
+template <typename P, typename S, int WEIGHT_DECAY, bool AMSGRAD, bool MAXIMIZE, int MASTER>
 __global__ void adam_step(const long long* __restrict__ pointers, const long long* __restrict__ numels,
                           const long long* __restrict__ chunk_offsets, int n_tensors, long long n_chunks,
                           long long chunk_size, const float* __restrict__ device_scalars, int device_step,
@@ -153,7 +189,7 @@ __global__ void adam_step(const long long* __restrict__ pointers, const long lon
   constexpr int kPack = 16 / sizeof(P);  // params per 16-byte load
   for (long long chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {
     const int tensor = tensor_of_chunk(chunk, chunk_offsets, n_tensors);
-    const long long* row = pointers + 6LL * tensor;
+    const long long* row = pointers + 7LL * tensor;
     StepScalars s{one_minus_beta1, one_minus_beta2, eps, l2_weight_decay, param_decay, step_size,
                   bias_correction2_sqrt, grad_scaling ? device_scalars[1] : 1.0f};
     if (device_step) {
@@ -168,17 +204,22 @@ __global__ void adam_step(const long long* __restrict__ pointers, const long lon
     S* exp_avg = reinterpret_cast<S*>(row[2]);
     S* exp_avg_sq = reinterpret_cast<S*>(row[3]);
     S* max_exp_avg_sq = reinterpret_cast<S*>(row[4]);
+    void* master = reinterpret_cast<void*>(row[6]);
     const long long start = (chunk - chunk_offsets[tensor]) * chunk_size;
     const long long stop = start + chunk_size < numels[tensor] ? start + chunk_size : numels[tensor];
     const bool vectorized = aligned_for<kPack>(param) && aligned_for<kPack>(grad) && aligned_for<kPack>(exp_avg) &&
-                            aligned_for<kPack>(exp_avg_sq) && (!AMSGRAD || aligned_for<kPack>(max_exp_avg_sq));
+                            aligned_for<kPack>(exp_avg_sq) && (!AMSGRAD || aligned_for<kPack>(max_exp_avg_sq)) &&
+                            (MASTER != kFp32Master || aligned_for<kPack>(static_cast<const float*>(master))) &&
+                            (MASTER != kLeanMaster || aligned_for<kPack>(static_cast<const short*>(master)));
     // Whole packs from `start` (a multiple of kPack) up to `packed_stop`, then single elements.
     const long long packed_stop = vectorized ? start + (stop - start) / kPack * kPack : start;
     for (long long i = start / kPack + threadIdx.x; i < packed_stop / kPack; i += blockDim.x) {
-      step_pack<kPack, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, s);
+      step_pack<kPack, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER>(param, grad, exp_avg, exp_avg_sq,
+                                                                      max_exp_avg_sq, master, i, s);
     }
     for (long long i = packed_stop + threadIdx.x; i < stop; i += blockDim.x) {
-      step_pack<1, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, i, s);
+      step_pack<1, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                                                                  master, i, s);
     }
   }
 }

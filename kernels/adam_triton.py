@@ -14,6 +14,11 @@ import triton.language as tl
 NO_WEIGHT_DECAY: tl.constexpr = tl.constexpr(0)
 L2: tl.constexpr = tl.constexpr(1)
 DECOUPLED: tl.constexpr = tl.constexpr(2)
+# MASTER modes: the param itself is the value; an fp32 master copy is (the param is its rounding); or
+# the bf16 param plus a 16-bit remainder reconstruct the fp32 master exactly (2 bytes, not 4).
+NO_MASTER: tl.constexpr = tl.constexpr(0)
+FP32_MASTER: tl.constexpr = tl.constexpr(1)
+LEAN_MASTER: tl.constexpr = tl.constexpr(2)
 
 # Elements a program updates per loop iteration on a GPU: 4 warps x 8 elements a thread; no spills on
 # sm_80/sm_90 (ahead-of-time compile, 2026-11-25). Not yet tuned on a GPU: the benchmark (issue 5) decides.
@@ -45,6 +50,27 @@ def _store_rounded(ptr, offsets, value, mask):
         tl.store(ptr + offsets, bf16_bits.to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_lean_master(param_ptr, remainder_ptr, offsets, mask):
+    """fp32 from the bf16 param's bits (the high half) plus the signed 16-bit remainder (the rest)."""
+    high = tl.load(param_ptr + offsets, mask=mask).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+    low = tl.load(remainder_ptr + offsets, mask=mask).to(tl.int32).to(tl.uint32, bitcast=True)
+    return (high + low).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_lean_master(param_ptr, remainder_ptr, offsets, value, mask):
+    """The bf16 param rounded half-up on the bits, and the remainder that restores ``value`` exactly.
+
+    Half-up (not to even) keeps the remainder in [-0x8000, 0x7FFF], which int16 holds; the param is
+    still within half an ulp of the master. NaN stays NaN (its payload may change)."""
+    bits = value.to(tl.uint32, bitcast=True)
+    param_bits = tl.where(value != value, (bits >> 16) | 0x40, (bits + 0x8000) >> 16)
+    remainder = (bits - (param_bits << 16)) & 0xFFFF
+    tl.store(param_ptr + offsets, param_bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    tl.store(remainder_ptr + offsets, remainder.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
 
 
 @triton.jit
@@ -82,6 +108,7 @@ def adam_step_kernel(
     WEIGHT_DECAY: tl.constexpr,
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    MASTER: tl.constexpr,
     DEVICE_STEP: tl.constexpr,
     GRAD_SCALING: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -99,12 +126,16 @@ def adam_step_kernel(
     tensor = _tensor_of_chunk(chunk, chunk_offsets, n_tensors).to(tl.int64)
     n_elements = tl.load(numels + tensor)
     chunk_start = (chunk - tl.load(chunk_offsets + tensor)) * CHUNK
-    row = pointers + tensor * 6
+    row = pointers + tensor * 7
     param_ptr = tl.load(row).to(tl.pointer_type(PARAM_TYPE))
     grad_ptr = tl.load(row + 1).to(tl.pointer_type(PARAM_TYPE))
     exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(STATE_TYPE))
     exp_avg_sq_ptr = tl.load(row + 3).to(tl.pointer_type(STATE_TYPE))
     max_exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(STATE_TYPE))
+    if MASTER == FP32_MASTER:
+        master_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
+    elif MASTER == LEAN_MASTER:
+        remainder_ptr = tl.load(row + 6).to(tl.pointer_type(tl.int16))
     if DEVICE_STEP:
         lr = tl.load(device_scalars)
         step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
@@ -121,7 +152,12 @@ def adam_step_kernel(
         offsets = chunk_start + block_start + tl.arange(0, BLOCK)
         mask = offsets < n_elements
 
-        param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+        if MASTER == FP32_MASTER:
+            param = tl.load(master_ptr + offsets, mask=mask)
+        elif MASTER == LEAN_MASTER:
+            param = _load_lean_master(param_ptr, remainder_ptr, offsets, mask)
+        else:
+            param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
         grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
         exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
         exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
@@ -148,6 +184,11 @@ def adam_step_kernel(
         denom = tl.sqrt(second_moment) / bias_correction2_sqrt + eps
         param = param - step_size * (exp_avg / denom)
 
-        _store_rounded(param_ptr, offsets, param, mask)
+        if MASTER == FP32_MASTER:
+            tl.store(master_ptr + offsets, param, mask=mask)
+        if MASTER == LEAN_MASTER:
+            _store_lean_master(param_ptr, remainder_ptr, offsets, param, mask)
+        else:
+            _store_rounded(param_ptr, offsets, param, mask)
         _store_rounded(exp_avg_ptr, offsets, exp_avg, mask)
         _store_rounded(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)

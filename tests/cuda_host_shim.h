@@ -18,6 +18,17 @@ struct dim3 {
 };
 static dim3 threadIdx, blockIdx, blockDim, gridDim;
 
+inline unsigned int __float_as_uint(float f) {
+  unsigned int u;
+  memcpy(&u, &f, sizeof u);
+  return u;
+}
+inline float __uint_as_float(unsigned int u) {
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
 struct __half {
   _Float16 value;  // GCC's IEEE binary16: float -> _Float16 rounds to nearest even
 };
@@ -39,3 +50,5 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   memcpy(&bits, &f, sizeof bits);
   return __nv_bfloat16{static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16)};
 }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16{u}; }

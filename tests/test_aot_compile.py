@@ -36,11 +36,14 @@ POLICIES: dict[str, tuple[str, str]] = {
 # Option set -> (WEIGHT_DECAY mode name in kernels.adam_triton, AMSGRAD, MAXIMIZE, DEVICE_STEP and GRAD_SCALING).
 # The capturable AMP variant is the heaviest (one more load and store, device scalars, the most live values);
 # adam-plain the lightest.
-OPTIONS: dict[str, tuple[str, bool, bool, bool]] = {
-    "adamw-amsgrad-maximize": ("DECOUPLED", True, True, False),
-    "adamw-amsgrad-capturable-amp": ("DECOUPLED", True, True, True),
-    "adam-plain": ("NO_WEIGHT_DECAY", False, False, False),
-    "adam-l2": ("L2", False, False, False),
+# The last entry is the MASTER mode name (the lean master exists for bf16 params only).
+OPTIONS: dict[str, tuple[str, bool, bool, bool, str]] = {
+    "adamw-amsgrad-maximize": ("DECOUPLED", True, True, False, "NO_MASTER"),
+    "adamw-amsgrad-capturable-amp": ("DECOUPLED", True, True, True, "NO_MASTER"),
+    "adamw-amsgrad-fp32-master": ("DECOUPLED", True, False, False, "FP32_MASTER"),
+    "adamw-amsgrad-lean-master": ("DECOUPLED", True, False, False, "LEAN_MASTER"),
+    "adam-plain": ("NO_WEIGHT_DECAY", False, False, False, "NO_MASTER"),
+    "adam-l2": ("L2", False, False, False, "NO_MASTER"),
 }
 
 
@@ -56,7 +59,13 @@ class Variant:
 
 
 # After the first (about a second) each compile takes 0.1-0.2 s, so every combination is compiled.
-VARIANTS = [Variant(arch, policy, options) for arch in ARCHS for policy in POLICIES for options in OPTIONS]
+VARIANTS = [
+    Variant(arch, policy, options)
+    for arch in ARCHS
+    for policy in POLICIES
+    for options in OPTIONS
+    if OPTIONS[options][4] != "LEAN_MASTER" or POLICIES[policy][0] == "bf16"
+]
 
 RESOURCE_USAGE = re.compile(
     r"Function (?P<name>\w+):\s*\n\s*REG:(?P<REG>\d+) STACK:(?P<STACK>\d+) SHARED:(?P<SHARED>\d+) "
@@ -83,7 +92,7 @@ def compile_variants(variants: list[Variant], out_dir: Path) -> list[dict[str, o
     records = []
     for variant in variants:
         param_dtype, moment_dtype = POLICIES[variant.policy]
-        weight_decay, amsgrad, maximize, device_scalars = OPTIONS[variant.options]
+        weight_decay, amsgrad, maximize, device_scalars, master = OPTIONS[variant.options]
         signature = {"pointers": "*i64", "numels": "*i64", "chunk_offsets": "*i64", "n_tensors": "i32"}
         signature["device_scalars"] = "*fp32"
         signature |= dict.fromkeys(scalars, "fp32")
@@ -93,6 +102,7 @@ def compile_variants(variants: list[Variant], out_dir: Path) -> list[dict[str, o
             "WEIGHT_DECAY": getattr(adam_triton, weight_decay).value,
             "AMSGRAD": amsgrad,
             "MAXIMIZE": maximize,
+            "MASTER": getattr(adam_triton, master).value,
             "DEVICE_STEP": device_scalars,
             "GRAD_SCALING": device_scalars,
             "CHUNK": adam_triton.CHUNK,

@@ -25,6 +25,9 @@ from support import (
 
 from adam_gpu import FusedAdam, FusedAdamW, dispatch
 
+# The group options only adam-gpu has: torch.optim keeps them in a loaded state_dict and ignores them.
+ADAM_GPU_GROUP_KEYS = {"state_dtype", "master_weights"}
+
 OPTIONS = dict(lr=1e-2, weight_decay=0.1)
 
 
@@ -182,7 +185,7 @@ def test_state_layout_is_torch_optims(kind, backend, amsgrad):
     ours, theirs = optimizer.state_dict(), expected_optimizer.state_dict()
     assert ours["state"].keys() == theirs["state"].keys()
     for group, expected_group in zip(ours["param_groups"], theirs["param_groups"], strict=True):
-        assert group.keys() == expected_group.keys() | {"state_dtype"}
+        assert group.keys() == expected_group.keys() | ADAM_GPU_GROUP_KEYS
         assert group["params"] == expected_group["params"]
 
 
@@ -284,7 +287,7 @@ def test_defaults_are_torch_optims(kind):
     ours_class, torch_class = OPTIMIZERS[kind]
     params = small_params(seeded_generator("defaults", kind))
     ours, theirs = ours_class(params).defaults, torch_class(params).defaults
-    assert ours.keys() == theirs.keys() | {"state_dtype"}
+    assert ours.keys() == theirs.keys() | ADAM_GPU_GROUP_KEYS
     assert {key: ours[key] for key in theirs} == theirs
-    assert ours["state_dtype"] is None
+    assert ours["state_dtype"] is None and ours["master_weights"] is False
     assert ours["weight_decay"] == (1e-2 if kind == "adamw" else 0)

@@ -69,21 +69,29 @@ def weight_decay_mode(hp: AdamHyperparameters) -> int:
 
 
 def name_expression(
-    param_dtype: torch.dtype, state_dtype: torch.dtype, weight_decay: int, amsgrad: bool, maximize: bool
+    param_dtype: torch.dtype, state_dtype: torch.dtype, weight_decay: int, amsgrad: bool, maximize: bool, master: int
 ) -> str:
-    """The instantiation NVRTC compiles, e.g. ``adam_gpu::adam_step<__nv_bfloat16, float, 2, true, false>``."""
+    """The instantiation NVRTC compiles, e.g. ``adam_gpu::adam_step<__nv_bfloat16, float, 2, true, false, 0>``."""
     flags = ", ".join(str(flag).lower() for flag in (amsgrad, maximize))
-    return f"adam_gpu::adam_step<{CUDA_TYPES[param_dtype]}, {CUDA_TYPES[state_dtype]}, {weight_decay}, {flags}>"
+    types = f"{CUDA_TYPES[param_dtype]}, {CUDA_TYPES[state_dtype]}"
+    return f"adam_gpu::adam_step<{types}, {weight_decay}, {flags}, {master}>"
+
+
+# Master modes each param dtype has (step_tensors.MASTER_MODES): none for fp32; fp32 copies for 16-bit
+# params; the lean remainder for bf16 only.
+MASTER_MODES_OF = {torch.float32: (0,), torch.float16: (0, 1), torch.bfloat16: (0, 1, 2)}
 
 
 def all_name_expressions() -> list[str]:
-    """Every specialization: param dtype x moments (param dtype or fp32) x decay mode x amsgrad x maximize."""
-    policies = {(p, s) for p in KERNEL_DTYPES for s in (p, torch.float32)}
+    """Every specialization: param dtype x moments (param dtype or fp32) x master mode x decay mode x amsgrad
+    x maximize."""
+    policies = sorted({(p, s) for p in KERNEL_DTYPES for s in (p, torch.float32)}, key=str)
     return [
-        name_expression(param, state, decay, amsgrad, maximize)
+        name_expression(param, state, decay, amsgrad, maximize, master)
         for (param, state), decay, amsgrad, maximize in itertools.product(
-            sorted(policies, key=str), (NO_WEIGHT_DECAY, L2, DECOUPLED), (False, True), (False, True)
+            policies, (NO_WEIGHT_DECAY, L2, DECOUPLED), (False, True), (False, True)
         )
+        for master in MASTER_MODES_OF[param]
     ]
 
 
@@ -128,7 +136,9 @@ def for_each_launch(
     grad_scaling = bool(device_inputs and device_inputs.grad_scaling)
     with tensor_table.launch_groups(tensors, steps, hp, chunk, device_steps) as groups:
         for group in groups:
-            name = name_expression(group.param_dtype, group.state_dtype, decay, hp.amsgrad, hp.maximize)
+            name = name_expression(
+                group.param_dtype, group.state_dtype, decay, hp.amsgrad, hp.maximize, group.master_mode
+            )
             launch(
                 KernelLaunch(
                     name, group.table, chunk, group.scalars, values.data_ptr(), device_steps is not None, grad_scaling

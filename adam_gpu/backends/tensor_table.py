@@ -1,7 +1,8 @@
 """The device-side table a multi-tensor launch reads: one launch updates every tensor of a group.
 
-For each launch the kernels get three small int64 tensors on the device: ``pointers`` [T, 6] (param,
-grad, exp_avg, exp_avg_sq, max_exp_avg_sq, and the step count when it lives on the device), ``numels``
+For each launch the kernels get three small int64 tensors on the device: ``pointers`` [T, 7] (param,
+grad, exp_avg, exp_avg_sq, max_exp_avg_sq, the step count when it lives on the device, and the master
+copy or lean remainder when there is one), ``numels``
 [T] and ``chunk_offsets`` [T + 1] (the first chunk of each tensor; a chunk is ``chunk`` consecutive
 elements of one tensor). A program (Triton) or a block iteration (CUDA C) takes one chunk and finds
 its tensor by binary search in ``chunk_offsets``.
@@ -21,15 +22,15 @@ import torch
 
 from adam_gpu.backends.layout import contiguous_stand_ins
 from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
-from adam_gpu.step_tensors import StepTensors
+from adam_gpu.step_tensors import StepTensors, master_mode
 
-POINTERS_PER_TENSOR = 6
+POINTERS_PER_TENSOR = 7
 _CACHE_SIZE = 64  # tables kept per process: a few per param group and dtype policy
 
 
 @dataclass(frozen=True)
 class TensorTable:
-    pointers: torch.Tensor  # int64 [T, 6] on the tensors' device
+    pointers: torch.Tensor  # int64 [T, 7] on the tensors' device
     numels: torch.Tensor  # int64 [T]
     chunk_offsets: torch.Tensor  # int64 [T + 1]
     n_tensors: int
@@ -38,10 +39,12 @@ class TensorTable:
 
 @dataclass(frozen=True)
 class LaunchGroup:
-    """Tensors that one launch updates: same param dtype, moment dtype and (for host step counts) step."""
+    """Tensors that one launch updates: same param dtype, moment dtype, master mode (step_tensors.MASTER_MODES)
+    and (for host step counts) step."""
 
     param_dtype: torch.dtype
     state_dtype: torch.dtype
+    master_mode: int
     scalars: StepScalars
     table: TensorTable
     max_numel: int
@@ -96,14 +99,20 @@ def launch_groups(
             numel = originals[0].numel()
             if numel == 0:
                 continue
-            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = stack.enter_context(contiguous_stand_ins(originals))
+            stand_ins = stack.enter_context(contiguous_stand_ins(originals))
+            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master = stand_ins
             maximum = max_exp_avg_sq if hp.amsgrad else exp_avg_sq  # never touched without amsgrad
-            row = (*(t.data_ptr() for t in (param, grad, exp_avg, exp_avg_sq, maximum)), step_pointer)
-            rows, numels = groups.setdefault((param.dtype, exp_avg.dtype, step), ([], []))
+            row = (
+                *(t.data_ptr() for t in (param, grad, exp_avg, exp_avg_sq, maximum)),
+                step_pointer,
+                0 if master is None else master.data_ptr(),
+            )
+            key = (param.dtype, exp_avg.dtype, master_mode(param, master), step)
+            rows, numels = groups.setdefault(key, ([], []))
             rows.append(row)
             numels.append(numel)
         yield [
-            LaunchGroup(param_dtype, state_dtype, hp.step_scalars(1.0 if step is None else step),
+            LaunchGroup(param_dtype, state_dtype, mode, hp.step_scalars(1.0 if step is None else step),
                         _table(rows, numels, chunk, tensors.device), max(numels))
-            for (param_dtype, state_dtype, step), (rows, numels) in groups.items()
+            for (param_dtype, state_dtype, mode, step), (rows, numels) in groups.items()
         ]  # fmt: skip

@@ -1,7 +1,8 @@
 """Pure PyTorch backend built on ``torch._foreach_*``: runs on any device, math in fp32 (or float64).
 
 It is the CPU fallback and the backend for float64 params. Low-precision tensors are upcast to fp32
-working copies and rounded back once at the end, so its numbers match the kernels' fp32 math.
+working copies and rounded back once at the end, so its numbers match the kernels' fp32 math. Master
+weights are the working values where a param has them (an fp32 copy, or the lean bf16 + remainder).
 """
 
 from __future__ import annotations
@@ -19,15 +20,64 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _working_copies(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors in at least fp32: the tensor itself where it already is (so updates land in place)."""
-    return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors]
+def _working_copies(tensors: Sequence[torch.Tensor], copy: bool = False) -> list[torch.Tensor]:
+    """The tensors in at least fp32: the tensor itself where it already is (so updates land in place),
+    unless ``copy``."""
+    return [t.to(torch.promote_types(t.dtype, torch.float32), copy=copy) for t in tensors]
 
 
-def _write_back(storage: Sequence[torch.Tensor], working: Sequence[torch.Tensor]) -> None:
-    for stored, work in zip(storage, working, strict=True):
-        if work is not stored:
-            stored.copy_(work)
+def lean_master(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
+    """fp32 whose bits are the bf16 param's bits << 16 plus the signed int16 remainder."""
+    high = param.view(torch.int16).to(torch.int64) << 16
+    return ((high + remainder.to(torch.int64)) & 0xFFFFFFFF).to(torch.uint32).view(torch.float32)
+
+
+def split_lean_master(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bf16 param, int16 remainder) with ``lean_master(param, remainder) == value`` bit for bit; the
+    param is rounded half-up on the bits, as the kernels do, so the remainder fits int16."""
+    bits = value.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    param_bits = torch.where(value.isnan(), (bits >> 16) | 0x40, (bits + 0x8000) >> 16)
+    remainder = (bits - (param_bits << 16)) & 0xFFFF
+
+    def as_int16(u16: torch.Tensor) -> torch.Tensor:
+        return torch.where(u16 >= 0x8000, u16 - 0x10000, u16).to(torch.int16)
+
+    return as_int16(param_bits).view(torch.bfloat16), as_int16(remainder)
+
+
+def _param_values(tensors: StepTensors, copy: bool) -> list[torch.Tensor]:
+    """Each param's value in at least fp32: its master copy (itself, unless ``copy``), its lean master,
+    or the param."""
+    masters = tensors.masters or [None] * len(tensors)
+    values = []
+    for param, master in zip(tensors.params, masters, strict=True):
+        if master is None:
+            values += _working_copies([param], copy)
+        elif master.dtype == torch.float32:
+            values.append(master.clone() if copy else master)
+        else:
+            values.append(lean_master(param, master))
+    return values
+
+
+def _store_params(tensors: StepTensors, values: Sequence[torch.Tensor], keep: torch.Tensor | None = None) -> None:
+    """Write new param values (and masters) back; where ``keep`` is true, leave everything as it was."""
+
+    def store(target: torch.Tensor, new: torch.Tensor) -> None:
+        if new is target:
+            return
+        target.copy_(new if keep is None else torch.where(keep, target, new.to(target.dtype)))
+
+    masters = tensors.masters or [None] * len(tensors)
+    for param, master, value in zip(tensors.params, masters, values, strict=True):
+        if master is not None and master.dtype == torch.int16:
+            new_param, new_remainder = split_lean_master(value)
+            store(master, new_remainder)
+            store(param.view(torch.int16), new_param.view(torch.int16))
+            continue
+        if master is not None:
+            store(master, value)
+        store(param, value)
 
 
 def adam_step(
@@ -36,9 +86,9 @@ def adam_step(
     if device_inputs is not None:
         _adam_step_device_inputs(tensors, steps, hp, device_inputs)
         return
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
-        _working_copies(t)
-        for t in (tensors.params, tensors.grads, tensors.exp_avgs, tensors.exp_avg_sqs, tensors.max_exp_avg_sqs)
+    params = _param_values(tensors, copy=False)
+    grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
+        _working_copies(t) for t in (tensors.grads, tensors.exp_avgs, tensors.exp_avg_sqs, tensors.max_exp_avg_sqs)
     )
     scalars = [hp.step_scalars(step) for step in steps]
     first = scalars[0]  # everything but the bias corrections is the same for every tensor
@@ -60,10 +110,12 @@ def adam_step(
     torch._foreach_add_(denominators, first.eps)
     torch._foreach_addcdiv_(params, exp_avgs, denominators, [-s.step_size for s in scalars])
 
-    _write_back(tensors.params, params)
-    _write_back(tensors.exp_avgs, exp_avgs)
-    _write_back(tensors.exp_avg_sqs, exp_avg_sqs)
-    _write_back(tensors.max_exp_avg_sqs, max_exp_avg_sqs)
+    _store_params(tensors, params)
+    for storage, working in ((tensors.exp_avgs, exp_avgs), (tensors.exp_avg_sqs, exp_avg_sqs),
+                             (tensors.max_exp_avg_sqs, max_exp_avg_sqs)):  # fmt: skip
+        for stored, work in zip(storage, working, strict=True):
+            if work is not stored:
+                stored.copy_(work)
 
 
 def _adam_step_device_inputs(
@@ -72,9 +124,9 @@ def _adam_step_device_inputs(
     """The same step with lr, grad multiplier and found_inf read from the device (and, in capturable
     mode, the step counts): tensor arithmetic only, so nothing waits for the device. Results are formed
     in copies and written back through ``where(found_inf, old, new)``, so a skipped step writes nothing."""
-    storage = [tensors.params, tensors.exp_avgs, tensors.exp_avg_sqs, tensors.max_exp_avg_sqs]
-    params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = ([t.to(torch.promote_types(t.dtype, torch.float32), copy=True)
-                                                       for t in group] for group in storage)  # fmt: skip
+    params = _param_values(tensors, copy=True)
+    storage = [tensors.exp_avgs, tensors.exp_avg_sqs, tensors.max_exp_avg_sqs]
+    exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (_working_copies(group, copy=True) for group in storage)
     lr, multiplier, found_inf = inputs.values[LR], inputs.values[GRAD_MULTIPLIER], inputs.values[FOUND_INF]
     grads = torch._foreach_mul(_working_copies(tensors.grads), multiplier)
     first = hp.step_scalars(1.0)
@@ -105,6 +157,7 @@ def _adam_step_device_inputs(
     torch._foreach_sub_(params, updates)
 
     keep = found_inf != 0
-    for stored_list, new_list in zip(storage, (params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs), strict=True):
+    _store_params(tensors, params, keep)
+    for stored_list, new_list in zip(storage, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs), strict=True):
         for stored, new in zip(stored_list, new_list, strict=True):
             stored.copy_(torch.where(keep, stored, new.to(stored.dtype)))

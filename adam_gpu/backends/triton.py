@@ -90,6 +90,7 @@ def adam_step(
                 WEIGHT_DECAY=_weight_decay_mode(hp, kernels),
                 AMSGRAD=hp.amsgrad,
                 MAXIMIZE=hp.maximize,
+                MASTER=launch.master_mode,
                 DEVICE_STEP=device_steps is not None,
                 GRAD_SCALING=bool(device_inputs and device_inputs.grad_scaling),
                 CHUNK=chunk,
