@@ -25,7 +25,7 @@ from adam_gpu.step_tensors import StepTensors, check_grad, check_moment, check_o
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 MASTER_KEYS = {True: "master_param", "lean": "master_remainder"}  # master_weights -> the state key
-STATE_DTYPES = (None, torch.float32)
+STATE_DTYPES = (None, torch.float32, torch.bfloat16)
 # Group keys that torch.optim.Adam's state_dict may lack (older torch) or that only adam-gpu has.
 _GROUP_OPTIONS = (
     "amsgrad",
@@ -63,7 +63,7 @@ class FusedAdam(Optimizer):
         ``selected_backends`` after each step); a named backend that cannot run raises
         ``BackendUnavailableError`` with the reason.
     state_dtype: None keeps exp_avg/exp_avg_sq in the param dtype (torch's layout); ``torch.float32``
-        keeps them in fp32 for fp16/bf16 params.
+        keeps them in fp32 for fp16/bf16 params; ``torch.bfloat16`` halves the moments of fp32 params.
     max_grad_norm: clip the global gradient norm (all groups) to this, as
         ``torch.nn.utils.clip_grad_norm_`` would, inside the update: grads are not rewritten.
     master_weights: for fp16/bf16 params, ``True`` keeps an fp32 master copy (``state["master_param"]``)
@@ -362,7 +362,9 @@ def _check_lean_master_param(master_weights: object, param: torch.Tensor, index:
 
 def _check_state_dtype(state_dtype: object) -> None:
     if state_dtype not in STATE_DTYPES:
-        raise ValueError(f"state_dtype must be None (the param dtype) or torch.float32, got {state_dtype!r}")
+        raise ValueError(
+            f"state_dtype must be None (the param dtype), torch.float32 or torch.bfloat16, got {state_dtype!r}"
+        )
 
 
 def _scalar_dtype() -> torch.dtype:

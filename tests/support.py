@@ -29,6 +29,9 @@ POLICIES = [
     (torch.bfloat16, None),
     (torch.bfloat16, torch.float32),
 ]
+# Storage policies torch.optim itself has (moments in the param dtype, or fp32 beside 16-bit params),
+# plus bf16 moments beside fp32 params, which torch has no counterpart for.
+STEP_POLICIES = [*POLICIES, (torch.float32, torch.bfloat16)]
 # Measurements for the end of the pytest log, by section title (see conftest.pytest_terminal_summary).
 REPORT: dict[str, list[str]] = {}
 GUARD = 5  # elements of poison on each side of every tensor; odd, so views are also misaligned
@@ -48,7 +51,7 @@ def backend_params() -> list:
 def policy_id(policy: tuple[torch.dtype, torch.dtype | None]) -> str:
     param_dtype, state_dtype = policy
     name = str(param_dtype).removeprefix("torch.")
-    return name if state_dtype is None else f"{name}-fp32state"
+    return name if state_dtype is None else f"{name}-{str(state_dtype).removeprefix('torch.')}-state"
 
 
 def seeded_generator(*key: object) -> torch.Generator:

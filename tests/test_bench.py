@@ -58,7 +58,9 @@ def test_quick_run_measures_the_torch_backend_against_torch_optim(quick_run):
         expected_gbps = record.numel * record.bytes_per_param / (record.median_ms * 1e-3) / 1e9
         assert record.gbps == pytest.approx(expected_gbps)
         assert record.pct_copy == pytest.approx(100 * record.gbps / run.copy_gbps)
-        assert record.state_bytes_per_param == pytest.approx(2 * POLICIES[record.policy].moment_dtype.itemsize)
+        policy = POLICIES[record.policy]
+        master = {False: 0, True: 4, "lean": 2}[policy.master_weights]
+        assert record.state_bytes_per_param == pytest.approx(2 * policy.moment_dtype.itemsize + master)
         fused = medians[(record.case, record.policy, "torch fused")]
         if fused is not None:
             assert record.speedup_vs_torch_fused == pytest.approx(fused / record.median_ms)
@@ -84,4 +86,11 @@ def test_model_shapes_are_the_published_ones():
 
 def test_bytes_per_param_of_each_policy():
     moved = {name: policy.bytes_per_param() for name, policy in POLICIES.items()}
-    assert moved == {"fp32": 28, "bf16": 14, "bf16+fp32-moments": 22}
+    assert moved == {
+        "fp32": 28,
+        "bf16": 14,
+        "bf16+fp32-moments": 22,
+        "fp32+bf16-moments": 20,
+        "bf16+fp32-moments+fp32-master": 28,
+        "bf16+fp32-moments+lean-master": 26,
+    }

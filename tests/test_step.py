@@ -14,6 +14,7 @@ from support import (
     DEVICE,
     POLICIES,
     SIZES,
+    STEP_POLICIES,
     StepCase,
     assert_close_relative,
     assert_correctly_rounded,
@@ -43,7 +44,7 @@ MOMENT_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("policy", POLICIES, ids=policy_id)
+@pytest.mark.parametrize("policy", STEP_POLICIES, ids=policy_id)
 @pytest.mark.parametrize("options", OPTIONS)
 def test_one_step_matches_reference_and_torch(backend, size, policy, options):
     param_dtype, state_dtype = policy
@@ -94,10 +95,12 @@ def test_one_step_matches_reference_and_torch(backend, size, policy, options):
                 for torch_state in by_torch:
                     assert_close_relative(actual, getattr(torch_state, name), f"{name} vs torch.optim", before)
             continue
-        # Low precision: within 2x torch's own error (its best implementation) against the float64
-        # reference, and rounded to nearest in every element (up to fp32 math error).
-        torch_own = torch_error([getattr(s, name) for s in by_torch], reference)
-        assert max_abs_error(actual, reference) <= 2 * torch_own, f"{name}: error beyond 2x torch's own"
+        # Low precision: within 2x torch's own error (its best implementation, where torch stores this
+        # tensor in this dtype too) against the float64 reference, and rounded to nearest in every element
+        # (up to fp32 math error).
+        if actual.dtype == param_dtype:
+            torch_own = torch_error([getattr(s, name) for s in by_torch], reference)
+            assert max_abs_error(actual, reference) <= 2 * torch_own, f"{name}: error beyond 2x torch's own"
         assert_correctly_rounded(actual, reference, name, before)
 
 

@@ -83,9 +83,9 @@ MASTER_MODES_OF = {torch.float32: (0,), torch.float16: (0, 1), torch.bfloat16: (
 
 
 def all_name_expressions() -> list[str]:
-    """Every specialization: param dtype x moments (param dtype or fp32) x master mode x decay mode x amsgrad
-    x maximize."""
-    policies = sorted({(p, s) for p in KERNEL_DTYPES for s in (p, torch.float32)}, key=str)
+    """Every specialization: param dtype x moments (param dtype, fp32 or bf16) x master mode x decay mode x
+    amsgrad x maximize."""
+    policies = sorted({(p, s) for p in KERNEL_DTYPES for s in (p, torch.float32, torch.bfloat16)}, key=str)
     return [
         name_expression(param, state, decay, amsgrad, maximize, master)
         for (param, state), decay, amsgrad, maximize in itertools.product(

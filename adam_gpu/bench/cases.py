@@ -13,22 +13,33 @@ Shape = tuple[int, ...]
 
 @dataclass(frozen=True)
 class Policy:
-    """How params and moments are stored: ``state_dtype`` None keeps moments in the param dtype."""
+    """How params and moments are stored: ``state_dtype`` None keeps moments in the param dtype;
+    ``master_weights`` as FusedAdamW takes it (True: an fp32 copy; "lean": a 16-bit remainder)."""
 
     name: str
     param_dtype: torch.dtype
     state_dtype: torch.dtype | None
+    master_weights: bool | str = False
 
     @property
     def moment_dtype(self) -> torch.dtype:
         return self.state_dtype or self.param_dtype
 
     def bytes_per_param(self, amsgrad: bool = False) -> int:
-        """Bytes one Adam step must move per parameter: param read + written, grad read, each moment
-        read + written (fp32: 28; bf16 with bf16 moments: 14; bf16 with fp32 moments: 22)."""
+        """Bytes one Adam step must move per parameter: the param (or its master) read and written, the
+        grad read, each moment read and written. fp32: 28; bf16 with bf16 moments: 14; bf16 with fp32
+        moments: 22; fp32 with bf16 moments: 20; bf16 with fp32 moments and an fp32 master (read and
+        written; the param only written): 28; with the lean master instead (param and 2-byte remainder
+        read and written): 26."""
         param = self.param_dtype.itemsize
-        moment = self.moment_dtype.itemsize
-        return 2 * param + param + 2 * moment * (3 if amsgrad else 2)
+        moments = 2 * self.moment_dtype.itemsize * (3 if amsgrad else 2)
+        if self.master_weights is True:
+            param_traffic = 2 * 4 + param
+        elif self.master_weights == "lean":
+            param_traffic = 2 * param + 2 * 2
+        else:
+            param_traffic = 2 * param
+        return param_traffic + param + moments
 
 
 POLICIES = {
@@ -37,6 +48,9 @@ POLICIES = {
         Policy("fp32", torch.float32, None),
         Policy("bf16", torch.bfloat16, None),
         Policy("bf16+fp32-moments", torch.bfloat16, torch.float32),
+        Policy("fp32+bf16-moments", torch.float32, torch.bfloat16),
+        Policy("bf16+fp32-moments+fp32-master", torch.bfloat16, torch.float32, True),
+        Policy("bf16+fp32-moments+lean-master", torch.bfloat16, torch.float32, "lean"),
     )
 }
 
@@ -100,7 +114,8 @@ def model_cases() -> list[Case]:
 
 def plan(quick: bool, device_type: str) -> list[tuple[Case, Policy]]:
     """The (case, policy) pairs of a run. Flat tensors in fp32 and bf16, 2^12 to 2^30 elements (the
-    runner drops what does not fit in memory); every model list in every policy. ``quick`` keeps a
+    runner drops what does not fit in memory); every model list in every policy (the master-weight
+    policies, which only adam-gpu offers, for the model lists). ``quick`` keeps a
     few small cases, for a check that the whole pipeline works (seconds on a CPU)."""
     if quick:
         flats = [flat(n) for n in (12, 16, 20)]

@@ -28,7 +28,7 @@ class Contender:
     make: Factory  # (params, policy, capturable) -> optimizer
     requires: str | None = None  # a package that must be importable
     devices: tuple[str, ...] = ("cuda", "cpu")
-    fp32_moments: bool = False  # can keep fp32 moments beside 16-bit params
+    moment_dtypes: bool = False  # can keep moments in another dtype than the params
     graphable: bool = True  # its step() can be captured in a CUDA graph
 
     def unavailable(self, device: torch.device, policy: Policy) -> tuple[str, str] | None:
@@ -37,8 +37,10 @@ class Contender:
             return "not installed", f"{self.requires} is not importable"
         if device.type not in self.devices:
             return "unsupported", f"runs on {', '.join(self.devices)}, not {device.type}"
-        if policy.state_dtype is not None and policy.state_dtype != policy.param_dtype and not self.fp32_moments:
-            return "unsupported", TORCH_KEEPS_PARAM_DTYPE if self.family == "torch" else "no fp32 moments option"
+        if policy.state_dtype is not None and policy.state_dtype != policy.param_dtype and not self.moment_dtypes:
+            return "unsupported", TORCH_KEEPS_PARAM_DTYPE if self.family == "torch" else "no moment dtype option"
+        if policy.master_weights and self.family != "adam-gpu":
+            return "unsupported", "no master weights option measured for it"
         return None
 
 
@@ -52,7 +54,13 @@ def _torch(**implementation: bool) -> Factory:
 
 def _adam_gpu(backend: str) -> Factory:
     def make(params: list[torch.Tensor], policy: Policy, capturable: bool) -> torch.optim.Optimizer:
-        return FusedAdamW(params, **HYPERPARAMETERS, backend=backend, state_dtype=policy.state_dtype)
+        return FusedAdamW(
+            params,
+            **HYPERPARAMETERS,
+            backend=backend,
+            state_dtype=policy.state_dtype,
+            master_weights=policy.master_weights,
+        )
 
     return make
 
@@ -84,7 +92,7 @@ def contenders() -> list[Contender]:
         ),
         Contender(
             "Transformer Engine FusedAdam", "transformer_engine", _transformer_engine,
-            requires="transformer_engine", devices=("cuda",), fp32_moments=True, graphable=False,
+            requires="transformer_engine", devices=("cuda",), moment_dtypes=True, graphable=False,
         ),
         Contender(
             "bitsandbytes AdamW8bit", "bitsandbytes", _external("bitsandbytes.optim", "AdamW8bit"),
@@ -96,7 +104,7 @@ def contenders() -> list[Contender]:
         ),
     ]  # fmt: skip
     ours = [
-        Contender(f"adam-gpu {name}", "adam-gpu", _adam_gpu(name), requires=backend.requires, fp32_moments=True)
+        Contender(f"adam-gpu {name}", "adam-gpu", _adam_gpu(name), requires=backend.requires, moment_dtypes=True)
         for name, backend in dispatch.BACKENDS.items()
         if backend.module.startswith("adam_gpu.")
     ]

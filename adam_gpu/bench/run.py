@@ -65,7 +65,8 @@ def environment(device: torch.device, quick: bool) -> dict[str, object]:
 def _input_sets(case: Case, policy: Policy, device: torch.device) -> list[list[torch.Tensor]] | str:
     """Random params with random grads (never zeros), as many sets as the L2 rotation wants and memory
     allows; or why the case does not fit."""
-    per_set = case.numel * (policy.bytes_per_param() - policy.param_dtype.itemsize)  # param, grad, 2 moments
+    # param, grad, moments and any master: what one step moves, less the write-back of the param
+    per_set = case.numel * (policy.bytes_per_param() - policy.param_dtype.itemsize)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
