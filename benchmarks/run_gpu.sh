@@ -9,11 +9,14 @@ out="$(mkdir -p "${1:?usage: benchmarks/run_gpu.sh OUTDIR}" && cd "$1" && pwd)"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
 
-# The installed layout without pip (no network, no build step): adam_gpu with kernels/ as adam_gpu.kernels.
+# The installed layout without pip (no network, no build step): adam_gpu with kernels/ as adam_gpu.kernels,
+# beside the tests. Everything runs from there: `python -m` puts the working directory first on sys.path,
+# and the checkout's adam_gpu/ has no kernels/ inside.
 stage="$(mktemp -d)"
-cp -r adam_gpu "$stage/adam_gpu"
+cp -r adam_gpu tests pyproject.toml "$stage/"
 cp -r kernels "$stage/adam_gpu/kernels"
 export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
+cd "$stage"
 
 {
   date -u
@@ -23,8 +26,9 @@ export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
 
 # The tests that run on the GPU (the CPU-only ones, packaging and ahead-of-time compiles, stay on CI).
 timeout 300 python -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors \
-  tests/test_gpu.py tests/test_step.py tests/test_training.py tests/test_optimizer_api.py \
-  tests/test_bad_input.py tests/test_reference.py \
+  tests/test_gpu.py tests/test_step.py tests/test_multi_tensor.py tests/test_amp_capturable_clipping.py \
+  tests/test_master_weights.py tests/test_training.py tests/test_optimizer_api.py tests/test_bad_input.py \
+  tests/test_reference.py \
   --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log"
 tests_status=${PIPESTATUS[0]}
 
