@@ -3,8 +3,9 @@
 A moment tensor is stored as one uint8 code per element plus one fp32 absmax per block of BLOCK
 elements: ``value = MAP[code] * absmax``, the code being the map entry nearest to ``value / absmax``.
 exp_avg (signed) uses a map of sign + 4 exponent bits + 3 mantissa bits; exp_avg_sq (non-negative, and
-the denominator's square) uses 5 exponent bits + 3 mantissa bits, so its smallest non-zero value is 2^-33 / 1.875
-of the block's maximum: a second moment rounded to 0 beside a non-zero first moment would divide by eps.
+the denominator's square) uses 5 exponent bits + 3 mantissa bits, so its smallest non-zero value is
+2^-33 / 1.875 of the block's maximum: a second moment rounded to 0 beside a non-zero first moment would
+divide by eps.
 
 This module is the specification the kernels are tested against (tests/test_quantization.py); the
 fused kernels that quantize inside the Adam step are the next part of issue 6.
