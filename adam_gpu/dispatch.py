@@ -57,8 +57,15 @@ def check_backend_name(name: str) -> None:
         raise ValueError(f"unknown backend {name!r}; choose one of: {known}")
 
 
-def unavailable_reason(name: str, device: torch.device, dtypes: Iterable[torch.dtype]) -> str | None:
-    """None when backend ``name`` can update tensors of these dtypes on ``device``, else the reason."""
+# Optional capabilities a step may need (step_tensors.EIGHT_BIT, ...); a backend module lists the ones
+# it has in FEATURES.
+
+
+def unavailable_reason(
+    name: str, device: torch.device, dtypes: Iterable[torch.dtype], features: Iterable[str] = ()
+) -> str | None:
+    """None when backend ``name`` can update tensors of these dtypes on ``device`` with these features,
+    else the reason."""
     backend = BACKENDS[name]
     if backend.requires and importlib.util.find_spec(backend.requires) is None:
         return f"{backend.requires} is not installed ({backend.install_hint})"
@@ -66,6 +73,9 @@ def unavailable_reason(name: str, device: torch.device, dtypes: Iterable[torch.d
         module = backend.load()
     except ImportError as error:  # installed but broken, e.g. a mismatched build
         return f"importing {backend.requires or backend.module} failed: {error}"
+    missing = sorted(set(features) - getattr(module, "FEATURES", frozenset()))
+    if missing:
+        return f"the {name} backend does not support {', '.join(missing)} yet"
     for dtype in sorted(set(dtypes), key=str):
         reason = module.unavailable_reason(torch.device(device), dtype)
         if reason is not None:
@@ -73,24 +83,26 @@ def unavailable_reason(name: str, device: torch.device, dtypes: Iterable[torch.d
     return None
 
 
-def resolve(requested: str, device: torch.device, dtypes: Iterable[torch.dtype]) -> tuple[str, ModuleType]:
+def resolve(
+    requested: str, device: torch.device, dtypes: Iterable[torch.dtype], features: Iterable[str] = ()
+) -> tuple[str, ModuleType]:
     """The backend that will run: ``requested`` itself, or for ``"auto"`` the first available one.
 
     Raises ValueError for an unknown name and BackendUnavailableError, with the reason, for a backend
     that cannot run these tensors.
     """
     check_backend_name(requested)
-    dtypes = set(dtypes)
+    dtypes, features = set(dtypes), set(features)
     if requested == AUTO:
         requested = os.environ.get(BACKEND_ENV_VAR, AUTO)
         check_backend_name(requested)
     if requested != AUTO:
-        reason = unavailable_reason(requested, device, dtypes)
+        reason = unavailable_reason(requested, device, dtypes, features)
         if reason is not None:
             raise BackendUnavailableError(f"backend {requested} unavailable: {reason}")
         return requested, BACKENDS[requested].load()
     order = AUTO_ORDER.get(torch.device(device).type, DEFAULT_AUTO_ORDER)
     for name in order:
-        if unavailable_reason(name, device, dtypes) is None:
+        if unavailable_reason(name, device, dtypes, features) is None:
             return name, BACKENDS[name].load()
     raise BackendUnavailableError(f"no backend can update {sorted(map(str, dtypes))} tensors on {device}")

@@ -31,6 +31,8 @@ def fused_adam(
     maximize: bool = False,
     backend: str = dispatch.AUTO,
     masters: Sequence[torch.Tensor | None] | None = None,
+    exp_avg_absmaxes: Sequence[torch.Tensor | None] | None = None,
+    exp_avg_sq_absmaxes: Sequence[torch.Tensor | None] | None = None,
 ) -> str | None:
     """One Adam (``decoupled=False``) or AdamW (``decoupled=True``) step over every tensor, in place.
 
@@ -38,17 +40,28 @@ def fused_adam(
     and the step uses the incremented count. ``max_exp_avg_sqs`` may be empty unless ``amsgrad``. All
     tensors must be on one device. ``masters`` (optional) gives each param an fp32 master copy, an int16
     lean remainder (bf16 params) or None: the step then updates the master and writes the param as its
-    rounding. Returns the name of the backend that ran (None for no params).
+    rounding. 8-bit moments: ``exp_avgs``/``exp_avg_sqs`` hold uint8 codes and ``exp_avg_absmaxes``/
+    ``exp_avg_sq_absmaxes`` the fp32 absmax of each block (see adam_gpu.quantization).
+    Returns the name of the backend that ran (None for no params).
     Everything is checked before anything is written: on an error, params and state are untouched.
     """
     hp = AdamHyperparameters(float(lr), beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize)
-    tensors = StepTensors(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], masters or [])
+    tensors = StepTensors(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs if amsgrad else [],
+        masters or [],
+        exp_avg_absmaxes or [],
+        exp_avg_sq_absmaxes or [],
+    )
     tensors.check(amsgrad)
     check_state_steps(state_steps, len(tensors))
     if not len(tensors):
         dispatch.check_backend_name(backend)
         return None
-    name, module = dispatch.resolve(backend, tensors.device, tensors.dtypes)
+    name, module = dispatch.resolve(backend, tensors.device, tensors.dtypes, tensors.features)
     apply_step(module, tensors, state_steps, hp)
     return name
 

@@ -7,6 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adam_gpu.quantization import BLOCK as QUANT_BLOCK
+
+# Features a backend may lack (its module's FEATURES lists those it has; adam_gpu.dispatch checks them).
+EIGHT_BIT = "8-bit moments"
+
 # Storage dtypes the kernels read and write; math is fp32 whatever the storage.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -26,6 +31,10 @@ class StepTensors:
     exp_avg_sqs: Sequence[torch.Tensor]
     max_exp_avg_sqs: Sequence[torch.Tensor] = field(default_factory=list)
     masters: Sequence[torch.Tensor | None] = field(default_factory=list)
+    # 8-bit moments: exp_avgs/exp_avg_sqs hold uint8 codes and these the fp32 absmax of each block of
+    # adam_gpu.quantization.BLOCK elements (None for a tensor whose moments are not quantized).
+    exp_avg_absmaxes: Sequence[torch.Tensor | None] = field(default_factory=list)
+    exp_avg_sq_absmaxes: Sequence[torch.Tensor | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -38,11 +47,18 @@ class StepTensors:
     def dtypes(self) -> set[torch.dtype]:
         return {p.dtype for p in self.params}
 
+    @property
+    def features(self) -> set[str]:
+        """The optional capabilities (adam_gpu.dispatch) a backend needs for these tensors."""
+        return {EIGHT_BIT} if any(a is not None for a in self.exp_avg_absmaxes) else set()
+
     def per_tensor(self) -> list[tuple[torch.Tensor, ...]]:
-        """``(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq or None, master or None)`` for each param."""
-        maxima = self.max_exp_avg_sqs or [None] * len(self.params)
-        masters = self.masters or [None] * len(self.params)
-        return list(zip(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, maxima, masters, strict=True))
+        """``(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, exp_avg_absmax, exp_avg_sq_absmax)``
+        for each param, None where a tensor has no such part."""
+        none = [None] * len(self.params)
+        optional = (self.max_exp_avg_sqs, self.masters, self.exp_avg_absmaxes, self.exp_avg_sq_absmaxes)
+        return list(zip(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, *(o or none for o in optional),
+                        strict=True))  # fmt: skip
 
     def check(self, amsgrad: bool) -> None:
         """Raise TypeError/ValueError naming the first tensor a kernel must not be given."""
@@ -52,13 +68,16 @@ class StepTensors:
         for name, tensors in lists.items():
             if len(tensors) != len(self.params):
                 raise ValueError(f"{len(self.params)} params but {len(tensors)} {name}")
-        if self.masters and len(self.masters) != len(self.params):
-            raise ValueError(f"{len(self.params)} params but {len(self.masters)} masters")
-        for index, (param, grad, *moments, master) in enumerate(self.per_tensor()):
+        for name, optional in (("masters", self.masters), ("exp_avg_absmaxes", self.exp_avg_absmaxes),
+                               ("exp_avg_sq_absmaxes", self.exp_avg_sq_absmaxes)):  # fmt: skip
+            if optional and len(optional) != len(self.params):
+                raise ValueError(f"{len(self.params)} params but {len(optional)} {name}")
+        for index, (param, grad, exp_avg, exp_avg_sq, maximum, master, *absmaxes) in enumerate(self.per_tensor()):
             check_param(param, index)
             check_grad(param, grad, index)
-            for moment in moments[: 3 if amsgrad else 2]:
-                check_moment(param, moment, index)
+            moments = [exp_avg, exp_avg_sq, maximum][: 3 if amsgrad else 2]
+            for moment, absmax in zip(moments, [*absmaxes, None], strict=False):
+                check_moment(param, moment, index, absmax)
             check_master(param, master, index)
         masters = [m for m in self.masters if m is not None]
         check_one_device(t for tensors in (self.params, *lists.values(), masters) for t in tensors)
@@ -118,12 +137,17 @@ def check_grad(param: torch.Tensor, grad: object, index: int) -> None:
         raise ValueError(f"grad {index} has shape {tuple(grad.shape)} but its param has shape {tuple(param.shape)}")
 
 
-def check_moment(param: torch.Tensor, moment: object, index: int) -> None:
+def check_moment(param: torch.Tensor, moment: object, index: int, absmax: object = None) -> None:
     if not isinstance(moment, torch.Tensor):
         raise TypeError(f"optimizer state {index} is a {type(moment).__name__}, not a torch.Tensor")
     if moment.shape != param.shape:
         raise ValueError(
             f"optimizer state {index} has shape {tuple(moment.shape)} but its param has shape {tuple(param.shape)}"
         )
+    if moment.dtype == torch.uint8:  # 8-bit codes: their blocks' absmax must come with them
+        blocks = -(-moment.numel() // QUANT_BLOCK)
+        if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.numel() != blocks:
+            raise ValueError(f"8-bit optimizer state {index} needs an fp32 absmax of {blocks} blocks, got {absmax!r}")
+        return
     if moment.is_complex() or not moment.is_floating_point() or moment.layout != torch.strided:
         raise TypeError(f"optimizer state {index} has dtype {moment.dtype}: moments must be dense floating point")

@@ -19,6 +19,9 @@ DECOUPLED: tl.constexpr = tl.constexpr(2)
 NO_MASTER: tl.constexpr = tl.constexpr(0)
 FP32_MASTER: tl.constexpr = tl.constexpr(1)
 LEAN_MASTER: tl.constexpr = tl.constexpr(2)
+# 8-bit moments (QUANTIZED): uint8 codes into a 256-entry map, one fp32 absmax per QUANT_BLOCK elements
+# (adam_gpu/quantization.py is the specification). BLOCK and CHUNK are multiples of it.
+QUANT_BLOCK: tl.constexpr = tl.constexpr(256)
 
 # Elements a program updates per loop iteration on a GPU: 4 warps x 8 elements a thread; no spills on
 # sm_80/sm_90 (ahead-of-time compile, 2026-11-25). Not yet tuned on a GPU: the benchmark (issue 5) decides.
@@ -74,6 +77,43 @@ def _store_lean_master(param_ptr, remainder_ptr, offsets, value, mask):
 
 
 @triton.jit
+def _nearest_code(value, code_map):
+    """Index of the map entry nearest to ``value`` (the lower one on a tie): a binary search for the last
+    entry <= value over the 256 ascending entries, then the closer of it and the next."""
+    low = tl.zeros(value.shape, tl.int32)
+    high = tl.full(value.shape, 255, tl.int32)
+    for _ in range(8):
+        middle = (low + high + 1) // 2
+        below = tl.load(code_map + middle) <= value
+        low = tl.where(below, middle, low)
+        high = tl.where(below, high, middle - 1)
+    upper = tl.minimum(low + 1, 255)
+    nearer_upper = (tl.load(code_map + upper) - value) < (value - tl.load(code_map + low))
+    return tl.where(nearer_upper, upper, low)
+
+
+@triton.jit
+def _load_quantized(codes_ptr, absmax_ptr, code_map, offsets, mask):
+    codes = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
+    absmax = tl.load(absmax_ptr + offsets // QUANT_BLOCK, mask=mask, other=0.0)
+    return tl.load(code_map + codes) * absmax
+
+
+@triton.jit
+def _store_quantized(codes_ptr, absmax_ptr, code_map, offsets, value, mask, first, n_elements, BLOCK: tl.constexpr):
+    """Quantize BLOCK values (BLOCK / QUANT_BLOCK whole blocks starting at element ``first``): one absmax
+    per block of the values inside the tensor, and each value's nearest code."""
+    blocks_per_row: tl.constexpr = BLOCK // QUANT_BLOCK
+    magnitude = tl.reshape(tl.where(mask, tl.abs(value), 0.0), (blocks_per_row, QUANT_BLOCK))
+    block_absmax = tl.max(magnitude, axis=1)
+    absmax = tl.reshape(tl.broadcast_to(block_absmax[:, None], (blocks_per_row, QUANT_BLOCK)), (BLOCK,))
+    normalized = value / tl.where(absmax > 0, absmax, 1.0)  # an all-zero block: zeros
+    tl.store(codes_ptr + offsets, _nearest_code(normalized, code_map).to(tl.uint8), mask=mask)
+    blocks = first // QUANT_BLOCK + tl.arange(0, blocks_per_row)
+    tl.store(absmax_ptr + blocks, block_absmax, mask=blocks * QUANT_BLOCK < n_elements)
+
+
+@triton.jit
 def _tensor_of_chunk(chunk, chunk_offsets, n_tensors):
     """The tensor whose chunks include ``chunk``: the last t with chunk_offsets[t] <= chunk."""
     low = 0
@@ -93,6 +133,8 @@ def adam_step_kernel(
     chunk_offsets,
     n_tensors,
     device_scalars,
+    signed_map,
+    unsigned_map,
     one_minus_beta1,
     one_minus_beta2,
     eps,
@@ -109,6 +151,7 @@ def adam_step_kernel(
     AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     MASTER: tl.constexpr,
+    QUANTIZED: tl.constexpr,
     DEVICE_STEP: tl.constexpr,
     GRAD_SCALING: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -126,11 +169,14 @@ def adam_step_kernel(
     tensor = _tensor_of_chunk(chunk, chunk_offsets, n_tensors).to(tl.int64)
     n_elements = tl.load(numels + tensor)
     chunk_start = (chunk - tl.load(chunk_offsets + tensor)) * CHUNK
-    row = pointers + tensor * 7
+    row = pointers + tensor * 9
     param_ptr = tl.load(row).to(tl.pointer_type(PARAM_TYPE))
     grad_ptr = tl.load(row + 1).to(tl.pointer_type(PARAM_TYPE))
     exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(STATE_TYPE))
     exp_avg_sq_ptr = tl.load(row + 3).to(tl.pointer_type(STATE_TYPE))
+    if QUANTIZED:
+        exp_avg_absmax_ptr = tl.load(row + 7).to(tl.pointer_type(tl.float32))
+        exp_avg_sq_absmax_ptr = tl.load(row + 8).to(tl.pointer_type(tl.float32))
     max_exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(STATE_TYPE))
     if MASTER == FP32_MASTER:
         master_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
@@ -159,8 +205,12 @@ def adam_step_kernel(
         else:
             param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
         grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-        exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
-        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+        if QUANTIZED:
+            exp_avg = _load_quantized(exp_avg_ptr, exp_avg_absmax_ptr, signed_map, offsets, mask)
+            exp_avg_sq = _load_quantized(exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, unsigned_map, offsets, mask)
+        else:
+            exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
+            exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
 
         if GRAD_SCALING:
             grad = grad * grad_multiplier
@@ -190,5 +240,14 @@ def adam_step_kernel(
             _store_lean_master(param_ptr, remainder_ptr, offsets, param, mask)
         else:
             _store_rounded(param_ptr, offsets, param, mask)
-        _store_rounded(exp_avg_ptr, offsets, exp_avg, mask)
-        _store_rounded(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)
+        if QUANTIZED:
+            first = chunk_start + block_start
+            _store_quantized(
+                exp_avg_ptr, exp_avg_absmax_ptr, signed_map, offsets, exp_avg, mask, first, n_elements, BLOCK
+            )
+            _store_quantized(
+                exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, unsigned_map, offsets, exp_avg_sq, mask, first, n_elements, BLOCK
+            )
+        else:
+            _store_rounded(exp_avg_ptr, offsets, exp_avg, mask)
+            _store_rounded(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)

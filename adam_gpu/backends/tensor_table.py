@@ -1,8 +1,8 @@
 """The device-side table a multi-tensor launch reads: one launch updates every tensor of a group.
 
-For each launch the kernels get three small int64 tensors on the device: ``pointers`` [T, 7] (param,
-grad, exp_avg, exp_avg_sq, max_exp_avg_sq, the step count when it lives on the device, and the master
-copy or lean remainder when there is one), ``numels``
+For each launch the kernels get three small int64 tensors on the device: ``pointers`` [T, 9] (param,
+grad, exp_avg, exp_avg_sq, max_exp_avg_sq, the step count when it lives on the device, the master copy
+or lean remainder when there is one, and the absmax of 8-bit exp_avg and exp_avg_sq), ``numels``
 [T] and ``chunk_offsets`` [T + 1] (the first chunk of each tensor; a chunk is ``chunk`` consecutive
 elements of one tensor). A program (Triton) or a block iteration (CUDA C) takes one chunk and finds
 its tensor by binary search in ``chunk_offsets``.
@@ -24,13 +24,13 @@ from adam_gpu.backends.layout import contiguous_stand_ins
 from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
 from adam_gpu.step_tensors import StepTensors, master_mode
 
-POINTERS_PER_TENSOR = 7
+POINTERS_PER_TENSOR = 9
 _CACHE_SIZE = 64  # tables kept per process: a few per param group and dtype policy
 
 
 @dataclass(frozen=True)
 class TensorTable:
-    pointers: torch.Tensor  # int64 [T, 7] on the tensors' device
+    pointers: torch.Tensor  # int64 [T, 9] on the tensors' device
     numels: torch.Tensor  # int64 [T]
     chunk_offsets: torch.Tensor  # int64 [T + 1]
     n_tensors: int
@@ -100,12 +100,13 @@ def launch_groups(
             if numel == 0:
                 continue
             stand_ins = stack.enter_context(contiguous_stand_ins(originals))
-            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master = stand_ins
+            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *optional = stand_ins
             maximum = max_exp_avg_sq if hp.amsgrad else exp_avg_sq  # never touched without amsgrad
+            master = optional[0]
             row = (
                 *(t.data_ptr() for t in (param, grad, exp_avg, exp_avg_sq, maximum)),
                 step_pointer,
-                0 if master is None else master.data_ptr(),
+                *(0 if t is None else t.data_ptr() for t in optional),  # master, the two absmax
             )
             key = (param.dtype, exp_avg.dtype, master_mode(param, master), step)
             rows, numels = groups.setdefault(key, ([], []))

@@ -7,13 +7,18 @@ weights are the working values where a param has them (an fp32 copy, or the lean
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
 
 from adam_gpu.device_inputs import FOUND_INF, GRAD_MULTIPLIER, LR, DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
-from adam_gpu.step_tensors import StepTensors
+from adam_gpu.quantization import BLOCK as QUANT_BLOCK
+from adam_gpu.quantization import signed_map, unsigned_map
+from adam_gpu.step_tensors import EIGHT_BIT, StepTensors
+
+FEATURES = frozenset({EIGHT_BIT})
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -43,6 +48,58 @@ def split_lean_master(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.where(u16 >= 0x8000, u16 - 0x10000, u16).to(torch.int16)
 
     return as_int16(param_bits).view(torch.bfloat16), as_int16(remainder)
+
+
+@functools.cache
+def _code_map(signed: bool, device: torch.device) -> torch.Tensor:
+    return (signed_map() if signed else unsigned_map()).to(device=device, dtype=torch.float32)
+
+
+def _moment_values(
+    moments: Sequence[torch.Tensor], absmaxes: Sequence[torch.Tensor | None], signed: bool, copy: bool
+) -> list[torch.Tensor]:
+    """Moments in at least fp32: 8-bit ones (an absmax given) dequantized, the others as _working_copies."""
+    values = []
+    for moment, absmax in zip(moments, absmaxes or [None] * len(moments), strict=True):
+        if absmax is None:
+            values += _working_copies([moment], copy)
+            continue
+        scale = absmax.repeat_interleave(QUANT_BLOCK)[: moment.numel()].view(moment.shape)
+        values.append(_code_map(signed, moment.device)[moment.long()] * scale)
+    return values
+
+
+def _quantize(value: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes, fp32 absmax per block) of ``value``, in fp32 as the kernels do: the nearest entry of
+    the code map to value / absmax, the lower one on a tie."""
+    flat = value.float().flatten()
+    blocks = torch.nn.functional.pad(flat, (0, (-flat.numel()) % QUANT_BLOCK)).view(-1, QUANT_BLOCK)
+    absmax = blocks.abs().amax(dim=1)
+    scale = absmax.repeat_interleave(QUANT_BLOCK)[: flat.numel()]
+    normalized = flat / torch.where(scale > 0, scale, 1.0)  # an all-zero block: zeros
+    code_map = _code_map(signed, value.device)
+    low = (torch.searchsorted(code_map, normalized, right=True) - 1).clamp(0, 255)
+    high = (low + 1).clamp(max=255)
+    nearer_high = (code_map[high] - normalized) < (normalized - code_map[low])
+    return torch.where(nearer_high, high, low).to(torch.uint8).view(value.shape), absmax
+
+
+def _store_moments(
+    moments: Sequence[torch.Tensor],
+    absmaxes: Sequence[torch.Tensor | None],
+    values: Sequence[torch.Tensor],
+    signed: bool,
+    keep: torch.Tensor | None = None,
+) -> None:
+    """Write new moment values back (quantized where an absmax is given); where ``keep``, leave them."""
+    for moment, absmax, value in zip(moments, absmaxes or [None] * len(moments), values, strict=True):
+        if absmax is None:
+            pairs = [(moment, value)]
+        else:
+            pairs = list(zip((moment, absmax), _quantize(value, signed), strict=True))
+        for target, new in pairs:
+            if new is not target:
+                target.copy_(new if keep is None else torch.where(keep, target, new.to(target.dtype)))
 
 
 def _param_values(tensors: StepTensors, copy: bool) -> list[torch.Tensor]:
@@ -87,9 +144,9 @@ def adam_step(
         _adam_step_device_inputs(tensors, steps, hp, device_inputs)
         return
     params = _param_values(tensors, copy=False)
-    grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
-        _working_copies(t) for t in (tensors.grads, tensors.exp_avgs, tensors.exp_avg_sqs, tensors.max_exp_avg_sqs)
-    )
+    grads, max_exp_avg_sqs = _working_copies(tensors.grads), _working_copies(tensors.max_exp_avg_sqs)
+    exp_avgs = _moment_values(tensors.exp_avgs, tensors.exp_avg_absmaxes, signed=True, copy=False)
+    exp_avg_sqs = _moment_values(tensors.exp_avg_sqs, tensors.exp_avg_sq_absmaxes, signed=False, copy=False)
     scalars = [hp.step_scalars(step) for step in steps]
     first = scalars[0]  # everything but the bias corrections is the same for every tensor
 
@@ -111,11 +168,9 @@ def adam_step(
     torch._foreach_addcdiv_(params, exp_avgs, denominators, [-s.step_size for s in scalars])
 
     _store_params(tensors, params)
-    for storage, working in ((tensors.exp_avgs, exp_avgs), (tensors.exp_avg_sqs, exp_avg_sqs),
-                             (tensors.max_exp_avg_sqs, max_exp_avg_sqs)):  # fmt: skip
-        for stored, work in zip(storage, working, strict=True):
-            if work is not stored:
-                stored.copy_(work)
+    _store_moments(tensors.exp_avgs, tensors.exp_avg_absmaxes, exp_avgs, signed=True)
+    _store_moments(tensors.exp_avg_sqs, tensors.exp_avg_sq_absmaxes, exp_avg_sqs, signed=False)
+    _store_moments(tensors.max_exp_avg_sqs, [], max_exp_avg_sqs, signed=False)
 
 
 def _adam_step_device_inputs(
@@ -125,8 +180,9 @@ def _adam_step_device_inputs(
     mode, the step counts): tensor arithmetic only, so nothing waits for the device. Results are formed
     in copies and written back through ``where(found_inf, old, new)``, so a skipped step writes nothing."""
     params = _param_values(tensors, copy=True)
-    storage = [tensors.exp_avgs, tensors.exp_avg_sqs, tensors.max_exp_avg_sqs]
-    exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (_working_copies(group, copy=True) for group in storage)
+    exp_avgs = _moment_values(tensors.exp_avgs, tensors.exp_avg_absmaxes, signed=True, copy=True)
+    exp_avg_sqs = _moment_values(tensors.exp_avg_sqs, tensors.exp_avg_sq_absmaxes, signed=False, copy=True)
+    max_exp_avg_sqs = _working_copies(tensors.max_exp_avg_sqs, copy=True)
     lr, multiplier, found_inf = inputs.values[LR], inputs.values[GRAD_MULTIPLIER], inputs.values[FOUND_INF]
     grads = torch._foreach_mul(_working_copies(tensors.grads), multiplier)
     first = hp.step_scalars(1.0)
@@ -158,6 +214,6 @@ def _adam_step_device_inputs(
 
     keep = found_inf != 0
     _store_params(tensors, params, keep)
-    for stored_list, new_list in zip(storage, (exp_avgs, exp_avg_sqs, max_exp_avg_sqs), strict=True):
-        for stored, new in zip(stored_list, new_list, strict=True):
-            stored.copy_(torch.where(keep, stored, new.to(stored.dtype)))
+    _store_moments(tensors.exp_avgs, tensors.exp_avg_absmaxes, exp_avgs, True, keep)
+    _store_moments(tensors.exp_avg_sqs, tensors.exp_avg_sq_absmaxes, exp_avg_sqs, False, keep)
+    _store_moments(tensors.max_exp_avg_sqs, [], max_exp_avg_sqs, False, keep)

@@ -19,9 +19,16 @@ import triton.language as tl
 from adam_gpu.backends import tensor_table
 from adam_gpu.device_inputs import DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
-from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
+from adam_gpu.quantization import signed_map, unsigned_map
+from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 
-TRITON_TYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+# Storage types; uint8 is the code type of 8-bit moments.
+TRITON_TYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.uint8: tl.uint8,
+}
 
 
 @functools.cache
@@ -36,6 +43,9 @@ def runs_interpreted() -> bool:
     if _kernels.cache_info().currsize:
         return isinstance(_kernels().adam_step_kernel, triton.runtime.interpreter.InterpretedFunction)
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+FEATURES = frozenset({EIGHT_BIT})
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -57,6 +67,12 @@ def _weight_decay_mode(hp: AdamHyperparameters, kernels: ModuleType) -> int:
     if hp.weight_decay == 0:
         return kernels.NO_WEIGHT_DECAY.value
     return (kernels.DECOUPLED if hp.decoupled else kernels.L2).value
+
+
+@functools.cache
+def _code_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit moments' code maps (signed for exp_avg, unsigned for exp_avg_sq) as fp32 on ``device``."""
+    return tuple(code_map().to(device=device, dtype=torch.float32) for code_map in (signed_map, unsigned_map))
 
 
 @functools.cache
@@ -84,6 +100,7 @@ def adam_step(
                 table.chunk_offsets,
                 table.n_tensors,
                 values,
+                *_code_maps(device),
                 *launch.scalars,
                 PARAM_TYPE=TRITON_TYPES[launch.param_dtype],
                 STATE_TYPE=TRITON_TYPES[launch.state_dtype],
@@ -91,6 +108,7 @@ def adam_step(
                 AMSGRAD=hp.amsgrad,
                 MAXIMIZE=hp.maximize,
                 MASTER=launch.master_mode,
+                QUANTIZED=launch.state_dtype == torch.uint8,
                 DEVICE_STEP=device_steps is not None,
                 GRAD_SCALING=bool(device_inputs and device_inputs.grad_scaling),
                 CHUNK=chunk,

@@ -1,0 +1,79 @@
+"""8-bit moments inside the fused step (backends with the feature), against the float64 model of the
+quantizer (adam_gpu/quantization.py) and the float64 reference step; backends without it say so."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import (
+    DEVICE,
+    StepCase,
+    assert_close_relative,
+    assert_correctly_rounded,
+    backend_params,
+    seeded_generator,
+)
+
+from adam_gpu import BackendUnavailableError, dispatch, fused_adam
+from adam_gpu.hyperparameters import AdamHyperparameters
+from adam_gpu.quantization import BLOCK, dequantize, quantize, signed_map, unsigned_map
+from adam_gpu.step_tensors import EIGHT_BIT
+
+HP = AdamHyperparameters(1e-2, 0.9, 0.999, 1e-8, 0.1, decoupled=True)
+# Codes may differ from the float64 model's by one where the fp32 value sits on a decision midpoint.
+MAX_OFF_BY_ONE = 1e-3
+
+
+def _supports_8bit(name: str) -> bool:
+    return EIGHT_BIT in getattr(dispatch.BACKENDS[name].load(), "FEATURES", frozenset())
+
+
+def _step(backend, param, grad, moments, step):
+    (m_codes, m_absmax), (v_codes, v_absmax) = moments
+    return fused_adam(
+        [param], [grad], [m_codes], [v_codes], [], [torch.tensor(float(step - 1))],
+        lr=HP.lr, beta1=HP.beta1, beta2=HP.beta2, eps=HP.eps, weight_decay=HP.weight_decay, decoupled=True,
+        backend=backend, exp_avg_absmaxes=[m_absmax], exp_avg_sq_absmaxes=[v_absmax],
+    )  # fmt: skip
+
+
+def _check_codes(codes, absmax, expected_values, code_map, what):
+    want_codes, want_absmax = quantize(expected_values, code_map)
+    assert_close_relative(absmax, want_absmax.double(), f"{what} absmax")
+    differ = codes.cpu().long() != want_codes.long()
+    assert float(differ.double().mean()) <= MAX_OFF_BY_ONE, f"{what}: {int(differ.sum())} codes differ"
+    assert int((codes.cpu().long() - want_codes.long()).abs().max()) <= 1, f"{what}: a code is off by more than one"
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("size", [4096, 4097, 65537, 100_003])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_an_8bit_step_matches_the_float64_model(backend, size, param_dtype):
+    if not _supports_8bit(backend):
+        pytest.skip(f"the {backend} backend has no 8-bit moments yet")
+    case = StepCase.draw(size, seeded_generator("8bit", backend, size, param_dtype)).rounded(param_dtype, torch.float64)
+    m = quantize(case.exp_avg, signed_map())
+    v = quantize(case.exp_avg_sq, unsigned_map())
+    # The reference starts from exactly what is stored: the dequantized moments.
+    case.exp_avg, case.exp_avg_sq = dequantize(*m, signed_map()), dequantize(*v, unsigned_map())
+    param = case.param.to(device=DEVICE, dtype=param_dtype)
+    moments = [(codes.to(DEVICE), absmax.to(DEVICE)) for codes, absmax in (m, v)]
+    assert _step(backend, param, case.grad.to(device=DEVICE, dtype=param_dtype), moments, case.step) == backend
+
+    expected = case.reference(HP)
+    check = assert_close_relative if param_dtype == torch.float32 else assert_correctly_rounded
+    # The param is updated from the fp32 moments before they are quantized.
+    check(param, expected.param, "param", case.param)
+    _check_codes(*moments[0], expected.exp_avg, signed_map(), "exp_avg")
+    _check_codes(*moments[1], expected.exp_avg_sq, unsigned_map(), "exp_avg_sq")
+    assert moments[0][1].numel() == -(-size // BLOCK)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_backend_without_8bit_moments_says_so(backend):
+    if _supports_8bit(backend):
+        pytest.skip(f"the {backend} backend has 8-bit moments")
+    case = StepCase.draw(4096, seeded_generator("8bit-missing", backend))
+    moments = [quantize(case.exp_avg, signed_map()), quantize(case.exp_avg_sq, unsigned_map())]
+    with pytest.raises(BackendUnavailableError, match="does not support 8-bit moments yet"):
+        _step(backend, case.param.float(), case.grad.float(), moments, case.step)
