@@ -21,11 +21,20 @@ from adam_gpu import dispatch
 from adam_gpu.device_inputs import DeviceInputs, device_values
 from adam_gpu.functional import apply_step
 from adam_gpu.hyperparameters import AdamHyperparameters, check_hyperparameters
-from adam_gpu.step_tensors import StepTensors, check_grad, check_moment, check_one_device, check_param
+from adam_gpu.quantization import BLOCK as QUANT_BLOCK
+from adam_gpu.quantization import SMALL_TENSOR
+from adam_gpu.step_tensors import EIGHT_BIT, StepTensors, check_grad, check_moment, check_one_device, check_param
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 MASTER_KEYS = {True: "master_param", "lean": "master_remainder"}  # master_weights -> the state key
-STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+EIGHT_BIT_STATE = "8bit"
+STATE_DTYPES = (None, torch.float32, torch.bfloat16, EIGHT_BIT_STATE)
+# 8-bit moments: uint8 codes and fp32 block absmax under their own keys, so that torch.optim, which
+# would read codes as moments, fails loudly on such a state_dict instead of training on garbage.
+QUANTIZED_KEYS = {
+    "exp_avg": ("exp_avg_codes", "exp_avg_absmax"),
+    "exp_avg_sq": ("exp_avg_sq_codes", "exp_avg_sq_absmax"),
+}
 # Group keys that torch.optim.Adam's state_dict may lack (older torch) or that only adam-gpu has.
 _GROUP_OPTIONS = (
     "amsgrad",
@@ -63,7 +72,10 @@ class FusedAdam(Optimizer):
         ``selected_backends`` after each step); a named backend that cannot run raises
         ``BackendUnavailableError`` with the reason.
     state_dtype: None keeps exp_avg/exp_avg_sq in the param dtype (torch's layout); ``torch.float32``
-        keeps them in fp32 for fp16/bf16 params; ``torch.bfloat16`` halves the moments of fp32 params.
+        keeps them in fp32 for fp16/bf16 params; ``torch.bfloat16`` halves the moments of fp32 params;
+        ``"8bit"`` stores them block-wise quantized (adam_gpu.quantization: uint8 codes and an fp32 absmax
+        per 256 elements, ``state["exp_avg_codes"]``, ``["exp_avg_absmax"]``, ...), quantized and
+        dequantized inside the fused step; tensors under 4,096 elements keep fp32 moments.
     max_grad_norm: clip the global gradient norm (all groups) to this, as
         ``torch.nn.utils.clip_grad_norm_`` would, inside the update: grads are not rewritten.
     master_weights: for fp16/bf16 params, ``True`` keeps an fp32 master copy (``state["master_param"]``)
@@ -99,7 +111,7 @@ class FusedAdam(Optimizer):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         if differentiable:
             raise ValueError("differentiable=True is not supported: the fused kernels record no autograd history")
-        _check_state_dtype(state_dtype)
+        _check_state_dtype(state_dtype, amsgrad)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -152,7 +164,7 @@ class FusedAdam(Optimizer):
         group = self.param_groups[-1]
         try:
             check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-            _check_state_dtype(group["state_dtype"])
+            _check_state_dtype(group["state_dtype"], group["amsgrad"])
             _check_master_weights(group["master_weights"])
             for index, param in enumerate(group["params"]):
                 check_param(param, index)
@@ -207,7 +219,7 @@ class FusedAdam(Optimizer):
             amsgrad=bool(group["amsgrad"]),
             maximize=bool(group["maximize"]),
         )
-        _check_state_dtype(group["state_dtype"])
+        _check_state_dtype(group["state_dtype"], group["amsgrad"])
         _check_master_weights(group["master_weights"])
         tensors = [*params]
         for index, param in enumerate(params):
@@ -220,8 +232,14 @@ class FusedAdam(Optimizer):
                 if key in state:
                     check_moment(param, state[key], index)
                     tensors.append(state[key])
+            for codes, absmax in QUANTIZED_KEYS.values():
+                if codes in state:
+                    check_moment(param, state[codes], index, state.get(absmax))
+                    tensors += [state[codes], state[absmax]]
         check_one_device(tensors)
-        name, backend = dispatch.resolve(self.backend, params[0].device, {p.dtype for p in params})
+        eight_bit = group["state_dtype"] == EIGHT_BIT_STATE and any(p.numel() >= SMALL_TENSOR for p in params)
+        features = {EIGHT_BIT} if eight_bit else set()
+        name, backend = dispatch.resolve(self.backend, params[0].device, {p.dtype for p in params}, features)
         return _GroupPlan(group, params, hp, name, backend)
 
     def _run(self, plan: _GroupPlan, clip_coefficient: torch.Tensor | None) -> None:
@@ -229,8 +247,10 @@ class FusedAdam(Optimizer):
         tensors = StepTensors(
             params=plan.params,
             grads=[p.grad for p in plan.params],
-            exp_avgs=[s["exp_avg"] for s in states],
-            exp_avg_sqs=[s["exp_avg_sq"] for s in states],
+            exp_avgs=[s.get("exp_avg", s.get("exp_avg_codes")) for s in states],
+            exp_avg_sqs=[s.get("exp_avg_sq", s.get("exp_avg_sq_codes")) for s in states],
+            exp_avg_absmaxes=[s.get("exp_avg_absmax") for s in states],
+            exp_avg_sq_absmaxes=[s.get("exp_avg_sq_absmax") for s in states],
             max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if plan.hp.amsgrad else [],
             masters=[next((s[key] for key in MASTER_KEYS.values() if key in s), None) for s in states],
         )
@@ -255,7 +275,9 @@ class FusedAdam(Optimizer):
     def _state_for(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The param's state, created on first use exactly as torch.optim.Adam lays it out."""
         state = self.state[param]
-        moment_dtype = group["state_dtype"] or param.dtype
+        eight_bit = group["state_dtype"] == EIGHT_BIT_STATE
+        quantized = eight_bit and param.numel() >= SMALL_TENSOR  # smaller tensors keep fp32 moments
+        moment_dtype = torch.float32 if eight_bit else group["state_dtype"] or param.dtype
 
         def zeros() -> torch.Tensor:
             return torch.zeros_like(param, dtype=moment_dtype, memory_format=torch.preserve_format)
@@ -264,8 +286,13 @@ class FusedAdam(Optimizer):
             # Capturable: the step count lives on the device (float32, as torch's capturable layout).
             on_device = {"dtype": torch.float32, "device": param.device} if group["capturable"] else {}
             state["step"] = torch.tensor(0.0, **({"dtype": _scalar_dtype()} | on_device))
-            state["exp_avg"] = zeros()
-            state["exp_avg_sq"] = zeros()
+            for key in ("exp_avg", "exp_avg_sq"):
+                if quantized:  # absmax 0 makes every code 0.0
+                    codes, absmax = QUANTIZED_KEYS[key]
+                    state[codes] = torch.zeros(param.shape, dtype=torch.uint8, device=param.device)
+                    state[absmax] = torch.zeros(-(-param.numel() // QUANT_BLOCK), device=param.device)
+                else:
+                    state[key] = zeros()
         master_key = MASTER_KEYS.get(group["master_weights"]) if param.dtype in HALF_DTYPES else None
         if master_key == "master_param" and master_key not in state:
             state[master_key] = param.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
@@ -293,11 +320,13 @@ class FusedAdam(Optimizer):
             else:
                 state["step"] = state["step"].detach().to("cpu", _scalar_dtype())
             if group["state_dtype"] is not None:
+                # (An 8-bit group's small tensors keep fp32 moments.)
+                dtype = torch.float32 if group["state_dtype"] == EIGHT_BIT_STATE else group["state_dtype"]
                 for key in MOMENT_KEYS:
                     if key in saved:
-                        state[key] = saved[key].to(param.device, group["state_dtype"], copy=True)
-            # torch cast the masters to the param dtype too: restore the fp32 copy and the int16 remainder.
-            for key in MASTER_KEYS.values():
+                        state[key] = saved[key].to(param.device, dtype, copy=True)
+            # torch cast the masters and 8-bit moments to the param dtype too: restore them as saved.
+            for key in [*MASTER_KEYS.values(), *(k for pair in QUANTIZED_KEYS.values() for k in pair)]:
                 if key in saved:
                     state[key] = saved[key].to(param.device, copy=True)
 
@@ -360,11 +389,13 @@ def _check_lean_master_param(master_weights: object, param: torch.Tensor, index:
         )
 
 
-def _check_state_dtype(state_dtype: object) -> None:
-    if state_dtype not in STATE_DTYPES:
+def _check_state_dtype(state_dtype: object, amsgrad: bool = False) -> None:
+    if not any(state_dtype is allowed or state_dtype == allowed for allowed in STATE_DTYPES):
         raise ValueError(
-            f"state_dtype must be None (the param dtype), torch.float32 or torch.bfloat16, got {state_dtype!r}"
+            f"state_dtype must be None (the param dtype), torch.float32, torch.bfloat16 or '8bit', got {state_dtype!r}"
         )
+    if state_dtype == EIGHT_BIT_STATE and amsgrad:
+        raise ValueError("amsgrad with 8-bit moments is not supported: use state_dtype=None or torch.float32")
 
 
 def _scalar_dtype() -> torch.dtype:

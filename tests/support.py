@@ -48,6 +48,11 @@ def backend_params() -> list:
     return params
 
 
+def has_feature(backend: str, feature: str) -> bool:
+    """Whether a backend module lists ``feature`` (e.g. step_tensors.EIGHT_BIT) in its FEATURES."""
+    return feature in getattr(dispatch.BACKENDS[backend].load(), "FEATURES", frozenset())
+
+
 def policy_id(policy: tuple[torch.dtype, torch.dtype | None]) -> str:
     param_dtype, state_dtype = policy
     name = str(param_dtype).removeprefix("torch.")

@@ -3,6 +3,8 @@ quantizer (adam_gpu/quantization.py) and the float64 reference step; backends wi
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from support import (
@@ -11,10 +13,11 @@ from support import (
     assert_close_relative,
     assert_correctly_rounded,
     backend_params,
+    has_feature,
     seeded_generator,
 )
 
-from adam_gpu import BackendUnavailableError, dispatch, fused_adam
+from adam_gpu import BackendUnavailableError, FusedAdamW, fused_adam
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.quantization import BLOCK, dequantize, quantize, signed_map, unsigned_map
 from adam_gpu.step_tensors import EIGHT_BIT
@@ -22,10 +25,6 @@ from adam_gpu.step_tensors import EIGHT_BIT
 HP = AdamHyperparameters(1e-2, 0.9, 0.999, 1e-8, 0.1, decoupled=True)
 # Codes may differ from the float64 model's by one where the fp32 value sits on a decision midpoint.
 MAX_OFF_BY_ONE = 1e-3
-
-
-def _supports_8bit(name: str) -> bool:
-    return EIGHT_BIT in getattr(dispatch.BACKENDS[name].load(), "FEATURES", frozenset())
 
 
 def _step(backend, param, grad, moments, step):
@@ -49,7 +48,7 @@ def _check_codes(codes, absmax, expected_values, code_map, what):
 @pytest.mark.parametrize("size", [4096, 4097, 65537, 100_003])
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_an_8bit_step_matches_the_float64_model(backend, size, param_dtype):
-    if not _supports_8bit(backend):
+    if not has_feature(backend, EIGHT_BIT):
         pytest.skip(f"the {backend} backend has no 8-bit moments yet")
     case = StepCase.draw(size, seeded_generator("8bit", backend, size, param_dtype)).rounded(param_dtype, torch.float64)
     m = quantize(case.exp_avg, signed_map())
@@ -71,9 +70,56 @@ def test_an_8bit_step_matches_the_float64_model(backend, size, param_dtype):
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_a_backend_without_8bit_moments_says_so(backend):
-    if _supports_8bit(backend):
+    if has_feature(backend, EIGHT_BIT):
         pytest.skip(f"the {backend} backend has 8-bit moments")
     case = StepCase.draw(4096, seeded_generator("8bit-missing", backend))
     moments = [quantize(case.exp_avg, signed_map()), quantize(case.exp_avg_sq, unsigned_map())]
     with pytest.raises(BackendUnavailableError, match="does not support 8-bit moments yet"):
         _step(backend, case.param.float(), case.grad.float(), moments, case.step)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_fused_adamw_with_8bit_moments_trains_and_round_trips_its_state(backend):
+    if not has_feature(backend, EIGHT_BIT):
+        pytest.skip(f"the {backend} backend has no 8-bit moments yet")
+    generator = seeded_generator("8bit optimizer", backend)
+    params = [torch.randn(shape, generator=generator).to(DEVICE).requires_grad_() for shape in ((70, 90), (100,))]
+    optimizer = FusedAdamW(params, lr=1e-2, state_dtype="8bit", backend=backend)
+    for _ in range(3):
+        for param in params:
+            param.grad = torch.randn(param.shape, generator=generator).to(DEVICE)
+        optimizer.step()
+    big, small = (optimizer.state[p] for p in params)
+    assert big["exp_avg_codes"].dtype == torch.uint8 and big["exp_avg_absmax"].numel() == -(-6300 // BLOCK)
+    assert "exp_avg" not in big and small["exp_avg"].dtype == torch.float32, "small tensors keep fp32 moments"
+    state_bytes = sum(t.numel() * t.element_size() for k, t in big.items() if k != "step") / params[0].numel()
+    assert state_bytes == pytest.approx(2 + 2 * 4 / BLOCK, rel=0.01)  # 2 codes + 2 absmax per 256
+
+    saved = io.BytesIO()
+    torch.save(optimizer.state_dict(), saved)
+    saved.seek(0)
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    loaded = FusedAdamW(twins, lr=1e-2, state_dtype="8bit", backend=backend)
+    loaded.load_state_dict(torch.load(saved))
+    for key, value in big.items():
+        assert torch.equal(loaded.state[twins[0]][key], value), key
+    for p, q in zip(params, twins, strict=True):
+        p.grad = torch.randn(p.shape, generator=generator).to(DEVICE)
+        q.grad = p.grad.clone()
+    optimizer.step()
+    loaded.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twins, strict=True)), "a reloaded optimizer steps alike"
+
+
+def test_8bit_moments_refuse_amsgrad_and_torch_optim_refuses_them():
+    with pytest.raises(ValueError, match="amsgrad with 8-bit moments is not supported"):
+        FusedAdamW([torch.zeros(5000, device=DEVICE)], state_dtype="8bit", amsgrad=True)
+    param = torch.randn(5000, device=DEVICE, requires_grad=True)
+    ours = FusedAdamW([param], state_dtype="8bit", backend="torch")
+    param.grad = torch.randn_like(param)
+    ours.step()
+    theirs = torch.optim.AdamW([param.detach().clone().requires_grad_()])
+    theirs.load_state_dict(ours.state_dict())
+    theirs.param_groups[0]["params"][0].grad = torch.randn(5000, device=DEVICE)
+    with pytest.raises(KeyError):  # loud, never training on codes read as moments
+        theirs.step()

@@ -18,21 +18,26 @@ class Policy:
 
     name: str
     param_dtype: torch.dtype
-    state_dtype: torch.dtype | None
+    state_dtype: torch.dtype | str | None  # "8bit": block-wise quantized moments
     master_weights: bool | str = False
 
     @property
     def moment_dtype(self) -> torch.dtype:
-        return self.state_dtype or self.param_dtype
+        return torch.uint8 if self.state_dtype == "8bit" else self.state_dtype or self.param_dtype
 
-    def bytes_per_param(self, amsgrad: bool = False) -> int:
+    @property
+    def moment_bytes(self) -> float:
+        """Stored bytes per moment per parameter: 8-bit codes carry an fp32 absmax per 256 elements."""
+        return 1 + 4 / 256 if self.state_dtype == "8bit" else self.moment_dtype.itemsize
+
+    def bytes_per_param(self, amsgrad: bool = False) -> float:
         """Bytes one Adam step must move per parameter: the param (or its master) read and written, the
         grad read, each moment read and written. fp32: 28; bf16 with bf16 moments: 14; bf16 with fp32
         moments: 22; fp32 with bf16 moments: 20; bf16 with fp32 moments and an fp32 master (read and
         written; the param only written): 28; with the lean master instead (param and 2-byte remainder
-        read and written): 26."""
+        read and written): 26; bf16 with 8-bit moments: about 10."""
         param = self.param_dtype.itemsize
-        moments = 2 * self.moment_dtype.itemsize * (3 if amsgrad else 2)
+        moments = 2 * self.moment_bytes * (3 if amsgrad else 2)
         if self.master_weights is True:
             param_traffic = 2 * 4 + param
         elif self.master_weights == "lean":
@@ -49,6 +54,7 @@ POLICIES = {
         Policy("bf16", torch.bfloat16, None),
         Policy("bf16+fp32-moments", torch.bfloat16, torch.float32),
         Policy("fp32+bf16-moments", torch.float32, torch.bfloat16),
+        Policy("bf16+8bit-moments", torch.bfloat16, "8bit"),
         Policy("bf16+fp32-moments+fp32-master", torch.bfloat16, torch.float32, True),
         Policy("bf16+fp32-moments+lean-master", torch.bfloat16, torch.float32, "lean"),
     )

@@ -13,6 +13,7 @@ import torch
 from adam_gpu import dispatch
 from adam_gpu.bench.cases import Policy
 from adam_gpu.optim import FusedAdamW
+from adam_gpu.step_tensors import EIGHT_BIT
 
 # The optimizers take the benchmark's hyper-parameters; weight decay makes every one do AdamW's full work.
 HYPERPARAMETERS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -116,5 +117,6 @@ def adam_gpu_unavailable(contender: Contender, device: torch.device, policy: Pol
     if contender.family != "adam-gpu":
         return None
     backend = contender.name.removeprefix("adam-gpu ")
-    reason = dispatch.unavailable_reason(backend, device, [policy.param_dtype])
+    features = [EIGHT_BIT] if policy.state_dtype == "8bit" else []
+    reason = dispatch.unavailable_reason(backend, device, [policy.param_dtype], features)
     return None if reason is None else ("unsupported", reason)
