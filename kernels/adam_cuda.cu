@@ -98,6 +98,90 @@ __device__ __forceinline__ void adam_update(float& p, float g, float& m, float& 
   p -= s.step_size * (m / denom);
 }
 
+// A param's value and its write-back under each master mode (one element).
+template <typename P, int MASTER>
+__device__ __forceinline__ float load_param(const P* param, const void* master, long long i) {
+  if constexpr (MASTER == kFp32Master) {
+    return static_cast<const float*>(master)[i];
+  } else if constexpr (MASTER == kLeanMaster) {
+    return lean_master(param[i], static_cast<const short*>(master)[i]);
+  } else {
+    return to_float(param[i]);
+  }
+}
+
+template <typename P, int MASTER>
+__device__ __forceinline__ void store_param(P* param, void* master, long long i, float value) {
+  if constexpr (MASTER == kLeanMaster) {
+    split_lean_master(value, param[i], static_cast<short*>(master)[i]);
+  } else {
+    param[i] = Store<P>::from(value);
+    if constexpr (MASTER == kFp32Master) static_cast<float*>(master)[i] = value;
+  }
+}
+
+// 8-bit moments (adam_gpu/quantization.py): uint8 codes into a 256-entry ascending map, one fp32 absmax per
+// kQuantBlock elements. The moment type S is `unsigned char` exactly when the moments are quantized.
+constexpr int kQuantBlock = 256;
+template <typename S>
+struct IsCode {
+  static constexpr bool value = false;
+};
+template <>
+struct IsCode<unsigned char> {
+  static constexpr bool value = true;
+};
+
+// The map entry nearest to x (the lower one on a tie): the last entry <= x, or the next one if closer.
+__device__ __forceinline__ unsigned char nearest_code(float x, const float* code_map) {
+  int low = 0, high = 255;
+  while (low < high) {
+    const int middle = (low + high + 1) / 2;
+    if (code_map[middle] <= x) {
+      low = middle;
+    } else {
+      high = middle - 1;
+    }
+  }
+  const int upper = low < 255 ? low + 1 : 255;
+  return static_cast<unsigned char>((code_map[upper] - x) < (x - code_map[low]) ? upper : low);
+}
+
+// One quantization block by one thread, in two passes over its elements: the first finds the new
+// moments' absmax (writing nothing), the second repeats the update and writes the param and the codes.
+// No thread cooperates with another, so the kernel stays free of shared memory and shuffles (and runs
+// unchanged on the host). Not yet tuned: a warp per block would read each element once.
+template <typename P, int WEIGHT_DECAY, bool MAXIMIZE, int MASTER>
+__device__ void step_quantized_block(P* param, const P* grad, unsigned char* exp_avg, unsigned char* exp_avg_sq,
+                                     float* exp_avg_absmax, float* exp_avg_sq_absmax, void* master,
+                                     const float* signed_map, const float* unsigned_map, long long block,
+                                     long long n_elements, const StepScalars& s) {
+  const long long first = block * kQuantBlock;
+  const long long last = first + kQuantBlock < n_elements ? first + kQuantBlock : n_elements;
+  const float m_scale = exp_avg_absmax[block], v_scale = exp_avg_sq_absmax[block];
+  float m_max = 0.0f, v_max = 0.0f;
+  for (int pass = 0; pass < 2; ++pass) {
+    const float m_divisor = m_max > 0.0f ? m_max : 1.0f, v_divisor = v_max > 0.0f ? v_max : 1.0f;
+    for (long long i = first; i < last; ++i) {
+      float p = load_param<P, MASTER>(param, master, i);
+      float m = signed_map[exp_avg[i]] * m_scale;
+      float v = unsigned_map[exp_avg_sq[i]] * v_scale;
+      float unused = 0.0f;
+      adam_update<WEIGHT_DECAY, false, MAXIMIZE>(p, to_float(grad[i]), m, v, unused, s);
+      if (pass == 0) {
+        m_max = fmaxf(m_max, fabsf(m));
+        v_max = fmaxf(v_max, fabsf(v));
+      } else {
+        store_param<P, MASTER>(param, master, i, p);
+        exp_avg[i] = nearest_code(m / m_divisor, signed_map);
+        exp_avg_sq[i] = nearest_code(v / v_divisor, unsigned_map);
+      }
+    }
+  }
+  exp_avg_absmax[block] = m_max;
+  exp_avg_sq_absmax[block] = v_max;
+}
+
 // N consecutive elements, aligned so that one pack is one (or, for fp32 moments beside 16-bit params,
 // two) 16-byte memory transactions.
 template <typename T, int N>
@@ -170,8 +254,9 @@ __device__ __forceinline__ int tensor_of_chunk(long long chunk, const long long*
   return low;
 }
 
-// One launch updates every tensor of a table (adam_gpu/backends/tensor_table.py): pointers [T][7] (param,
-// grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step count, master), numels [T], chunk_offsets [T + 1]. Blocks stride
+// One launch updates every tensor of a table (adam_gpu/backends/tensor_table.py): pointers [T][9] (param,
+// grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step count, master, exp_avg and exp_avg_sq absmax), numels [T],
+// chunk_offsets [T + 1]. Blocks stride
 // over the chunks (chunk_size elements of one tensor, a multiple of 8); threads over a chunk's packs.
 //
 // device_step (capturable mode): lr is device_scalars[0] and each tensor's step count (float) is read
@@ -181,15 +266,16 @@ __device__ __forceinline__ int tensor_of_chunk(long long chunk, const long long*
 template <typename P, typename S, int WEIGHT_DECAY, bool AMSGRAD, bool MAXIMIZE, int MASTER>
 __global__ void adam_step(const long long* __restrict__ pointers, const long long* __restrict__ numels,
                           const long long* __restrict__ chunk_offsets, int n_tensors, long long n_chunks,
-                          long long chunk_size, const float* __restrict__ device_scalars, int device_step,
-                          int grad_scaling, float one_minus_beta1, float one_minus_beta2, float eps,
+                          long long chunk_size, const float* __restrict__ device_scalars,
+                          const float* __restrict__ signed_map, const float* __restrict__ unsigned_map,
+                          int device_step, int grad_scaling, float one_minus_beta1, float one_minus_beta2, float eps,
                           float l2_weight_decay, float param_decay, float step_size, float bias_correction2_sqrt,
                           float decoupled_weight_decay, float log2_beta1, float log2_beta2) {
   if (grad_scaling && device_scalars[2] != 0.0f) return;  // found_inf: leave everything as it was
   constexpr int kPack = 16 / sizeof(P);  // params per 16-byte load
   for (long long chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {
     const int tensor = tensor_of_chunk(chunk, chunk_offsets, n_tensors);
-    const long long* row = pointers + 7LL * tensor;
+    const long long* row = pointers + 9LL * tensor;
     StepScalars s{one_minus_beta1, one_minus_beta2, eps, l2_weight_decay, param_decay, step_size,
                   bias_correction2_sqrt, grad_scaling ? device_scalars[1] : 1.0f};
     if (device_step) {
@@ -207,19 +293,27 @@ __global__ void adam_step(const long long* __restrict__ pointers, const long lon
     void* master = reinterpret_cast<void*>(row[6]);
     const long long start = (chunk - chunk_offsets[tensor]) * chunk_size;
     const long long stop = start + chunk_size < numels[tensor] ? start + chunk_size : numels[tensor];
-    const bool vectorized = aligned_for<kPack>(param) && aligned_for<kPack>(grad) && aligned_for<kPack>(exp_avg) &&
-                            aligned_for<kPack>(exp_avg_sq) && (!AMSGRAD || aligned_for<kPack>(max_exp_avg_sq)) &&
-                            (MASTER != kFp32Master || aligned_for<kPack>(static_cast<const float*>(master))) &&
-                            (MASTER != kLeanMaster || aligned_for<kPack>(static_cast<const short*>(master)));
-    // Whole packs from `start` (a multiple of kPack) up to `packed_stop`, then single elements.
-    const long long packed_stop = vectorized ? start + (stop - start) / kPack * kPack : start;
-    for (long long i = start / kPack + threadIdx.x; i < packed_stop / kPack; i += blockDim.x) {
-      step_pack<kPack, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER>(param, grad, exp_avg, exp_avg_sq,
-                                                                      max_exp_avg_sq, master, i, s);
-    }
-    for (long long i = packed_stop + threadIdx.x; i < stop; i += blockDim.x) {
-      step_pack<1, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                                                                  master, i, s);
+    if constexpr (IsCode<S>::value) {  // chunk_size is a multiple of kQuantBlock: blocks never straddle chunks
+      for (long long block = start / kQuantBlock + threadIdx.x; block * kQuantBlock < stop; block += blockDim.x) {
+        step_quantized_block<P, WEIGHT_DECAY, MAXIMIZE, MASTER>(
+            param, grad, exp_avg, exp_avg_sq, reinterpret_cast<float*>(row[7]), reinterpret_cast<float*>(row[8]),
+            master, signed_map, unsigned_map, block, numels[tensor], s);
+      }
+    } else {
+      const bool vectorized = aligned_for<kPack>(param) && aligned_for<kPack>(grad) && aligned_for<kPack>(exp_avg) &&
+                              aligned_for<kPack>(exp_avg_sq) && (!AMSGRAD || aligned_for<kPack>(max_exp_avg_sq)) &&
+                              (MASTER != kFp32Master || aligned_for<kPack>(static_cast<const float*>(master))) &&
+                              (MASTER != kLeanMaster || aligned_for<kPack>(static_cast<const short*>(master)));
+      // Whole packs from `start` (a multiple of kPack) up to `packed_stop`, then single elements.
+      const long long packed_stop = vectorized ? start + (stop - start) / kPack * kPack : start;
+      for (long long i = start / kPack + threadIdx.x; i < packed_stop / kPack; i += blockDim.x) {
+        step_pack<kPack, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER>(param, grad, exp_avg, exp_avg_sq,
+                                                                        max_exp_avg_sq, master, i, s);
+      }
+      for (long long i = packed_stop + threadIdx.x; i < stop; i += blockDim.x) {
+        step_pack<1, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                                                                    master, i, s);
+      }
     }
   }
 }

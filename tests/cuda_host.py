@@ -23,7 +23,7 @@ import torch
 from adam_gpu.backends import cuda_source
 from adam_gpu.device_inputs import DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
-from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
+from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 
 NAME = "cuda-host"
 GRIDS = [(1, 1), (3, 32), (7, 5)]
@@ -31,6 +31,7 @@ GRIDS = [(1, 1), (3, 32), (7, 5)]
 # tensors always get the same chunk (and the same cached table): small ones put chunk boundaries, the
 # table search and the pack/element split inside the tensors the tests use.
 CHUNKS = [8, 40, 8192, 24]
+CHUNKS_8BIT = [256, 768, 8192]  # 8-bit moments need whole quantization blocks per chunk
 _next_grid = itertools.cycle(GRIDS).__next__
 _SHIM = Path(__file__).with_name("cuda_host_shim.h")
 
@@ -39,32 +40,33 @@ _DRIVER_HEAD = """\
 #include "{source}"
 
 typedef void (*Kernel)(const long long*, const long long*, const long long*, int, long long, long long, const float*,
-                       int, int, float, float, float, float, float, float, float, float, float, float);
+                       const float*, const float*, int, int, float, float, float, float, float, float, float, float,
+                       float, float);
 
 // Run every (block, thread) of a grid in turn.
 static void run_grid(Kernel kernel, unsigned grid, unsigned block, const long long* pointers,
                      const long long* numels, const long long* chunk_offsets, int n_tensors, long long n_chunks,
-                     long long chunk, const float* device_scalars, int device_step, int grad_scaling,
-                     const float* s) {{
+                     long long chunk, const float* device_scalars, const float* signed_map,
+                     const float* unsigned_map, int device_step, int grad_scaling, const float* s) {{
   gridDim.x = grid;
   blockDim.x = block;
   for (unsigned b = 0; b < grid; ++b) {{
     for (unsigned t = 0; t < block; ++t) {{
       blockIdx.x = b;
       threadIdx.x = t;
-      kernel(pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk, device_scalars, device_step, grad_scaling,
-             s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9]);
+      kernel(pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk, device_scalars, signed_map, unsigned_map,
+             device_step, grad_scaling, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9]);
     }}
   }}
 }}
 """
 _DRIVER_ENTRY = """
 extern "C" void launch_{index}(unsigned grid, unsigned block, const long long* pointers, const long long* numels,
-                              const long long* chunk_offsets, const float* device_scalars, int n_tensors,
-                              long long n_chunks, long long chunk, int device_step, int grad_scaling,
-                              const float* s) {{
+                              const long long* chunk_offsets, const float* device_scalars, const float* signed_map,
+                              const float* unsigned_map, int n_tensors, long long n_chunks, long long chunk,
+                              int device_step, int grad_scaling, const float* s) {{
   run_grid(&{name}, grid, block, pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk, device_scalars,
-           device_step, grad_scaling, s);
+           signed_map, unsigned_map, device_step, grad_scaling, s);
 }}
 """
 
@@ -87,7 +89,7 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
         entry.argtypes = [
             ctypes.c_uint,
             ctypes.c_uint,
-            *[ctypes.c_void_p] * 4,  # pointers, numels, chunk_offsets, device_scalars
+            *[ctypes.c_void_p] * 6,  # pointers, numels, chunk_offsets, device_scalars, the two code maps
             ctypes.c_int,
             ctypes.c_longlong,
             ctypes.c_longlong,
@@ -98,6 +100,9 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
         entry.restype = None
         entries[name] = entry
     return entries
+
+
+FEATURES = frozenset({EIGHT_BIT})
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -124,5 +129,6 @@ _UNUSED_SCALARS = torch.zeros(3, dtype=torch.float32)
 def adam_step(
     tensors: StepTensors, steps: list[float] | None, hp: AdamHyperparameters, device_inputs: DeviceInputs | None = None
 ) -> None:
-    chunk = CHUNKS[sum(p.numel() for p in tensors.params) % len(CHUNKS)]
+    chunks = CHUNKS_8BIT if tensors.features else CHUNKS
+    chunk = chunks[sum(p.numel() for p in tensors.params) % len(chunks)]
     cuda_source.for_each_launch(tensors, steps, hp, chunk, device_inputs, _UNUSED_SCALARS, _launch)

@@ -4,6 +4,8 @@ quantizer (adam_gpu/quantization.py) and the float64 reference step; backends wi
 from __future__ import annotations
 
 import io
+import sys
+import types
 
 import pytest
 import torch
@@ -17,7 +19,8 @@ from support import (
     seeded_generator,
 )
 
-from adam_gpu import BackendUnavailableError, FusedAdamW, fused_adam
+from adam_gpu import BackendUnavailableError, FusedAdamW, dispatch, fused_adam
+from adam_gpu.backends import torch as torch_backend
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.quantization import BLOCK, dequantize, quantize, signed_map, unsigned_map
 from adam_gpu.step_tensors import EIGHT_BIT
@@ -68,14 +71,23 @@ def test_an_8bit_step_matches_the_float64_model(backend, size, param_dtype):
     assert moments[0][1].numel() == -(-size // BLOCK)
 
 
-@pytest.mark.parametrize("backend", backend_params())
-def test_a_backend_without_8bit_moments_says_so(backend):
-    if has_feature(backend, EIGHT_BIT):
-        pytest.skip(f"the {backend} backend has 8-bit moments")
-    case = StepCase.draw(4096, seeded_generator("8bit-missing", backend))
+def test_a_backend_without_8bit_moments_says_so_and_auto_passes_it_over(monkeypatch):
+    """Dispatch checks the features a step needs: a backend module without EIGHT_BIT in its FEATURES (the
+    torch backend's functions, without the list) is refused by name and skipped by auto."""
+    featureless = types.ModuleType("featureless")
+    featureless.unavailable_reason = torch_backend.unavailable_reason
+    featureless.adam_step = torch_backend.adam_step
+    monkeypatch.setitem(sys.modules, "featureless", featureless)
+    monkeypatch.setitem(dispatch.BACKENDS, "featureless", dispatch.Backend("featureless", "featureless", None))
+    monkeypatch.setattr(dispatch, "DEFAULT_AUTO_ORDER", ("featureless", "torch"))
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", {"cuda": ("featureless", "torch")})
+    case = StepCase.draw(4096, seeded_generator("8bit-missing"))
     moments = [quantize(case.exp_avg, signed_map()), quantize(case.exp_avg_sq, unsigned_map())]
+    moments = [(codes.to(DEVICE), absmax.to(DEVICE)) for codes, absmax in moments]
+    param, grad = case.param.float().to(DEVICE), case.grad.float().to(DEVICE)
     with pytest.raises(BackendUnavailableError, match="does not support 8-bit moments yet"):
-        _step(backend, case.param.float(), case.grad.float(), moments, case.step)
+        _step("featureless", param, grad, moments, case.step)
+    assert _step("auto", param, grad, moments, case.step) == "torch"
 
 
 @pytest.mark.parametrize("backend", backend_params())

@@ -19,10 +19,18 @@ from adam_gpu.backends import tensor_table
 from adam_gpu.backends.tensor_table import TensorTable
 from adam_gpu.device_inputs import DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
+from adam_gpu.quantization import BLOCK as QUANT_BLOCK
+from adam_gpu.quantization import signed_map, unsigned_map
 from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
 
 SOURCE_NAME = "adam_cuda.cu"
-CUDA_TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+# uint8 is the code type of 8-bit moments (the kernel quantizes when the moment type is unsigned char).
+CUDA_TYPES = {
+    torch.float32: "float",
+    torch.float16: "__half",
+    torch.bfloat16: "__nv_bfloat16",
+    torch.uint8: "unsigned char",
+}
 # Weight-decay modes of the kernel (kNoWeightDecay, kL2, kDecoupled).
 NO_WEIGHT_DECAY, L2, DECOUPLED = 0, 1, 2
 # C++17 for `constexpr` and `alignas` in templates; nothing that changes the math (no fast-math: IEEE
@@ -38,16 +46,18 @@ class KernelLaunch(NamedTuple):
     chunk: int  # elements per chunk: a multiple of 8, so chunks start on 16-byte boundaries
     scalars: StepScalars
     device_scalars: int  # address of DeviceInputs.values (or of any 3 floats when both flags are off)
+    code_maps: tuple[int, int]  # addresses of the 8-bit code maps (fp32 [256]: signed, unsigned)
     device_step: bool
     grad_scaling: bool
 
     def arguments(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
-        """The kernel's arguments in order, as (addresses, integers, floats): the table's three tensors and
-        device_scalars; n_tensors, n_chunks, chunk, device_step, grad_scaling; the StepScalars."""
+        """The kernel's arguments in order, as (addresses, integers, floats): the table's three tensors,
+        device_scalars and the two code maps; n_tensors, n_chunks, chunk, device_step, grad_scaling; the
+        StepScalars."""
         table = self.table
         addresses = (table.pointers.data_ptr(), table.numels.data_ptr(), table.chunk_offsets.data_ptr())
         integers = (table.n_tensors, table.n_chunks, self.chunk, int(self.device_step), int(self.grad_scaling))
-        return (*addresses, self.device_scalars), integers, tuple(self.scalars)
+        return (*addresses, self.device_scalars, *self.code_maps), integers, tuple(self.scalars)
 
 
 Launch = Callable[[KernelLaunch], None]
@@ -85,14 +95,21 @@ MASTER_MODES_OF = {torch.float32: (0,), torch.float16: (0, 1), torch.bfloat16: (
 def all_name_expressions() -> list[str]:
     """Every specialization: param dtype x moments (param dtype, fp32 or bf16) x master mode x decay mode x
     amsgrad x maximize."""
-    policies = sorted({(p, s) for p in KERNEL_DTYPES for s in (p, torch.float32, torch.bfloat16)}, key=str)
+    policies = sorted({(p, s) for p in KERNEL_DTYPES for s in (p, torch.float32, torch.bfloat16, torch.uint8)}, key=str)
     return [
         name_expression(param, state, decay, amsgrad, maximize, master)
         for (param, state), decay, amsgrad, maximize in itertools.product(
             policies, (NO_WEIGHT_DECAY, L2, DECOUPLED), (False, True), (False, True)
         )
         for master in MASTER_MODES_OF[param]
+        if not (amsgrad and state == torch.uint8)  # 8-bit moments come without amsgrad
     ]
+
+
+@functools.cache
+def code_maps_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 8-bit moments' code maps (signed, unsigned) as fp32 on ``device``, kept alive for the kernels."""
+    return tuple(code_map().to(device=device, dtype=torch.float32) for code_map in (signed_map, unsigned_map))
 
 
 def include_dirs() -> list[str]:
@@ -130,6 +147,9 @@ def for_each_launch(
     ``unused_scalars`` (3 floats on the device) stands in for ``device_inputs.values`` when there are none."""
     if chunk % 8:
         raise ValueError(f"chunk must be a multiple of 8 elements (16 bytes of 16-bit params), got {chunk}")
+    if tensors.features and chunk % QUANT_BLOCK:
+        raise ValueError(f"8-bit moments need a chunk that is a multiple of {QUANT_BLOCK} elements, got {chunk}")
+    code_maps = tuple(m.data_ptr() for m in code_maps_on(tensors.device))
     decay = weight_decay_mode(hp)
     device_steps = device_inputs.steps if device_inputs else None
     values = device_inputs.values if device_inputs else unused_scalars
@@ -141,6 +161,13 @@ def for_each_launch(
             )
             launch(
                 KernelLaunch(
-                    name, group.table, chunk, group.scalars, values.data_ptr(), device_steps is not None, grad_scaling
+                    name,
+                    group.table,
+                    chunk,
+                    group.scalars,
+                    values.data_ptr(),
+                    code_maps,
+                    device_steps is not None,
+                    grad_scaling,
                 )
             )

@@ -14,7 +14,7 @@ import torch
 from adam_gpu.backends import cuda_source
 from adam_gpu.device_inputs import DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
-from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
+from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 
 # Threads per block, resident blocks per SM the grid-stride loop over chunks is sized for (2048 threads
 # per SM on sm_80/sm_90), and elements per chunk (4 passes of 256 threads x 8 bf16 params).
@@ -22,6 +22,9 @@ from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
 THREADS_PER_BLOCK = 256
 BLOCKS_PER_SM = 8
 CHUNK = 8192
+
+
+FEATURES = frozenset({EIGHT_BIT})
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -65,7 +68,7 @@ def adam_step(
         integers = (np.int32(n_tensors), np.int64(n_chunks), np.int64(chunk))
         # Addresses go as Python ints (CuPy passes them as 64-bit values), int and float as numpy scalars.
         arguments = (
-            *addresses[:3], *integers, addresses[3], np.int32(device_step), np.int32(grad_scaling),
+            *addresses[:3], *integers, *addresses[3:], np.int32(device_step), np.int32(grad_scaling),
             *map(np.float32, scalars),
         )  # fmt: skip
         _kernel(device_index, request.name_expression)((grid,), (THREADS_PER_BLOCK,), arguments)
