@@ -131,6 +131,7 @@ def plan(quick: bool, device_type: str) -> list[tuple[Case, Policy]]:
         models = model_cases()
         if device_type == "cpu":  # a CPU step of Llama's 1.2B parameters takes seconds: leave it out
             models = [case for case in models if case.name != "llama-3.2-1b"]
-    pairs = [(case, POLICIES[name]) for case in flats for name in ("fp32", "bf16")]
-    pairs += [(case, policy) for case in models for policy in POLICIES.values()]
+    # The model lists first: a run stopped by a time limit keeps the headline cases.
+    pairs = [(case, policy) for case in models for policy in POLICIES.values()]
+    pairs += [(case, POLICIES[name]) for case in flats for name in ("fp32", "bf16")]
     return pairs
