@@ -32,6 +32,9 @@ POLICIES: dict[str, tuple[str, str]] = {
     "bf16": ("bf16", "bf16"),
     "bf16-fp32-moments": ("bf16", "fp32"),
     "fp16-fp32-moments": ("fp16", "fp32"),
+    "fp32-bf16-moments": ("fp32", "bf16"),
+    "fp32-8bit-moments": ("fp32", "u8"),  # u8: quantized moments (uint8 codes and block absmax)
+    "bf16-8bit-moments": ("bf16", "u8"),
 }
 # Option set -> (WEIGHT_DECAY mode name in kernels.adam_triton, AMSGRAD, MAXIMIZE, DEVICE_STEP and GRAD_SCALING).
 # The capturable AMP variant is the heaviest (one more load and store, device scalars, the most live values);
@@ -65,6 +68,7 @@ VARIANTS = [
     for policy in POLICIES
     for options in OPTIONS
     if OPTIONS[options][4] != "LEAN_MASTER" or POLICIES[policy][0] == "bf16"
+    if not (OPTIONS[options][1] and POLICIES[policy][1] == "u8")  # 8-bit moments come without amsgrad
 ]
 
 RESOURCE_USAGE = re.compile(
@@ -87,14 +91,19 @@ def compile_variants(variants: list[Variant], out_dir: Path) -> list[dict[str, o
 
     kernel = adam_triton.adam_step_kernel
     # The launch's tensor table (pointers, numels, chunk offsets), the tensor count, device scalars, then the scalars.
-    scalars = kernel.arg_names[kernel.arg_names.index("device_scalars") + 1 : kernel.arg_names.index("PARAM_TYPE")]
-    types = {"fp32": triton.language.float32, "fp16": triton.language.float16, "bf16": triton.language.bfloat16}
+    scalars = kernel.arg_names[kernel.arg_names.index("unsigned_map") + 1 : kernel.arg_names.index("PARAM_TYPE")]
+    types = {
+        "fp32": triton.language.float32,
+        "fp16": triton.language.float16,
+        "bf16": triton.language.bfloat16,
+        "u8": triton.language.uint8,
+    }
     records = []
     for variant in variants:
         param_dtype, moment_dtype = POLICIES[variant.policy]
         weight_decay, amsgrad, maximize, device_scalars, master = OPTIONS[variant.options]
         signature = {"pointers": "*i64", "numels": "*i64", "chunk_offsets": "*i64", "n_tensors": "i32"}
-        signature["device_scalars"] = "*fp32"
+        signature |= {"device_scalars": "*fp32", "signed_map": "*fp32", "unsigned_map": "*fp32"}
         signature |= dict.fromkeys(scalars, "fp32")
         constexprs = {
             "PARAM_TYPE": types[param_dtype],
@@ -103,6 +112,7 @@ def compile_variants(variants: list[Variant], out_dir: Path) -> list[dict[str, o
             "AMSGRAD": amsgrad,
             "MAXIMIZE": maximize,
             "MASTER": getattr(adam_triton, master).value,
+            "QUANTIZED": moment_dtype == "u8",
             "DEVICE_STEP": device_scalars,
             "GRAD_SCALING": device_scalars,
             "CHUNK": adam_triton.CHUNK,
@@ -189,7 +199,11 @@ def test_kernel_compiles_without_spills(
 
     assert usage["name"] == "adam_step_kernel", summary
     assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"register spills: {summary}"
-    assert usage["SHARED"] == 0, f"an elementwise step needs no shared memory: {summary}"
+    if POLICIES[variant.policy][1] == "u8":
+        # 8-bit moments: the block-wise absmax is a reduction across warps (measured: 1 KB).
+        assert usage["SHARED"] <= 4096, f"the absmax reduction should need at most 4 KB: {summary}"
+    else:
+        assert usage["SHARED"] == 0, f"an elementwise step needs no shared memory: {summary}"
     assert usage["REG"] <= MAX_REGISTERS, summary
 
 
