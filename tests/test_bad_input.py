@@ -40,7 +40,7 @@ BAD_HYPERPARAMETERS = [
     pytest.param("betas", (0.9, 1.0), "beta parameter at index 1", id="beta2-one"),
     pytest.param("betas", (0.9, -0.5), "beta parameter at index 1", id="beta2-negative"),
     pytest.param("state_dtype", torch.float16, "state_dtype must be", id="state_dtype-fp16"),
-    pytest.param("state_dtype", "8bit", "state_dtype must be", id="state_dtype-8bit"),
+    pytest.param("state_dtype", "4bit", "state_dtype must be", id="state_dtype-4bit"),
 ]
 
 
