@@ -72,3 +72,10 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code_map: torch.Tensor
     flat = codes.flatten().to(torch.int64)
     block_of = torch.arange(flat.numel(), device=codes.device) // BLOCK
     return (code_map.to(codes.device)[flat] * absmax.to(torch.float64)[block_of]).view(codes.shape)
+
+
+@functools.cache
+def code_maps_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two maps (signed, unsigned) in fp32 on ``device``, as the kernels read them; cached, so the
+    tensors stay alive while kernels hold their addresses."""
+    return tuple(code_map().to(device=device, dtype=torch.float32) for code_map in (signed_map, unsigned_map))

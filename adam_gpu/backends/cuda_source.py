@@ -20,7 +20,7 @@ from adam_gpu.backends.tensor_table import TensorTable
 from adam_gpu.device_inputs import DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
-from adam_gpu.quantization import signed_map, unsigned_map
+from adam_gpu.quantization import code_maps_on
 from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
 
 SOURCE_NAME = "adam_cuda.cu"
@@ -104,12 +104,6 @@ def all_name_expressions() -> list[str]:
         for master in MASTER_MODES_OF[param]
         if not (amsgrad and state == torch.uint8)  # 8-bit moments come without amsgrad
     ]
-
-
-@functools.cache
-def code_maps_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8-bit moments' code maps (signed, unsigned) as fp32 on ``device``, kept alive for the kernels."""
-    return tuple(code_map().to(device=device, dtype=torch.float32) for code_map in (signed_map, unsigned_map))
 
 
 def include_dirs() -> list[str]:

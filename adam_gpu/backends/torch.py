@@ -7,7 +7,6 @@ weights are the working values where a param has them (an fp32 copy, or the lean
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -15,7 +14,7 @@ import torch
 from adam_gpu.device_inputs import FOUND_INF, GRAD_MULTIPLIER, LR, DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
-from adam_gpu.quantization import signed_map, unsigned_map
+from adam_gpu.quantization import code_maps_on
 from adam_gpu.step_tensors import EIGHT_BIT, StepTensors
 
 FEATURES = frozenset({EIGHT_BIT})
@@ -50,9 +49,8 @@ def split_lean_master(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return as_int16(param_bits).view(torch.bfloat16), as_int16(remainder)
 
 
-@functools.cache
 def _code_map(signed: bool, device: torch.device) -> torch.Tensor:
-    return (signed_map() if signed else unsigned_map()).to(device=device, dtype=torch.float32)
+    return code_maps_on(device)[0 if signed else 1]
 
 
 def _moment_values(

@@ -19,7 +19,7 @@ import triton.language as tl
 from adam_gpu.backends import tensor_table
 from adam_gpu.device_inputs import DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
-from adam_gpu.quantization import signed_map, unsigned_map
+from adam_gpu.quantization import code_maps_on
 from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 
 # Storage types; uint8 is the code type of 8-bit moments.
@@ -70,12 +70,6 @@ def _weight_decay_mode(hp: AdamHyperparameters, kernels: ModuleType) -> int:
 
 
 @functools.cache
-def _code_maps(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8-bit moments' code maps (signed for exp_avg, unsigned for exp_avg_sq) as fp32 on ``device``."""
-    return tuple(code_map().to(device=device, dtype=torch.float32) for code_map in (signed_map, unsigned_map))
-
-
-@functools.cache
 def _unused_device_scalars(device: torch.device) -> torch.Tensor:
     """What the kernel's device_scalars argument points to when neither DEVICE_STEP nor GRAD_SCALING is set."""
     return torch.zeros(3, dtype=torch.float32, device=device)
@@ -100,7 +94,7 @@ def adam_step(
                 table.chunk_offsets,
                 table.n_tensors,
                 values,
-                *_code_maps(device),
+                *code_maps_on(device),
                 *launch.scalars,
                 PARAM_TYPE=TRITON_TYPES[launch.param_dtype],
                 STATE_TYPE=TRITON_TYPES[launch.state_dtype],
