@@ -28,7 +28,8 @@ cd "$stage"
 # The tests that run on the GPU (the CPU-only ones, packaging and ahead-of-time compiles, stay on CI).
 timeout 270 python -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors \
   tests/test_gpu.py tests/test_step.py tests/test_multi_tensor.py tests/test_amp_capturable_clipping.py \
-  tests/test_master_weights.py tests/test_training.py tests/test_optimizer_api.py tests/test_bad_input.py \
+  tests/test_master_weights.py tests/test_8bit.py tests/test_training.py tests/test_optimizer_api.py \
+  tests/test_bad_input.py \
   tests/test_reference.py \
   --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log"
 tests_status=${PIPESTATUS[0]}
