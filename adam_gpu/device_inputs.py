@@ -4,6 +4,7 @@ and fused gradient clipping (the clip coefficient)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,12 @@ class DeviceInputs:
     values: torch.Tensor
     steps: Sequence[torch.Tensor] | None
     grad_scaling: bool  # whether the grad multiplier and found_inf apply
+
+
+@functools.cache
+def unused_values(device: torch.device) -> torch.Tensor:
+    """What a kernel's device-scalars argument points to when no DeviceInputs apply (never read then)."""
+    return torch.zeros(3, dtype=torch.float32, device=device)
 
 
 def device_values(

@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 
 from adam_gpu.backends import cuda_source
-from adam_gpu.device_inputs import DeviceInputs
+from adam_gpu.device_inputs import DeviceInputs, unused_values
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 
-NAME = "cuda-host"
 GRIDS = [(1, 1), (3, 32), (7, 5)]
 # Chunk sizes (multiples of 8, as the kernel needs), chosen by the step's total element count so the same
 # tensors always get the same chunk (and the same cached table): small ones put chunk boundaries, the
@@ -123,12 +122,9 @@ def _launch(request: cuda_source.KernelLaunch) -> None:
     entry(grid, block, *addresses, *integers, ctypes.cast(packed, ctypes.c_void_p))
 
 
-_UNUSED_SCALARS = torch.zeros(3, dtype=torch.float32)
-
-
 def adam_step(
     tensors: StepTensors, steps: list[float] | None, hp: AdamHyperparameters, device_inputs: DeviceInputs | None = None
 ) -> None:
     chunks = CHUNKS_8BIT if tensors.features else CHUNKS
     chunk = chunks[sum(p.numel() for p in tensors.params) % len(chunks)]
-    cuda_source.for_each_launch(tensors, steps, hp, chunk, device_inputs, _UNUSED_SCALARS, _launch)
+    cuda_source.for_each_launch(tensors, steps, hp, chunk, device_inputs, unused_values(torch.device("cpu")), _launch)

@@ -116,7 +116,9 @@ def test_twenty_steps_within_2x_torch_error(backend, policy, amsgrad):
     param_dtype, state_dtype = policy
     generator = seeded_generator("trajectory", backend, policy, amsgrad)
     start = torch.randn(4097, generator=generator, dtype=torch.float64).to(param_dtype).double()
-    grads = [torch.randn(4097, generator=generator, dtype=torch.float64).to(param_dtype) for _ in range(20)]
+    grads = [
+        torch.randn(4097, generator=generator, dtype=torch.float64).to(param_dtype) for _ in range(TRAJECTORY_STEPS)
+    ]
     hp = AdamHyperparameters(1e-2, 0.9, 0.999, 1e-8, 0.1, decoupled=True, amsgrad=amsgrad)
     options = dict(lr=hp.lr, weight_decay=hp.weight_decay, amsgrad=amsgrad)
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from adam_gpu.backends import cuda_source
-from adam_gpu.device_inputs import DeviceInputs
+from adam_gpu.device_inputs import DeviceInputs, unused_values
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 
@@ -52,11 +52,6 @@ def _max_blocks(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count * BLOCKS_PER_SM
 
 
-@functools.cache
-def _unused_scalars(device_index: int) -> torch.Tensor:
-    return torch.zeros(3, dtype=torch.float32, device=torch.device("cuda", device_index))
-
-
 def adam_step(
     tensors: StepTensors, steps: list[float] | None, hp: AdamHyperparameters, device_inputs: DeviceInputs | None = None
 ) -> None:
@@ -75,4 +70,6 @@ def adam_step(
 
     stream = cupy.cuda.Stream.from_external(torch.cuda.current_stream(device_index))
     with cupy.cuda.Device(device_index), stream:
-        cuda_source.for_each_launch(tensors, steps, hp, CHUNK, device_inputs, _unused_scalars(device_index), launch)
+        cuda_source.for_each_launch(
+            tensors, steps, hp, CHUNK, device_inputs, unused_values(torch.device("cuda", device_index)), launch
+        )

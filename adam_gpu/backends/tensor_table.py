@@ -47,7 +47,6 @@ class LaunchGroup:
     master_mode: int
     scalars: StepScalars
     table: TensorTable
-    max_numel: int
 
 
 _tables: OrderedDict[tuple, TensorTable] = OrderedDict()
@@ -114,6 +113,6 @@ def launch_groups(
             numels.append(numel)
         yield [
             LaunchGroup(param_dtype, state_dtype, mode, hp.step_scalars(1.0 if step is None else step),
-                        _table(rows, numels, chunk, tensors.device), max(numels))
+                        _table(rows, numels, chunk, tensors.device))
             for (param_dtype, state_dtype, mode, step), (rows, numels) in groups.items()
         ]  # fmt: skip

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from adam_gpu.backends import tensor_table
-from adam_gpu.device_inputs import DeviceInputs
+from adam_gpu.device_inputs import DeviceInputs, unused_values
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.quantization import code_maps_on
 from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
@@ -69,12 +69,6 @@ def _weight_decay_mode(hp: AdamHyperparameters, kernels: ModuleType) -> int:
     return (kernels.DECOUPLED if hp.decoupled else kernels.L2).value
 
 
-@functools.cache
-def _unused_device_scalars(device: torch.device) -> torch.Tensor:
-    """What the kernel's device_scalars argument points to when neither DEVICE_STEP nor GRAD_SCALING is set."""
-    return torch.zeros(3, dtype=torch.float32, device=device)
-
-
 def adam_step(
     tensors: StepTensors, steps: list[float] | None, hp: AdamHyperparameters, device_inputs: DeviceInputs | None = None
 ) -> None:
@@ -84,7 +78,7 @@ def adam_step(
     block, chunk = (kernels.INTERPRETER_BLOCK, kernels.INTERPRETER_CHUNK) if on_cpu else (kernels.BLOCK, kernels.CHUNK)
     device_guard = contextlib.nullcontext() if on_cpu else torch.cuda.device(device)
     device_steps = device_inputs.steps if device_inputs else None
-    values = device_inputs.values if device_inputs else _unused_device_scalars(device)
+    values = device_inputs.values if device_inputs else unused_values(device)
     with device_guard, tensor_table.launch_groups(tensors, steps, hp, chunk, device_steps) as launches:
         for launch in launches:
             table = launch.table
