@@ -88,14 +88,19 @@ def apply_step(
     found_inf is set the increment is taken back on the device too, as torch's fused Adam does."""
     if device_inputs is not None and device_inputs.steps is not None:
         torch._foreach_add_(list(state_steps), 1.0)
-        backend.adam_step(tensors, None, hp, device_inputs)
+        try:
+            backend.adam_step(tensors, None, hp, device_inputs)
+        except BaseException:
+            torch._foreach_sub_(list(state_steps), 1.0)  # the step did not happen: the count stays
+            raise
         if device_inputs.grad_scaling:
             torch._foreach_sub_(list(state_steps), device_inputs.values[FOUND_INF])
         return
-    for step in state_steps:
-        step += 1
-    steps = [float(step) for step in state_steps]
+    # Host step counts are incremented only once the backend has run: a step that raises does not count.
+    steps = [float(step) + 1 for step in state_steps]
     if device_inputs is None:
         backend.adam_step(tensors, steps, hp)
     else:
         backend.adam_step(tensors, steps, hp, device_inputs)
+    for step in state_steps:
+        step += 1

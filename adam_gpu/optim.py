@@ -8,6 +8,7 @@ classes both ways. Extra arguments: ``backend`` (``"auto"``, ``"triton"``, ``"to
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import chain
@@ -23,18 +24,10 @@ from adam_gpu.functional import apply_step
 from adam_gpu.hyperparameters import AdamHyperparameters, check_hyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.quantization import SMALL_TENSOR
+from adam_gpu.state_layout import EIGHT_BIT_STATE, MASTER_KEYS, MOMENT_KEYS, QUANTIZED_KEYS, check_loadable
 from adam_gpu.step_tensors import EIGHT_BIT, StepTensors, check_grad, check_moment, check_one_device, check_param
 
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-MASTER_KEYS = {True: "master_param", "lean": "master_remainder"}  # master_weights -> the state key
-EIGHT_BIT_STATE = "8bit"
 STATE_DTYPES = (None, torch.float32, torch.bfloat16, EIGHT_BIT_STATE)
-# 8-bit moments: uint8 codes and fp32 block absmax under their own keys, so that torch.optim, which
-# would read codes as moments, fails loudly on such a state_dict instead of training on garbage.
-QUANTIZED_KEYS = {
-    "exp_avg": ("exp_avg_codes", "exp_avg_absmax"),
-    "exp_avg_sq": ("exp_avg_sq_codes", "exp_avg_sq_absmax"),
-}
 # Group keys that torch.optim.Adam's state_dict may lack (older torch) or that only adam-gpu has.
 _GROUP_OPTIONS = (
     "amsgrad",
@@ -173,19 +166,33 @@ class FusedAdam(Optimizer):
             self.param_groups.pop()
             raise
 
+    @torch.compiler.disable  # torch.compile breaks the graph here and the step runs eagerly (README)
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One step for every param with a grad. All groups are checked before any is written."""
+        """One step for every param with a grad.
+
+        All groups are checked, and their state created, before any is written: a bad input leaves
+        every group untouched. Should a launch itself fail, the groups before it have taken their step
+        and the failing group and those after it have not (params, moments and step counts untouched);
+        the error says which group."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         plans = [self._plan(group) for group in self.param_groups]
-        self.selected_backends = [plan.backend_name if plan else None for plan in plans]
         clip_coefficient = self._clip_coefficient([plan for plan in plans if plan is not None])
-        for plan in plans:
-            if plan is not None:
-                self._run(plan, clip_coefficient)
+        launches = {index: self._prepare(plan, clip_coefficient) for index, plan in enumerate(plans) if plan}
+        self.selected_backends = [plan.backend_name if plan else None for plan in plans]
+        for index, launch in launches.items():
+            try:
+                launch()
+            except Exception as error:
+                if hasattr(error, "add_note"):  # Python >= 3.11
+                    error.add_note(
+                        f"adam-gpu: raised while stepping param group {index}; the groups before it took their "
+                        "step, this group and those after it did not"
+                    )
+                raise
         return loss
 
     def _clip_coefficient(self, plans: list[_GroupPlan]) -> torch.Tensor | None:
@@ -242,7 +249,8 @@ class FusedAdam(Optimizer):
         name, backend = dispatch.resolve(self.backend, params[0].device, {p.dtype for p in params}, features)
         return _GroupPlan(group, params, hp, name, backend)
 
-    def _run(self, plan: _GroupPlan, clip_coefficient: torch.Tensor | None) -> None:
+    def _prepare(self, plan: _GroupPlan, clip_coefficient: torch.Tensor | None) -> Callable[[], None]:
+        """Create the group's missing state and gather its tensors; returns the launch, which writes."""
         states = [self._state_for(p, plan.group) for p in plan.params]
         tensors = StepTensors(
             params=plan.params,
@@ -255,7 +263,8 @@ class FusedAdam(Optimizer):
             masters=[next((s[key] for key in MASTER_KEYS.values() if key in s), None) for s in states],
         )
         steps = [s["step"] for s in states]
-        apply_step(plan.backend, tensors, steps, plan.hp, self._device_inputs(plan, steps, clip_coefficient))
+        device_inputs = self._device_inputs(plan, steps, clip_coefficient)
+        return functools.partial(apply_step, plan.backend, tensors, steps, plan.hp, device_inputs)
 
     def _device_inputs(
         self, plan: _GroupPlan, steps: list[torch.Tensor], clip_coefficient: torch.Tensor | None
@@ -307,7 +316,9 @@ class FusedAdam(Optimizer):
         """torch's loading, then repairs: fp32 moments (``state_dtype=torch.float32``) and master weights
         are taken from the saved values rather than from torch's cast to the param dtype, and ``step`` is kept
         on the host (a state_dict of torch's fused AdamW holds it on the GPU), or on the device for a
-        capturable group."""
+        capturable group. A state_dict that does not fit (other group sizes, a missing or misshapen
+        moment) raises before anything is loaded."""
+        check_loadable(state_dict, self.param_groups)
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         for saved_id, group, param in zip(saved_ids, *_groups_and_params(self.param_groups), strict=True):

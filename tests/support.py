@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from adam_gpu import FusedAdam, FusedAdamW, dispatch
+from adam_gpu import FusedAdam, FusedAdamW, dispatch, fused_adam
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.reference import AdamState, reference_adam_step
 
@@ -300,3 +300,63 @@ def skip_unless_backend_runs(name: str, dtype: torch.dtype = torch.float32) -> N
     reason = dispatch.unavailable_reason(name, DEVICE, [dtype])
     if reason is not None:
         pytest.skip(f"backend {name} unavailable: {reason}")
+
+
+MOMENT_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def check_one_step(
+    backend: str, case: StepCase, param_dtype: torch.dtype, state_dtype: torch.dtype, hp: AdamHyperparameters
+) -> None:
+    """One ``fused_adam`` step of ``case`` (already rounded to its storage dtypes) on ``backend``, in
+    NaN-poisoned buffers, against the float64 reference and torch.optim: fp32 outputs within 1e-6
+    relative; low-precision ones within 2x torch's own error and rounded to nearest in every element."""
+    param, param_buffer = guarded(case.param, param_dtype)
+    grad, grad_buffer = guarded(case.grad, param_dtype)
+    moments = [guarded(v, state_dtype) for v in (case.exp_avg, case.exp_avg_sq, case.max_exp_avg_sq)]
+    step = torch.tensor(float(case.step - 1))
+    ran = fused_adam(
+        [param],
+        [grad],
+        [moments[0][0]],
+        [moments[1][0]],
+        [moments[2][0]],
+        [step],
+        lr=hp.lr,
+        beta1=hp.beta1,
+        beta2=hp.beta2,
+        eps=hp.eps,
+        weight_decay=hp.weight_decay,
+        decoupled=hp.decoupled,
+        amsgrad=hp.amsgrad,
+        maximize=hp.maximize,
+        backend=backend,
+    )
+    assert ran == backend
+    assert float(step) == case.step
+    for buffer in (param_buffer, grad_buffer, *(b for _, b in moments)):
+        assert guards_intact(buffer), "the step wrote outside its tensor"
+    torch.testing.assert_close(grad.cpu().double(), case.grad, rtol=0, atol=0, msg="the step changed the grad")
+
+    expected = case.reference(hp)
+    outputs = {"param": param} | {name: view for name, (view, _) in zip(MOMENT_NAMES, moments, strict=True)}
+    if not hp.amsgrad:
+        outputs.pop("max_exp_avg_sq")
+        torch.testing.assert_close(moments[2][0].cpu().double(), case.max_exp_avg_sq, rtol=0, atol=0)
+    by_torch = [run_torch_optim(case, param_dtype, hp, **impl) for impl in torch_implementations(param_dtype)]
+    for name, actual in outputs.items():
+        reference = getattr(expected, name)
+        before = getattr(case, name)
+        if actual.dtype == torch.float32:
+            assert_close_relative(actual, reference, f"{name} vs float64 reference", before)
+            if param_dtype == torch.float32:
+                for torch_state in by_torch:
+                    assert_close_relative(actual, getattr(torch_state, name), f"{name} vs torch.optim", before)
+            continue
+        # Low precision: within 2x torch's own error (its best implementation, where torch stores this
+        # tensor in this dtype too) against the float64 reference, and rounded to nearest in every element
+        # (up to fp32 math error).
+        if actual.dtype == param_dtype:
+            torch_own = torch_error([getattr(s, name) for s in by_torch], reference)
+            assert max_abs_error(actual, reference) <= 2 * torch_own, f"{name}: error beyond 2x torch's own"
+        assert_correctly_rounded(actual, reference, name, before)

@@ -17,19 +17,16 @@ from support import (
     STEP_POLICIES,
     StepCase,
     assert_close_relative,
-    assert_correctly_rounded,
     backend_params,
-    guarded,
-    guards_intact,
+    check_one_step,
     max_abs_error,
     policy_id,
-    run_torch_optim,
     seeded_generator,
     torch_error,
     torch_implementations,
 )
 
-from adam_gpu import FusedAdamW, fused_adam
+from adam_gpu import FusedAdamW
 from adam_gpu.hyperparameters import AdamHyperparameters
 
 # (weight decay, decoupled, amsgrad, maximize): no decay, Adam's L2 and AdamW's decoupled decay.
@@ -39,7 +36,6 @@ OPTIONS = [
         [("nodecay", 0.0, False), ("l2", 0.1, False), ("decoupled", 0.1, True)], [False, True], [False, True]
     )
 ]
-MOMENT_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
 @pytest.mark.parametrize("backend", backend_params())
@@ -52,56 +48,7 @@ def test_one_step_matches_reference_and_torch(backend, size, policy, options):
     weight_decay, decoupled, amsgrad, maximize = options
     hp = AdamHyperparameters(1e-2, 0.9, 0.999, 1e-8, weight_decay, decoupled, amsgrad, maximize)
     case = StepCase.draw(size, seeded_generator(backend, size, policy, options)).rounded(param_dtype, state_dtype)
-
-    param, param_buffer = guarded(case.param, param_dtype)
-    grad, grad_buffer = guarded(case.grad, param_dtype)
-    moments = [guarded(v, state_dtype) for v in (case.exp_avg, case.exp_avg_sq, case.max_exp_avg_sq)]
-    step = torch.tensor(float(case.step - 1))
-    ran = fused_adam(
-        [param],
-        [grad],
-        [moments[0][0]],
-        [moments[1][0]],
-        [moments[2][0]],
-        [step],
-        lr=hp.lr,
-        beta1=hp.beta1,
-        beta2=hp.beta2,
-        eps=hp.eps,
-        weight_decay=weight_decay,
-        decoupled=decoupled,
-        amsgrad=amsgrad,
-        maximize=maximize,
-        backend=backend,
-    )
-    assert ran == backend
-    assert float(step) == case.step
-    for buffer in (param_buffer, grad_buffer, *(b for _, b in moments)):
-        assert guards_intact(buffer), "the step wrote outside its tensor"
-    torch.testing.assert_close(grad.cpu().double(), case.grad, rtol=0, atol=0, msg="the step changed the grad")
-
-    expected = case.reference(hp)
-    outputs = {"param": param} | {name: view for name, (view, _) in zip(MOMENT_NAMES, moments, strict=True)}
-    if not amsgrad:
-        outputs.pop("max_exp_avg_sq")
-        torch.testing.assert_close(moments[2][0].cpu().double(), case.max_exp_avg_sq, rtol=0, atol=0)
-    by_torch = [run_torch_optim(case, param_dtype, hp, **impl) for impl in torch_implementations(param_dtype)]
-    for name, actual in outputs.items():
-        reference = getattr(expected, name)
-        before = getattr(case, name)
-        if actual.dtype == torch.float32:
-            assert_close_relative(actual, reference, f"{name} vs float64 reference", before)
-            if param_dtype == torch.float32:
-                for torch_state in by_torch:
-                    assert_close_relative(actual, getattr(torch_state, name), f"{name} vs torch.optim", before)
-            continue
-        # Low precision: within 2x torch's own error (its best implementation, where torch stores this
-        # tensor in this dtype too) against the float64 reference, and rounded to nearest in every element
-        # (up to fp32 math error).
-        if actual.dtype == param_dtype:
-            torch_own = torch_error([getattr(s, name) for s in by_torch], reference)
-            assert max_abs_error(actual, reference) <= 2 * torch_own, f"{name}: error beyond 2x torch's own"
-        assert_correctly_rounded(actual, reference, name, before)
+    check_one_step(backend, case, param_dtype, state_dtype, hp)
 
 
 TRAJECTORY_STEPS = 20

@@ -1,0 +1,71 @@
+"""The optimizer state's keys, and the check a state_dict passes before ``load_state_dict`` writes anything.
+
+torch.optim loads any state_dict whose group sizes match and fails later, at ``step()``, on a missing or
+misshapen moment (a state_dict from another model with as many params, a truncated file). FusedAdam
+checks every saved param's state against its param first, so a bad state_dict raises a clear error and
+leaves the optimizer as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from adam_gpu.step_tensors import check_master, check_moment
+
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+MASTER_KEYS = {True: "master_param", "lean": "master_remainder"}  # master_weights -> the state key
+EIGHT_BIT_STATE = "8bit"
+# 8-bit moments: uint8 codes and fp32 block absmax under their own keys, so that torch.optim, which
+# would read codes as moments, fails loudly on such a state_dict instead of training on garbage.
+QUANTIZED_KEYS = {
+    "exp_avg": ("exp_avg_codes", "exp_avg_absmax"),
+    "exp_avg_sq": ("exp_avg_sq_codes", "exp_avg_sq_absmax"),
+}
+
+
+def check_loadable(state_dict: object, param_groups: list[dict[str, Any]]) -> None:
+    """Raise ValueError/TypeError, naming the group, the param and the entry, unless ``state_dict`` has
+    this optimizer's groups and sizes and every saved param state holds a step and the moments its
+    group's options need, each shaped like its param."""
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= state_dict.keys():
+        raise ValueError("not an optimizer state_dict: it needs 'state' and 'param_groups' entries")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(param_groups):
+        raise ValueError(
+            f"the state_dict has {len(saved_groups)} param groups but this optimizer has {len(param_groups)}"
+        )
+    for group_index, (saved_group, group) in enumerate(zip(saved_groups, param_groups, strict=True)):
+        if len(saved_group["params"]) != len(group["params"]):
+            raise ValueError(
+                f"param group {group_index} of the state_dict has {len(saved_group['params'])} params "
+                f"but this optimizer's has {len(group['params'])}"
+            )
+        amsgrad = bool(saved_group.get("amsgrad", group["amsgrad"]))
+        for index, (saved_id, param) in enumerate(zip(saved_group["params"], group["params"], strict=True)):
+            saved = state_dict["state"].get(saved_id)
+            if not saved:
+                continue
+            try:
+                _check_param_state(saved, param, index, amsgrad)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"cannot load the state of param {index} of group {group_index}: {error}") from None
+
+
+def _check_param_state(saved: Mapping[str, object], param: torch.Tensor, index: int, amsgrad: bool) -> None:
+    step = saved.get("step")
+    if not isinstance(step, torch.Tensor | int | float) or (isinstance(step, torch.Tensor) and step.numel() != 1):
+        raise ValueError(f"'step' must be a number or a 1-element tensor, got {step!r:.80}")
+    for key in MOMENT_KEYS[: 3 if amsgrad else 2]:
+        codes, absmax = QUANTIZED_KEYS.get(key, (None, None))
+        if key in saved:
+            check_moment(param, saved[key], index)
+        elif codes in saved:
+            check_moment(param, saved[codes], index, saved.get(absmax))
+        else:
+            raise ValueError(f"{key!r} is missing (the state has {sorted(saved)})")
+    for key in MASTER_KEYS.values():
+        if key in saved:
+            check_master(param, saved[key], index)
