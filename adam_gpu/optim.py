@@ -202,7 +202,8 @@ class FusedAdam(Optimizer):
             return None
         device = plans[0].params[0].device
         norms = [norm.to(device) for plan in plans for norm in torch._foreach_norm([p.grad for p in plan.params])]
-        total = torch.linalg.vector_norm(torch.stack(norms).to(torch.float32))
+        # Summed in sorted order, so that the bits do not depend on the order of the groups and params.
+        total = torch.linalg.vector_norm(torch.stack(norms).to(torch.float32).sort().values)
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is not None:
             total = total / grad_scale.to(device)
