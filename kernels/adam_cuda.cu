@@ -88,7 +88,9 @@ __device__ __forceinline__ void adam_update(float& p, float g, float& m, float& 
   if (WEIGHT_DECAY == kDecoupled) p *= s.param_decay;
   // The textbook beta * m + (1 - beta) * g written as a lerp: see StepScalars in hyperparameters.py.
   m += s.one_minus_beta1 * (g - m);
-  v += s.one_minus_beta2 * (g * g - v);
+  // An infinite v stays infinite (NaN with a NaN grad), as in torch's beta2 * v + (1 - beta2) * g²;
+  // the lerp alone would give Inf - Inf.
+  v += s.one_minus_beta2 * (g * g - (isinf(v) ? 0.0f : v));
   float second_moment = v;
   if (AMSGRAD) {
     v_max = nan_max(v_max, v);

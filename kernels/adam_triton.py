@@ -222,7 +222,13 @@ def adam_step_kernel(
             param = param * param_decay
 
         exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
-        exp_avg_sq = exp_avg_sq + one_minus_beta2 * (grad * grad - exp_avg_sq)
+        # An infinite v stays infinite (NaN with a NaN grad), as in torch's beta2 * v + (1 - beta2) * g²;
+        # the lerp alone would give Inf - Inf.
+        exp_avg_sq = tl.where(
+            exp_avg_sq == float("inf"),
+            exp_avg_sq + one_minus_beta2 * grad * grad,
+            exp_avg_sq + one_minus_beta2 * (grad * grad - exp_avg_sq),
+        )
         if AMSGRAD:
             max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
             max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)

@@ -157,7 +157,7 @@ def adam_step(
             grads = torch._foreach_add(grads, params, alpha=first.l2_weight_decay)
 
     torch._foreach_lerp_(exp_avgs, grads, first.one_minus_beta1)
-    torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), first.one_minus_beta2)
+    _second_moment_update(exp_avg_sqs, grads, hp.beta2, first.one_minus_beta2)
     if hp.amsgrad:
         torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
     denominators = torch._foreach_sqrt(max_exp_avg_sqs if hp.amsgrad else exp_avg_sqs)
@@ -192,7 +192,7 @@ def _adam_step_device_inputs(
         else:
             grads = torch._foreach_add(grads, params, alpha=first.l2_weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, first.one_minus_beta1)
-    torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), first.one_minus_beta2)
+    _second_moment_update(exp_avg_sqs, grads, hp.beta2, first.one_minus_beta2)
     if hp.amsgrad:
         torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
     if inputs.steps is not None:
@@ -215,3 +215,13 @@ def _adam_step_device_inputs(
     _store_moments(tensors.exp_avgs, tensors.exp_avg_absmaxes, exp_avgs, True, keep)
     _store_moments(tensors.exp_avg_sqs, tensors.exp_avg_sq_absmaxes, exp_avg_sqs, False, keep)
     _store_moments(tensors.max_exp_avg_sqs, [], max_exp_avg_sqs, False, keep)
+
+
+def _second_moment_update(
+    exp_avg_sqs: list[torch.Tensor], grads: list[torch.Tensor], beta2: float, weight: float
+) -> None:
+    """``v = beta2 * v + (1 - beta2) * g²`` in torch.optim's own form, so that an infinite v stays infinite
+    as in torch (the kernels' more accurate lerp form needs a select for that, which costs two more passes
+    here)."""
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, weight)
