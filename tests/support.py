@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import sys
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -300,3 +304,18 @@ def skip_unless_backend_runs(name: str, dtype: torch.dtype = torch.float32) -> N
     reason = dispatch.unavailable_reason(name, DEVICE, [dtype])
     if reason is not None:
         pytest.skip(f"backend {name} unavailable: {reason}")
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def import_script(relative_path: str) -> ModuleType:
+    """A script of the checkout that is not part of the package (``examples/``, ``benchmarks/``), imported
+    as a module under its file name, so its functions run in the test's process (no second torch import)."""
+    path = REPO_ROOT / relative_path
+    if path.stem not in sys.modules:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module  # before exec: dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[path.stem]
