@@ -1,6 +1,6 @@
 """Does Adam converge faster? SGD, SGD with momentum, RMSprop and adam-gpu's Adam on two real tasks.
 
-Kingma & Ba (2015, figure 1) compare optimizers on logistic regression and an MLP trained on MNIST.
+Kingma & Ba (2015, figures 1 and 2) compare optimizers on logistic regression and MLPs trained on MNIST.
 This runs the same two kinds of model on data that scikit-learn ships (nothing is downloaded):
 
 - ``digits-mlp``: a 64-64-10 ReLU MLP, cross-entropy, on the 1,797 8x8 digits (pixels scaled to [0, 1]),
@@ -17,12 +17,12 @@ Fairness: each optimizer gets its own best learning rate, the one with the lowes
 over the whole run (the area under the curve, averaged over seeds), so neither early speed nor the final
 value alone picks it; a learning rate at which any seed diverged (a non-finite loss) is not eligible.
 Two targets per task, each for "steps to reach it": the common target, the highest final loss among the
-optimizers at their best rates (so every one reaches it, and the steps rank how fast), and the near-best
+optimizers at their best rates (every mean curve reaches it: the steps rank how fast), and the near-best
 target, 1.5x the lowest final loss of any optimizer.
 
 Writes ``convergence.json`` (every curve), ``convergence.md`` (tables) and ``convergence.png``,
 ``lr_sweep.png`` (plots), all drawn from the JSON (``--report convergence.json`` redraws them).
-Full run: about 2 minutes on one CPU core; ``--quick``: seconds.
+Full run: about a minute on one CPU core (53 s here); ``--quick``: seconds.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def run(seeds: list[int], lrs: list[float], steps: int) -> dict[str, Any]:
                     diverged = not math.isfinite(losses[-1])
                     if diverged:  # JSON has no inf or NaN: the curve ends at its last finite loss
                         losses = losses[:-1]
-                    # 5 significant digits: the seeds differ in the second; keeps the JSON near 150 kB.
+                    # 5 significant digits: the seeds differ in the second; keeps the JSON near 170 kB.
                     losses = [float(f"{loss:.5g}") for loss in losses]
                     record = dict(task=task.name, optimizer=optimizer, lr=lr, seed=seed, losses=losses)
                     runs.append(record | dict(diverged=diverged))
@@ -332,7 +332,7 @@ def markdown(document: dict[str, Any]) -> str:
             f"{meta['steps']} minibatch steps, {seeds} seed(s), loss on the whole training set every "
             f"{meta['eval_every']} steps. Mean ± standard deviation over seeds. Best lr: lowest mean training "
             "loss over the run (area under the curve) among the rates where no seed diverged. Targets: "
-            "common, the highest final loss among the optimizers at their best rates (every one reaches it); "
+            "common, the highest final loss among the optimizers at their best rates (every mean curve reaches it); "
             f"near-best, {meta['target_factor']}x the lowest final loss of any optimizer ({targets_line(document)}). "
             "Steps to a target: mean (range) over seeds, at the resolution of the evaluations.",
             "",
