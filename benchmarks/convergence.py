@@ -60,7 +60,8 @@ ADAM = "Adam (adam-gpu)"
 
 @dataclass(frozen=True)
 class Task:
-    """A data set, a model and a loss: ``load`` gives (inputs, targets); ``model(seed)`` a fresh model."""
+    """A data set, a model and a loss: ``load`` gives (inputs, targets); ``model()`` a fresh model, its
+    initial weights drawn from torch's global generator (``train`` seeds it)."""
 
     name: str
     description: str
@@ -127,7 +128,9 @@ def batch_order(count: int, batch: int, steps: int, seed: int) -> torch.Tensor:
     return torch.cat(orders).view(-1, batch)[:steps]
 
 
-def train(task: Task, data: tuple[torch.Tensor, torch.Tensor], optimizer: str, lr: float, seed: int, steps: int):
+def train(
+    task: Task, data: tuple[torch.Tensor, torch.Tensor], optimizer: str, lr: float, seed: int, steps: int
+) -> tuple[list[float], str | None]:
     """The full training loss at steps 0, EVAL_EVERY, 2 EVAL_EVERY, ... ``steps``; the list stops at the first
     non-finite loss (a diverged run). Returns (losses, the backend FusedAdam ran, or None)."""
     inputs, targets = data

@@ -121,10 +121,10 @@ def train(make_optimizer: OptimizerFactory, variant: Variant, steps: int, seed: 
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
             if float(norm) > MAX_GRAD_NORM:
                 run.clipped_steps.append(step)
-        scale = scaler.get_scale() if variant.amp else 1.0
+        scale = scaler.get_scale()  # (1.0 when GradScaler is disabled)
         scaler.step(optimizer)
         scaler.update()
-        run.scales.append(scaler.get_scale() if variant.amp else 1.0)
+        run.scales.append(scaler.get_scale())
         if run.scales[-1] < scale:  # GradScaler lowers the scale exactly when it skipped the step
             run.skipped_steps.append(step)
         with warnings.catch_warnings():
@@ -162,7 +162,7 @@ class Parity:
 
     variant: str
     backend: str
-    torch: TrainingRun
+    reference: TrainingRun  # torch.optim.AdamW's
     fused: TrainingRun
     max_relative_difference: float
 
@@ -192,12 +192,12 @@ def main(argv: list[str] | None = None) -> list[Parity]:
     if args.json:
         print(json.dumps([asdict(result) for result in results], indent=1))
     for result in results if not args.json else []:
-        losses = result.torch.losses
+        losses = result.reference.losses
         print(
             f"{result.variant:16} loss {losses[0]:.3f} -> {losses[-1]:.3f}  "
             f"max relative difference {result.max_relative_difference:.2e}  "
-            f"skipped {result.fused.skipped_steps} (torch {result.torch.skipped_steps})  "
-            f"clipped {len(result.torch.clipped_steps)}/{len(losses)}"
+            f"skipped {result.fused.skipped_steps} (torch {result.reference.skipped_steps})  "
+            f"clipped {len(result.reference.clipped_steps)}/{len(losses)}"
         )
     return results
 
