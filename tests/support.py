@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import sys
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -360,3 +364,18 @@ def check_one_step(
             torch_own = torch_error([getattr(s, name) for s in by_torch], reference)
             assert max_abs_error(actual, reference) <= 2 * torch_own, f"{name}: error beyond 2x torch's own"
         assert_correctly_rounded(actual, reference, name, before)
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def import_script(relative_path: str) -> ModuleType:
+    """A script of the checkout that is not part of the package (``examples/``, ``benchmarks/``), imported
+    as a module under its file name, so its functions run in the test's process (no second torch import)."""
+    path = REPO_ROOT / relative_path
+    if path.stem not in sys.modules:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module  # before exec: dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[path.stem]
