@@ -1,0 +1,164 @@
+"""One rank of tests/test_distributed.py, run as a subprocess: ``python distributed_worker.py RANK WORLD STORE OUT
+BACKENDS``.
+
+For each case (a wrapper: DDP, FSDP2's fully_shard, ZeroRedundancyOptimizer) it trains a small MLP for STEPS
+steps on random data (different on every rank) twice, the wrapper driving torch.optim.AdamW and then
+FusedAdamW on each backend, and saves (torch.save, OUT/rank{RANK}.pt) the full params, the optimizer
+state_dict and what the test checks; the test process compares them. The first error stops the rank (a rank
+that went on alone would wait in a collective for the other), and is saved with its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+import zlib
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import support  # noqa: F401  (registers the cuda-host backend in adam_gpu.dispatch)
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from adam_gpu import FusedAdamW
+
+STEPS = 6
+BATCH = 8
+IN, HIDDEN, OUT = 13, 37, 1  # odd sizes: uneven shards; the last layer's weight (1 x 37) and bias (1) leave
+# rank 1 an empty local shard under fully_shard
+COLLECTIVE_TIMEOUT = timedelta(seconds=60)  # a rank that waits longer fails instead of hanging the test
+MAX_GRAD_NORM = 0.5
+
+# Case -> (wrapper, AdamW options). Between them: amsgrad, maximize, weight decay, fused clipping, two param
+# groups (one whose local shards are all empty on rank 1) and a model with DTensor and plain params mixed.
+CASES: dict[str, tuple[str, dict]] = {
+    "ddp": ("ddp", dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True)),
+    "fsdp": ("fsdp", dict(lr=1e-2, weight_decay=0.05, amsgrad=True)),
+    "fsdp-clip": ("fsdp", dict(lr=1e-2, weight_decay=0.01, max_grad_norm=MAX_GRAD_NORM)),
+    "fsdp-mixed": ("fsdp-first-layer", dict(lr=1e-2, weight_decay=0.1, maximize=True)),
+    "zero": ("zero", dict(lr=1e-2, betas=(0.85, 0.995), weight_decay=0.1, maximize=True)),
+}
+
+
+def model() -> torch.nn.Sequential:
+    """The same initial MLP on every rank and in every run (tanh: no dead units, every grad element moves)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, OUT))
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached copy of the whole tensor (a DTensor gathered from all ranks)."""
+    tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.detach().clone()
+
+
+def state_summary(state_dict: dict | None) -> dict | None:
+    """Per param index and key: the state tensor's class, global shape and full value (None: not this rank)."""
+    if state_dict is None:
+        return None
+    return {
+        index: {key: (type(value).__name__, tuple(value.shape), full(value)) for key, value in state.items()}
+        for index, state in state_dict["state"].items()
+    }
+
+
+def param_groups(net: torch.nn.Sequential, options: dict, wrapper: str) -> list[dict]:
+    """Two groups, the last layer's with its own lr: on rank 1 under fully_shard its local shards are all empty.
+    With only the first layer sharded, one group that holds DTensor and plain params together."""
+    if wrapper == "fsdp-first-layer":
+        return [{"params": list(net.parameters())}]
+    return [
+        {"params": list(net[0].parameters())},
+        {"params": list(net[2].parameters()), "lr": options["lr"] / 3},
+    ]
+
+
+def train(wrapper: str, options: dict, backend: str | None, rank: int, case: str) -> dict:
+    """STEPS steps of ``wrapper`` driving FusedAdamW on ``backend``, or torch.optim.AdamW when None."""
+    net = model()
+    initial = [full(p) for p in net.parameters()]
+    options = dict(options)
+    max_grad_norm = options.pop("max_grad_norm", None)
+    if backend is None:
+        optimizer_class, extra = torch.optim.AdamW, dict(foreach=False)
+    else:
+        optimizer_class, extra = FusedAdamW, dict(backend=backend, max_grad_norm=max_grad_norm)
+    if wrapper == "ddp":
+        trained = DistributedDataParallel(net)
+        optimizer = optimizer_class(param_groups(net, options, wrapper), **options, **extra)
+    elif wrapper.startswith("fsdp"):
+        fully_shard(net[0])
+        if wrapper == "fsdp":
+            fully_shard(net[2])
+            fully_shard(net)
+        trained = net
+        optimizer = optimizer_class(param_groups(net, options, wrapper), **options, **extra)
+    else:
+        trained = net
+        optimizer = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=optimizer_class, **options, **extra)
+    norms = []
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{case}/{rank}".encode()))
+    for _ in range(STEPS):
+        inputs = torch.randn(BATCH, IN, generator=generator)
+        targets = torch.randn(BATCH, OUT, generator=generator)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(trained(inputs), targets).backward()
+        if max_grad_norm is not None and backend is None:
+            norms.append(float(full(torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm))))
+        optimizer.step()
+    inner = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)
+        state_dict = optimizer.state_dict() if rank == 0 else None
+    else:
+        state_dict = optimizer.state_dict()
+    result = {
+        "initial": initial,
+        "params": [full(p) for p in net.parameters()],
+        "state": state_summary(state_dict),
+        "norms": norms,
+        "selected_backends": getattr(inner, "selected_backends", None),
+        "local_shapes": [tuple(p.to_local().shape) for p in net.parameters() if isinstance(p, DTensor)],
+    }
+    if wrapper == "fsdp":  # distributed checkpointing's full optimizer state dict, keyed by parameter name
+        options = StateDictOptions(full_state_dict=True)
+        result["dcp"] = {
+            name: {key: full(value) for key, value in state.items()}
+            for name, state in get_optimizer_state_dict(net, optimizer, options=options)["state"].items()
+        }
+    return result
+
+
+def run_cases(rank: int, backends: list[str], record: Callable[[str, dict], None]) -> None:
+    for case, (wrapper, options) in CASES.items():
+        record(f"{case}/torch.optim", train(wrapper, options, None, rank, case))
+        for backend in backends:
+            record(f"{case}/{backend}", train(wrapper, options, backend, rank, case))
+
+
+def main(rank: int, world: int, store: str, out: Path, backends: list[str]) -> int:
+    import adam_gpu
+
+    results: dict[str, object] = {"adam_gpu": adam_gpu.__file__, "error": None}
+    store_url = f"file://{store}"
+    dist.init_process_group("gloo", init_method=store_url, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        run_cases(rank, backends, results.__setitem__)
+    except BaseException:
+        results["error"] = traceback.format_exc()
+    finally:
+        torch.save(results, out / f"rank{rank}.pt")
+    if results["error"] is None:
+        dist.destroy_process_group()
+    return 0 if results["error"] is None else 1
+
+
+if __name__ == "__main__":
+    rank_arg, world_arg, store_arg, out_arg, backends_arg = sys.argv[1:]
+    sys.exit(main(int(rank_arg), int(world_arg), store_arg, Path(out_arg), [b for b in backends_arg.split(",") if b]))
