@@ -21,12 +21,13 @@ import support  # noqa: F401  (registers the cuda-host backend in adam_gpu.dispa
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from adam_gpu import FusedAdamW
+from adam_gpu import FusedAdamW, fused_adam
 
 STEPS = 6
 BATCH = 8
@@ -135,11 +136,40 @@ def train(wrapper: str, options: dict, backend: str | None, rank: int, case: str
     return result
 
 
-def run_cases(rank: int, backends: list[str], record: Callable[[str, dict], None]) -> None:
+def functional_and_bad_inputs(backend: str, world: int) -> dict:
+    """fused_adam on DTensors (their local shards) against fused_adam on the full tensors, and the errors
+    FusedAdamW gives for a grad sharded unlike its param and for 8-bit moments of DTensor params."""
+    mesh = init_device_mesh("cpu", (world,))
+    generator = torch.Generator().manual_seed(5)  # the same full tensors on every rank
+    full_tensors = [torch.randn(7, 3, generator=generator) for _ in range(2)] + [torch.rand(7, 3, generator=generator)]
+    plain = [t.clone() for t in full_tensors]
+    sharded = [distribute_tensor(t.clone(), mesh, [Shard(0)]) for t in full_tensors]
+    options = dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=True, backend=backend)
+    for param, grad, exp_avg_sq in (plain, sharded):
+        fused_adam([param], [grad], [torch.zeros_like(param)], [exp_avg_sq], [], [torch.tensor(0.0)], **options)
+    checks = {"functional": [(full(ours), expected) for ours, expected in zip(sharded, plain, strict=True)]}
+    param = torch.nn.Parameter(distribute_tensor(full_tensors[0].clone(), mesh, [Shard(0)]))
+    for name, grad, extra in [
+        ("plain grad", full_tensors[1].clone(), {}),
+        ("replicated grad", distribute_tensor(full_tensors[1].clone(), mesh, [Replicate()]), {}),
+        ("8bit", distribute_tensor(full_tensors[1].clone(), mesh, [Shard(0)]), {"state_dtype": "8bit"}),
+    ]:
+        param.grad = grad
+        try:
+            FusedAdamW([param], backend=backend, **extra).step()
+            checks[name] = None
+        except (TypeError, ValueError) as error:
+            checks[name] = f"{type(error).__name__}: {error}"
+    return checks
+
+
+def run_cases(rank: int, world: int, backends: list[str], record: Callable[[str, object], None]) -> None:
     for case, (wrapper, options) in CASES.items():
         record(f"{case}/torch.optim", train(wrapper, options, None, rank, case))
         for backend in backends:
             record(f"{case}/{backend}", train(wrapper, options, backend, rank, case))
+    for backend in backends:
+        record(f"checks/{backend}", functional_and_bad_inputs(backend, world))
 
 
 def main(rank: int, world: int, store: str, out: Path, backends: list[str]) -> int:
@@ -149,7 +179,7 @@ def main(rank: int, world: int, store: str, out: Path, backends: list[str]) -> i
     store_url = f"file://{store}"
     dist.init_process_group("gloo", init_method=store_url, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     try:
-        run_cases(rank, backends, results.__setitem__)
+        run_cases(rank, world, backends, results.__setitem__)
     except BaseException:
         results["error"] = traceback.format_exc()
     finally:
