@@ -156,8 +156,9 @@ def test_fsdp_cases_cover_uneven_and_empty_shards_and_clipping(ranks):
     assert shapes[0] != shapes[1]
     assert any(0 in shape for shape in shapes[1]), shapes[1]
     for rank in range(WORLD):
-        norms = _result(ranks, rank, "fsdp-clip/torch.optim")["norms"]
-        assert len(norms) == STEPS and min(norms) > MAX_GRAD_NORM, norms
+        for case in ("fsdp-clip", "fsdp-mixed-clip"):
+            norms = _result(ranks, rank, f"{case}/torch.optim")["norms"]
+            assert len(norms) == STEPS and min(norms) > MAX_GRAD_NORM, f"{case}: {norms}"
 
 
 @pytest.mark.parametrize("backend", _backend_params())
