@@ -20,7 +20,7 @@ from pathlib import Path
 import support  # noqa: F401  (registers the cuda-host backend in adam_gpu.dispatch)
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -36,12 +36,17 @@ IN, HIDDEN, OUT = 13, 37, 1  # odd sizes: uneven shards; the last layer's weight
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)  # a rank that waits longer fails instead of hanging the test
 MAX_GRAD_NORM = 0.5
 
+FULLY_SHARDED = ("fsdp", "fsdp-handover")  # wrappers that shard every layer with fully_shard
+# fsdp-handover: the optimizer's state moves through distributed checkpointing's optimizer state dict to
+# torch.optim.AdamW before this step and back to FusedAdamW before the next.
+HANDOVER_STEPS = (2, 4)
 # Case -> (wrapper, AdamW options). Between them: amsgrad, maximize, weight decay, fused clipping, two param
 # groups (one whose local shards are all empty on rank 1) and a model with DTensor and plain params mixed.
 CASES: dict[str, tuple[str, dict]] = {
     "ddp": ("ddp", dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True)),
     "fsdp": ("fsdp", dict(lr=1e-2, weight_decay=0.05, amsgrad=True)),
     "fsdp-clip": ("fsdp", dict(lr=1e-2, weight_decay=0.01, max_grad_norm=MAX_GRAD_NORM)),
+    "fsdp-handover": ("fsdp-handover", dict(lr=1e-2, weight_decay=0.05, amsgrad=True)),
     "fsdp-mixed": ("fsdp-first-layer", dict(lr=1e-2, weight_decay=0.1, maximize=True)),
     "fsdp-mixed-clip": ("fsdp-first-layer", dict(lr=1e-2, weight_decay=0.1, max_grad_norm=MAX_GRAD_NORM)),
     "zero": ("zero", dict(lr=1e-2, betas=(0.85, 0.995), weight_decay=0.1, maximize=True)),
@@ -100,26 +105,34 @@ def train(wrapper: str, options: dict, backend: str | None, rank: int, case: str
     initial = [full(p) for p in net.parameters()]
     options = dict(options)
     max_grad_norm = options.pop("max_grad_norm", None)
-    if backend is None:
-        optimizer_class, extra = torch.optim.AdamW, dict(foreach=False)
-    else:
-        optimizer_class, extra = FusedAdamW, dict(backend=backend, max_grad_norm=max_grad_norm)
+
+    def optimizer_on(backend: str | None) -> torch.optim.Optimizer:
+        if backend is None:
+            return torch.optim.AdamW(param_groups(net, options, wrapper), foreach=False, **options)
+        return FusedAdamW(param_groups(net, options, wrapper), backend=backend, max_grad_norm=max_grad_norm, **options)
+
     if wrapper == "ddp":
         trained = DistributedDataParallel(net)
-        optimizer = optimizer_class(param_groups(net, options, wrapper), **options, **extra)
+        optimizer = optimizer_on(backend)
     elif wrapper.startswith("fsdp"):
         fully_shard(net[0])
-        if wrapper == "fsdp":
+        if wrapper in FULLY_SHARDED:
             fully_shard(net[2])
             fully_shard(net)
         trained = net
-        optimizer = optimizer_class(param_groups(net, options, wrapper), **options, **extra)
+        optimizer = optimizer_on(backend)
     else:
         trained = net
+        extra = dict(foreach=False) if backend is None else dict(backend=backend, max_grad_norm=max_grad_norm)
+        optimizer_class = torch.optim.AdamW if backend is None else FusedAdamW
         optimizer = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=optimizer_class, **options, **extra)
     norms = []
     generator = torch.Generator().manual_seed(zlib.crc32(f"{case}/{rank}".encode()))
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        if wrapper == "fsdp-handover" and backend is not None and step in HANDOVER_STEPS:
+            saved = get_optimizer_state_dict(net, optimizer)
+            optimizer = optimizer_on(None if isinstance(optimizer, FusedAdamW) else backend)
+            set_optimizer_state_dict(net, optimizer, optim_state_dict=saved)
         inputs = torch.randn(BATCH, IN, generator=generator)
         targets = torch.randn(BATCH, OUT, generator=generator)
         optimizer.zero_grad()
@@ -141,7 +154,7 @@ def train(wrapper: str, options: dict, backend: str | None, rank: int, case: str
         "selected_backends": getattr(inner, "selected_backends", None),
         "local_shapes": [tuple(p.to_local().shape) for p in net.parameters() if isinstance(p, DTensor)],
     }
-    if wrapper == "fsdp":  # distributed checkpointing's full optimizer state dict, keyed by parameter name
+    if wrapper in FULLY_SHARDED:  # distributed checkpointing's full optimizer state dict, keyed by parameter name
         options = StateDictOptions(full_state_dict=True)
         result["dcp"] = {
             name: {key: full(value) for key, value in state.items()}

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from distributed_worker import CASES, MAX_GRAD_NORM, STEPS
-from support import BACKEND_NAMES, assert_close_relative
+from support import BACKEND_NAMES, FP32_RTOL, assert_close_relative
 
 from adam_gpu import dispatch
 
@@ -28,9 +28,9 @@ REPO = TESTS.parent
 WORLD = 2
 TIMEOUT_S = 300  # both ranks together; a hang in a collective fails after COLLECTIVE_TIMEOUT (60 s) anyway
 CPU = torch.device("cpu")
-# Elements of a trained param that must differ from their initial value, so that an optimizer that does
-# nothing (and a torch.optim run that did nothing either) fails: a step moves an element by about lr / 3.
-MOVED = 1e-3
+# How far (relative to the comparison's tolerance) torch.optim must have moved each param from its initial
+# value, so that an optimizer that does nothing (or a run in which torch.optim did nothing too) fails.
+MOVED = 100
 
 
 def _cpu_backends() -> dict[str, str | None]:
@@ -105,7 +105,8 @@ def test_every_rank_matches_torch_adamw_under_the_same_wrapper(ranks, case, back
         for index, (param, expected, initial) in enumerate(zip(ours["params"], theirs["params"], ours["initial"],
                                                                 strict=True)):  # fmt: skip
             assert_close_relative(param, expected, f"{where} param {index}")
-            assert (expected - initial).abs().max() > MOVED, f"{where}: torch.optim left param {index} as it was"
+            moved = (expected - initial).abs().max() / (FP32_RTOL * expected.abs().max())
+            assert moved > MOVED, f"{where}: torch.optim moved param {index} by {moved:.3g} times the tolerance only"
         assert set(ours["selected_backends"]) == {backend}
         beta2 = CASES[case][1].get("betas", (0.9, 0.999))[1]
         _assert_same_state(ours["state"], theirs["state"], beta2, where)
@@ -139,8 +140,9 @@ def _assert_same_state(ours: dict | None, theirs: dict | None, beta2: float, whe
             assert_close_relative(actual, expected, f"{where} state {index} {key}", before=before)
 
 
-@pytest.mark.parametrize("case", [case for case, (wrapper, _) in CASES.items() if wrapper in ("ddp", "zero", "fsdp")])
+@pytest.mark.parametrize("case", [case for case, (wrapper, _) in CASES.items() if wrapper != "fsdp-first-layer"])
 def test_replicated_params_end_identical_on_every_rank(ranks, case):
+    """DDP and ZeRO keep a full copy of the params on every rank; FSDP's gathered params must agree too."""
     backends = [name for name, why in _cpu_backends().items() if why is None]
     for backend in backends:
         first, *others = [_result(ranks, rank, f"{case}/{backend}")["params"] for rank in range(WORLD)]
