@@ -61,6 +61,8 @@ def model() -> torch.nn.Sequential:
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """A detached copy of the whole tensor (a DTensor gathered from all ranks)."""
+    if isinstance(tensor, DTensor) and tensor.dtype == torch.int16:  # gloo has no int16 collectives
+        tensor = tensor.to(torch.int32).full_tensor().to(torch.int16)
     tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
     return tensor.detach().clone()
 
@@ -175,6 +177,16 @@ def functional_and_bad_inputs(backend: str, world: int) -> dict:
     for param, grad, exp_avg_sq in (plain, sharded):
         fused_adam([param], [grad], [torch.zeros_like(param)], [exp_avg_sq], [], [torch.tensor(0.0)], **options)
     checks = {"functional": [(full(ours), expected) for ours, expected in zip(sharded, plain, strict=True)]}
+    for master_weights in (True, "lean"):  # bf16 params with an fp32 master or a 16-bit remainder beside them
+        results = []
+        for wrap in (lambda t: t, lambda t: distribute_tensor(t, mesh, [Shard(0)])):
+            param = torch.nn.Parameter(wrap(full_tensors[0].to(torch.bfloat16)))
+            optimizer = FusedAdamW([param], lr=0.1, backend=backend, master_weights=master_weights)
+            for grad in full_tensors[1:]:
+                param.grad = wrap(grad.to(torch.bfloat16))
+                optimizer.step()
+            results.append({key: full(value) for key, value in [("param", param), *optimizer.state[param].items()]})
+        checks[f"master_weights={master_weights}"] = results
     param = torch.nn.Parameter(distribute_tensor(full_tensors[0].clone(), mesh, [Shard(0)]))
     for name, grad, extra in [
         ("plain grad", full_tensors[1].clone(), {}),

@@ -165,12 +165,18 @@ def test_fsdp_cases_cover_uneven_and_empty_shards_and_clipping(ranks):
 
 @pytest.mark.parametrize("backend", _backend_params())
 def test_functional_step_on_dtensors_and_clear_errors(ranks, backend):
-    """fused_adam given DTensors updates their local shards exactly as it updates the full tensors; FusedAdamW
-    names a grad sharded unlike its param, and refuses 8-bit moments for DTensor params."""
+    """fused_adam given DTensors, and FusedAdamW with master weights for bf16 DTensors, update the local shards
+    exactly as the full tensors; FusedAdamW names a grad sharded unlike its param, and refuses 8-bit moments
+    for DTensor params."""
     for rank in range(WORLD):
         checks = _result(ranks, rank, f"checks/{backend}")
         for index, (ours, expected) in enumerate(checks["functional"]):
             assert torch.equal(ours, expected), f"rank {rank}: tensor {index} of the functional step"
+        for master_weights in ("True", "lean"):
+            plain, sharded = checks[f"master_weights={master_weights}"]
+            assert plain.keys() == sharded.keys()
+            for key, expected in plain.items():
+                assert torch.equal(sharded[key], expected), f"rank {rank} master_weights={master_weights}: {key}"
         assert checks["plain grad"].startswith("TypeError: param 0 is a DTensor but its grad is a plain tensor")
         assert checks["replicated grad"].startswith("ValueError: grad 0 is sharded as (Replicate(),)")
         assert checks["8bit"].startswith("TypeError: state_dtype='8bit' is not supported for DTensor params")
