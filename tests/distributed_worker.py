@@ -4,7 +4,8 @@ BACKENDS``.
 For each case (a wrapper: DDP, FSDP2's fully_shard, ZeroRedundancyOptimizer) it trains a small MLP for STEPS
 steps on random data (different on every rank) twice, the wrapper driving torch.optim.AdamW and then
 FusedAdamW on each backend, and saves (torch.save, OUT/rank{RANK}.pt) the full params, the optimizer
-state_dict and what the test checks; the test process compares them. The first error stops the rank (a rank
+state_dict and what the test checks; the test process compares them. Then, per backend, the functional step
+and master weights on DTensors and the errors for bad DTensor inputs. The first error stops the rank (a rank
 that went on alone would wait in a collective for the other), and is saved with its traceback.
 """
 
@@ -41,7 +42,8 @@ FULLY_SHARDED = ("fsdp", "fsdp-handover")  # wrappers that shard every layer wit
 # torch.optim.AdamW before this step and back to FusedAdamW before the next.
 HANDOVER_STEPS = (2, 4)
 # Case -> (wrapper, AdamW options). Between them: amsgrad, maximize, weight decay, fused clipping, two param
-# groups (one whose local shards are all empty on rank 1) and a model with DTensor and plain params mixed.
+# groups (one whose local shards are all empty on rank 1), DTensor and plain params in one group, and a
+# handover through distributed checkpointing.
 CASES: dict[str, tuple[str, dict]] = {
     "ddp": ("ddp", dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, amsgrad=True)),
     "fsdp": ("fsdp", dict(lr=1e-2, weight_decay=0.05, amsgrad=True)),
