@@ -10,6 +10,7 @@ import torch
 from adam_gpu import dispatch
 from adam_gpu.device_inputs import FOUND_INF, DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
+from adam_gpu.sharded import local_tensors
 from adam_gpu.step_tensors import StepTensors
 
 
@@ -42,17 +43,16 @@ def fused_adam(
     lean remainder (bf16 params) or None: the step then updates the master and writes the param as its
     rounding. 8-bit moments: ``exp_avgs``/``exp_avg_sqs`` hold uint8 codes and ``exp_avg_absmaxes``/
     ``exp_avg_sq_absmaxes`` the fp32 absmax of each block (see adam_gpu.quantization).
+    DTensors (FSDP2) are updated through their local shards.
     Returns the name of the backend that ran (None for no params).
     Everything is checked before anything is written: on an error, params and state are untouched.
     """
     hp = AdamHyperparameters(float(lr), beta1, beta2, eps, weight_decay, decoupled, amsgrad, maximize)
+    # A DTensor has no data pointer of its own (a kernel given one would read a wild address): its local
+    # shard shares its storage; the checks then compare the local shapes.
     tensors = StepTensors(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        max_exp_avg_sqs if amsgrad else [],
-        masters or [],
+        *map(local_tensors, (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [])),
+        local_tensors(masters or []),
         exp_avg_absmaxes or [],
         exp_avg_sq_absmaxes or [],
     )

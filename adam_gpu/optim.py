@@ -24,6 +24,7 @@ from adam_gpu.functional import apply_step
 from adam_gpu.hyperparameters import AdamHyperparameters, check_hyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.quantization import SMALL_TENSOR
+from adam_gpu.sharded import check_same_sharding, global_norm, is_dtensor, local, local_tensors
 from adam_gpu.state_layout import EIGHT_BIT_STATE, MASTER_KEYS, MOMENT_KEYS, QUANTIZED_KEYS, check_loadable
 from adam_gpu.step_tensors import EIGHT_BIT, StepTensors, check_grad, check_moment, check_one_device, check_param
 
@@ -201,9 +202,8 @@ class FusedAdam(Optimizer):
         if self.max_grad_norm is None or not plans:
             return None
         device = plans[0].params[0].device
-        norms = [norm.to(device) for plan in plans for norm in torch._foreach_norm([p.grad for p in plan.params])]
-        # Summed in sorted order, so that the bits do not depend on the order of the groups and params.
-        total = torch.linalg.vector_norm(torch.stack(norms).to(torch.float32).sort().values)
+        # DTensor grads (FSDP2) count with every rank's shard: the global norm, as clip_grad_norm_ gives.
+        total = global_norm([p.grad for plan in plans for p in plan.params], device)
         grad_scale = getattr(self, "grad_scale", None)
         if grad_scale is not None:
             total = total / grad_scale.to(device)
@@ -234,17 +234,22 @@ class FusedAdam(Optimizer):
             check_param(param, index)
             _check_lean_master_param(group["master_weights"], param, index)
             check_grad(param, param.grad, index)
+            check_same_sharding(param, param.grad, "grad", index)
             tensors.append(param.grad)
             state = self.state.get(param, {})
             for key in MOMENT_KEYS:
                 if key in state:
                     check_moment(param, state[key], index)
+                    check_same_sharding(param, state[key], key, index)
                     tensors.append(state[key])
             for codes, absmax in QUANTIZED_KEYS.values():
                 if codes in state:
                     check_moment(param, state[codes], index, state.get(absmax))
                     tensors += [state[codes], state[absmax]]
         check_one_device(tensors)
+        if group["state_dtype"] == EIGHT_BIT_STATE and any(is_dtensor(p) for p in params):
+            # The absmax blocks would follow each rank's shard, which a DTensor state cannot describe.
+            raise TypeError("state_dtype='8bit' is not supported for DTensor params (FSDP2): use None or torch.float32")
         eight_bit = group["state_dtype"] == EIGHT_BIT_STATE and any(p.numel() >= SMALL_TENSOR for p in params)
         features = {EIGHT_BIT} if eight_bit else set()
         name, backend = dispatch.resolve(self.backend, params[0].device, {p.dtype for p in params}, features)
@@ -253,15 +258,16 @@ class FusedAdam(Optimizer):
     def _prepare(self, plan: _GroupPlan, clip_coefficient: torch.Tensor | None) -> Callable[[], None]:
         """Create the group's missing state and gather its tensors; returns the launch, which writes."""
         states = [self._state_for(p, plan.group) for p in plan.params]
+        # The kernels get plain tensors: a DTensor's local shard, which shares its storage (adam_gpu.sharded).
         tensors = StepTensors(
-            params=plan.params,
-            grads=[p.grad for p in plan.params],
-            exp_avgs=[s.get("exp_avg", s.get("exp_avg_codes")) for s in states],
-            exp_avg_sqs=[s.get("exp_avg_sq", s.get("exp_avg_sq_codes")) for s in states],
+            params=local_tensors(plan.params),
+            grads=[local(p.grad) for p in plan.params],
+            exp_avgs=[local(s.get("exp_avg", s.get("exp_avg_codes"))) for s in states],
+            exp_avg_sqs=[local(s.get("exp_avg_sq", s.get("exp_avg_sq_codes"))) for s in states],
             exp_avg_absmaxes=[s.get("exp_avg_absmax") for s in states],
             exp_avg_sq_absmaxes=[s.get("exp_avg_sq_absmax") for s in states],
-            max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if plan.hp.amsgrad else [],
-            masters=[next((s[key] for key in MASTER_KEYS.values() if key in s), None) for s in states],
+            max_exp_avg_sqs=[local(s["max_exp_avg_sq"]) for s in states] if plan.hp.amsgrad else [],
+            masters=[local(next((s[key] for key in MASTER_KEYS.values() if key in s), None)) for s in states],
         )
         steps = [s["step"] for s in states]
         device_inputs = self._device_inputs(plan, steps, clip_coefficient)
@@ -308,7 +314,8 @@ class FusedAdam(Optimizer):
             state[master_key] = param.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         if master_key == "master_remainder" and master_key not in state:
             # The bf16 param is the master's high half and the remainder starts at 0: they rebuild it exactly.
-            state[master_key] = torch.zeros(param.shape, dtype=torch.int16, device=param.device)
+            # (zeros_like: a DTensor param gets a DTensor remainder, sharded like it.)
+            state[master_key] = torch.zeros_like(param, dtype=torch.int16, memory_format=torch.contiguous_format)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = zeros()
         return state

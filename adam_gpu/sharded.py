@@ -1,0 +1,72 @@
+"""DTensor params (FSDP2's ``fully_shard``, tensor parallelism): the local shards the kernels update, and
+the global gradient norm for fused clipping.
+
+A DTensor has no data pointer of its own; its local shard (``to_local()``) shares its storage, so a kernel
+that updates the shard in place updates the DTensor. The optimizer state stays in DTensors, as
+torch.optim.AdamW keeps it, so ``state_dict`` and distributed checkpointing see torch's layout.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T", torch.Tensor, None)
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor``.
+
+    No DTensor can exist before ``torch.distributed.tensor`` is imported, so it is looked up in
+    ``sys.modules`` rather than imported: importing adam_gpu stays cheap, and torch builds without
+    ``torch.distributed`` work."""
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor_class = getattr(module, "DTensor", None)
+    return dtensor_class is not None and isinstance(tensor, dtensor_class)
+
+
+def local(tensor: T) -> T:
+    """The tensor a kernel gets: a DTensor's local shard (same storage), any other tensor (or None) itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def local_tensors(tensors: Sequence[T]) -> list[T]:
+    return [local(t) for t in tensors]
+
+
+def check_same_sharding(param: torch.Tensor, other: torch.Tensor, what: str, index: int) -> None:
+    """``other`` (a grad or a state tensor) must be sharded like ``param``, or the kernel would pair
+    elements of different shards (or read past a smaller shard)."""
+    if is_dtensor(param) != is_dtensor(other):
+        kinds = ["a DTensor" if is_dtensor(t) else "a plain tensor" for t in (param, other)]
+        raise TypeError(f"param {index} is {kinds[0]} but its {what} is {kinds[1]}: both must be DTensors or neither")
+    if is_dtensor(param) and local(other).shape != local(param).shape:
+        raise ValueError(
+            f"{what} {index} is sharded as {other.placements} (local shape {tuple(local(other).shape)}) but its "
+            f"param as {param.placements} (local shape {tuple(local(param).shape)}): they must be sharded alike"
+        )
+
+
+def global_norm(grads: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The 2-norm of all ``grads`` together, float32 on ``device``, as torch.nn.utils.clip_grad_norm_ computes
+    it: a DTensor grad counts with all its shards (one all-reduce per device mesh); a plain grad counts once,
+    as a replicated tensor (DDP, or a module that is not sharded)."""
+    plain: dict[torch.device, list[torch.Tensor]] = {}
+    sharded: dict[object, list[torch.Tensor]] = {}
+    for grad in grads:
+        if is_dtensor(grad):
+            sharded.setdefault(grad.device_mesh, []).append(grad)
+        else:
+            plain.setdefault(grad.device, []).append(grad)
+    norms = [norm.to(device) for same_device in plain.values() for norm in torch._foreach_norm(same_device)]
+    for same_mesh in sharded.values():
+        # Each rank's norms cover its shards (partial DTensors); full_tensor() reduces them over the mesh.
+        mesh_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(same_mesh)).to(torch.float32))
+        if not plain and len(sharded) == 1:
+            return mesh_norm.full_tensor().to(device)  # no norm of one norm: it could differ from torch's by an ulp
+        norms.append(mesh_norm.full_tensor().to(device))
+    # Summed in sorted order, so that the bits do not depend on the order of the groups and params.
+    return torch.linalg.vector_norm(torch.stack(norms).to(torch.float32).sort().values)
