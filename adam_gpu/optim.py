@@ -43,6 +43,12 @@ _GROUP_OPTIONS = (
 )
 
 
+# torch.compile breaks the graph at step() and runs it eagerly (README). torch.compiler.disable would import
+# torch._dynamo (and with it triton) when adam_gpu is imported; torch._disable_dynamo, which torch.optim
+# uses on its own methods, imports it at the first call.
+_eager_under_torch_compile = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+
+
 @dataclass
 class _GroupPlan:
     """What one group's step will do, decided before anything is written."""
@@ -167,7 +173,7 @@ class FusedAdam(Optimizer):
             self.param_groups.pop()
             raise
 
-    @torch.compiler.disable  # torch.compile breaks the graph here and the step runs eagerly (README)
+    @_eager_under_torch_compile
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One step for every param with a grad.
