@@ -77,6 +77,12 @@ __device__ __forceinline__ void split_lean_master(float value, __nv_bfloat16& pa
 // max that propagates NaN, as torch.maximum does.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
 
+// start + weight * (end - start) formed from the nearer end, as torch.lerp does: weight 1 (beta 0) gives
+// end exactly, and a bf16 moment then rounds as torch's.
+__device__ __forceinline__ float lerp_from_nearer_end(float start, float end, float weight) {
+  return weight < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.0f - weight);
+}
+
 template <int WEIGHT_DECAY, bool AMSGRAD, bool MAXIMIZE>
 __device__ __forceinline__ void adam_update(float& p, float g, float& m, float& v, float& v_max,
                                             const StepScalars& s) {
@@ -87,10 +93,10 @@ __device__ __forceinline__ void adam_update(float& p, float g, float& m, float& 
   if (WEIGHT_DECAY == kL2) g += s.l2_weight_decay * p;
   if (WEIGHT_DECAY == kDecoupled) p *= s.param_decay;
   // The textbook beta * m + (1 - beta) * g written as a lerp: see StepScalars in hyperparameters.py.
-  m += s.one_minus_beta1 * (g - m);
+  m = lerp_from_nearer_end(m, g, s.one_minus_beta1);
   // An infinite v stays infinite (NaN with a NaN grad), as in torch's beta2 * v + (1 - beta2) * g²;
   // the lerp alone would give Inf - Inf.
-  v += s.one_minus_beta2 * (g * g - (isinf(v) ? 0.0f : v));
+  v = isinf(v) ? v + s.one_minus_beta2 * g * g : lerp_from_nearer_end(v, g * g, s.one_minus_beta2);
   float second_moment = v;
   if (AMSGRAD) {
     v_max = nan_max(v_max, v);
@@ -272,7 +278,7 @@ __global__ void adam_step(const long long* __restrict__ pointers, const long lon
                           const float* __restrict__ signed_map, const float* __restrict__ unsigned_map,
                           int device_step, int grad_scaling, float one_minus_beta1, float one_minus_beta2, float eps,
                           float l2_weight_decay, float param_decay, float step_size, float bias_correction2_sqrt,
-                          float decoupled_weight_decay, float log2_beta1, float log2_beta2) {
+                          float decoupled_weight_decay, float ln_beta1, float ln_beta2) {
   if (grad_scaling && device_scalars[2] != 0.0f) return;  // found_inf: leave everything as it was
   constexpr int kPack = 16 / sizeof(P);  // params per 16-byte load
   for (long long chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {
@@ -283,8 +289,9 @@ __global__ void adam_step(const long long* __restrict__ pointers, const long lon
     if (device_step) {
       const float lr = device_scalars[0];
       const float step = *reinterpret_cast<const float*>(row[5]);
-      s.step_size = lr / (1.0f - exp2f(step * log2_beta1));
-      s.bias_correction2_sqrt = sqrtf(1.0f - exp2f(step * log2_beta2));
+      // 1 - beta^step as -expm1(step ln beta): 1 - exp(...) cancels in fp32 (StepScalars).
+      s.step_size = lr / -expm1f(step * ln_beta1);
+      s.bias_correction2_sqrt = sqrtf(-expm1f(step * ln_beta2));
       s.param_decay = 1.0f - lr * decoupled_weight_decay;
     }
     P* param = reinterpret_cast<P*>(row[0]);

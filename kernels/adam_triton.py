@@ -56,6 +56,29 @@ def _store_rounded(ptr, offsets, value, mask):
 
 
 @triton.jit
+def _lerp(start, end, weight):
+    """``start + weight * (end - start)`` formed from the nearer end, as torch.lerp does: weight 1 (beta 0)
+    gives ``end`` exactly, and a bf16 moment then rounds as torch's. (The textbook ``beta * m + (1 - beta) *
+    g`` drifts further in fp32: see StepScalars in adam_gpu/hyperparameters.py.)"""
+    # end - (1 - weight) * (end - start) = end + (weight - 1) * (end - start): one FMA from the nearer end.
+    # (weight - 1 is exact for weight >= 0.5.)
+    from_start = weight < 0.5
+    return tl.where(from_start, start, end) + tl.where(from_start, weight, weight - 1.0) * (end - start)
+
+
+@triton.jit
+def _one_minus_exp(x):
+    """``1 - exp(x) = -expm1(x)`` for ``x <= 0`` to fp32 accuracy (Triton has no expm1 on every target, nor in
+    its interpreter): 1 - exp(x) cancels near 0, so for x > -1/2 the Taylor series of -expm1 to x**12
+    (truncation < 1e-13 relative), else 1 - exp(x) (>= 0.39). Worst error over -1e-12..-10, in numpy
+    fp32: 1.2e-7 relative (1 - exp(x) alone: 6.7e-4 at x = -1e-5, beta2 = 0.99999 at step 1)."""
+    series = 1.0 + x / 12.0
+    for k in tl.static_range(11, 1, -1):
+        series = 1.0 + x / k * series
+    return tl.where(x > -0.5, -x * series, 1.0 - tl.exp(x))
+
+
+@triton.jit
 def _load_lean_master(param_ptr, remainder_ptr, offsets, mask):
     """fp32 from the bf16 param's bits (the high half) plus the signed 16-bit remainder (the rest)."""
     high = tl.load(param_ptr + offsets, mask=mask).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
@@ -143,8 +166,8 @@ def adam_step_kernel(
     step_size,
     bias_correction2_sqrt,
     decoupled_weight_decay,
-    log2_beta1,
-    log2_beta2,
+    ln_beta1,
+    ln_beta2,
     PARAM_TYPE: tl.constexpr,
     STATE_TYPE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr,
@@ -185,8 +208,8 @@ def adam_step_kernel(
     if DEVICE_STEP:
         lr = tl.load(device_scalars)
         step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
-        step_size = lr / (1.0 - tl.exp2(step * log2_beta1))
-        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))
+        step_size = lr / _one_minus_exp(step * ln_beta1)
+        bias_correction2_sqrt = tl.sqrt(_one_minus_exp(step * ln_beta2))
         param_decay = 1.0 - lr * decoupled_weight_decay
     if GRAD_SCALING:
         grad_multiplier = tl.load(device_scalars + 1)
@@ -221,14 +244,16 @@ def adam_step_kernel(
         elif WEIGHT_DECAY == DECOUPLED:
             param = param * param_decay
 
-        exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
         # An infinite v stays infinite (NaN with a NaN grad), as in torch's beta2 * v + (1 - beta2) * g²;
         # the lerp alone would give Inf - Inf.
-        exp_avg_sq = tl.where(
-            exp_avg_sq == float("inf"),
-            exp_avg_sq + one_minus_beta2 * grad * grad,
-            exp_avg_sq + one_minus_beta2 * (grad * grad - exp_avg_sq),
-        )
+        v_from_inf = exp_avg_sq + one_minus_beta2 * grad * grad
+        if QUANTIZED:  # (8-bit codes gain nothing from the exact ends, and the select cost a stack frame)
+            exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+            v_lerp = exp_avg_sq + one_minus_beta2 * (grad * grad - exp_avg_sq)
+        else:
+            exp_avg = _lerp(exp_avg, grad, one_minus_beta1)
+            v_lerp = _lerp(exp_avg_sq, grad * grad, one_minus_beta2)
+        exp_avg_sq = tl.where(exp_avg_sq == float("inf"), v_from_inf, v_lerp)
         if AMSGRAD:
             max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
             max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
