@@ -309,22 +309,21 @@ def skip_unless_backend_runs(name: str, dtype: torch.dtype = torch.float32) -> N
 MOMENT_NAMES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
-def check_one_step(
-    backend: str, case: StepCase, param_dtype: torch.dtype, state_dtype: torch.dtype, hp: AdamHyperparameters
-) -> None:
-    """One ``fused_adam`` step of ``case`` (already rounded to its storage dtypes) on ``backend``, in
-    NaN-poisoned buffers, against the float64 reference and torch.optim: fp32 outputs within 1e-6
-    relative; low-precision ones within 2x torch's own error and rounded to nearest in every element."""
-    param, param_buffer = guarded(case.param, param_dtype)
-    grad, grad_buffer = guarded(case.grad, param_dtype)
-    moments = [guarded(v, state_dtype) for v in (case.exp_avg, case.exp_avg_sq, case.max_exp_avg_sq)]
-    step = torch.tensor(float(case.step - 1))
-    ran = fused_adam(
+def fused_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    moments: list[torch.Tensor],
+    step: torch.Tensor,
+    hp: AdamHyperparameters,
+    backend: str,
+) -> str | None:
+    """``fused_adam`` on one param with ``moments`` = [exp_avg, exp_avg_sq, max_exp_avg_sq] and ``hp``."""
+    return fused_adam(
         [param],
         [grad],
-        [moments[0][0]],
-        [moments[1][0]],
-        [moments[2][0]],
+        [moments[0]],
+        [moments[1]],
+        [moments[2]],
         [step],
         lr=hp.lr,
         beta1=hp.beta1,
@@ -336,6 +335,19 @@ def check_one_step(
         maximize=hp.maximize,
         backend=backend,
     )
+
+
+def check_one_step(
+    backend: str, case: StepCase, param_dtype: torch.dtype, state_dtype: torch.dtype, hp: AdamHyperparameters
+) -> None:
+    """One ``fused_adam`` step of ``case`` (already rounded to its storage dtypes) on ``backend``, in
+    NaN-poisoned buffers, against the float64 reference and torch.optim: fp32 outputs within 1e-6
+    relative; low-precision ones within 2x torch's own error and rounded to nearest in every element."""
+    param, param_buffer = guarded(case.param, param_dtype)
+    grad, grad_buffer = guarded(case.grad, param_dtype)
+    moments = [guarded(v, state_dtype) for v in (case.exp_avg, case.exp_avg_sq, case.max_exp_avg_sq)]
+    step = torch.tensor(float(case.step - 1))
+    ran = fused_step(param, grad, [view for view, _ in moments], step, hp, backend)
     assert ran == backend
     assert float(step) == case.step
     for buffer in (param_buffer, grad_buffer, *(b for _, b in moments)):

@@ -15,11 +15,12 @@ from support import (
     assert_close_relative,
     assert_correctly_rounded,
     backend_params,
+    fused_step,
     policy_id,
     seeded_generator,
 )
 
-from adam_gpu import FusedAdamW, fused_adam
+from adam_gpu import FusedAdamW
 from adam_gpu.hyperparameters import AdamHyperparameters
 
 pytestmark = [
@@ -43,23 +44,7 @@ def _run(backend: str, case: StepCase, param_dtype: torch.dtype, state_dtype: to
     param = placed(case.param, param_dtype, offsets[0])
     grad = placed(case.grad, param_dtype, offsets[1])
     moments = [placed(v, state_dtype, offsets[2]) for v in (case.exp_avg, case.exp_avg_sq, case.max_exp_avg_sq)]
-    fused_adam(
-        [param],
-        [grad],
-        [moments[0]],
-        [moments[1]],
-        [moments[2]],
-        [torch.tensor(float(case.step - 1))],
-        lr=HP.lr,
-        beta1=HP.beta1,
-        beta2=HP.beta2,
-        eps=HP.eps,
-        weight_decay=HP.weight_decay,
-        decoupled=HP.decoupled,
-        amsgrad=HP.amsgrad,
-        maximize=HP.maximize,
-        backend=backend,
-    )
+    fused_step(param, grad, moments, torch.tensor(float(case.step - 1)), HP, backend)
     torch.cuda.synchronize()
     return param, *moments
 
@@ -138,11 +123,7 @@ def test_64_bit_indices(backend):
         full[-64:] = values.to(torch.bfloat16)
         tensors.append(full)
     param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = tensors
-    fused_adam(
-        [param], [grad], [exp_avg], [exp_avg_sq], [max_exp_avg_sq], [torch.tensor(float(head.step - 1))],
-        lr=HP.lr, beta1=HP.beta1, beta2=HP.beta2, eps=HP.eps, weight_decay=HP.weight_decay,
-        decoupled=True, amsgrad=True, maximize=False, backend=backend,
-    )  # fmt: skip
+    fused_step(param, grad, [exp_avg, exp_avg_sq, max_exp_avg_sq], torch.tensor(float(head.step - 1)), HP, backend)
     for part in (slice(0, 64), slice(n - 64, n)):
         _check([t[part] for t in (param, exp_avg, exp_avg_sq, max_exp_avg_sq)], head)
     del tensors, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
