@@ -7,8 +7,8 @@ the denominator's square) uses 5 exponent bits + 3 mantissa bits, so its smalles
 2^-33 / 1.875 of the block's maximum: a second moment rounded to 0 beside a non-zero first moment would
 divide by eps.
 
-This module is the specification the kernels are tested against (tests/test_quantization.py); the
-fused kernels that quantize inside the Adam step are the next part of issue 6.
+This module is the specification the kernels are tested against (tests/test_quantization.py,
+tests/test_8bit.py); the kernels quantize inside the fused Adam step.
 """
 
 from __future__ import annotations
@@ -53,12 +53,14 @@ def unsigned_map() -> torch.Tensor:
 def quantize(values: torch.Tensor, code_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 model: (uint8 codes, fp32 absmax per block) of a flat tensor; the code is the nearest map
     entry to value / absmax (the lower one on an exact tie). An all-zero block gets absmax 0 and the
-    code of 0."""
+    code of 0. A block holding a NaN or an Inf gets absmax NaN, so that all of it reads NaN from then on:
+    no code holds a non-finite value, and NaN must not vanish into a code (its codes are unspecified)."""
     flat = values.detach().to(torch.float64).flatten()
     padded = torch.nn.functional.pad(flat, (0, (-flat.numel()) % BLOCK))
     blocks = padded.view(-1, BLOCK)
     absmax = blocks.abs().amax(dim=1).to(torch.float32)
     scale = absmax.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
+    absmax = torch.where(absmax.isfinite(), absmax, float("nan"))
     normalized = (blocks / scale[:, None]).flatten()[: flat.numel()]
     upper = torch.searchsorted(code_map, normalized).clamp(1, code_map.numel() - 1)
     lower = upper - 1

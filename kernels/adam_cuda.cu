@@ -168,6 +168,7 @@ __device__ void step_quantized_block(P* param, const P* grad, unsigned char* exp
   const long long last = first + kQuantBlock < n_elements ? first + kQuantBlock : n_elements;
   const float m_scale = exp_avg_absmax[block], v_scale = exp_avg_sq_absmax[block];
   float m_max = 0.0f, v_max = 0.0f;
+  bool m_non_finite = false, v_non_finite = false;  // a NaN or Inf moment: absmax NaN (quantization.py)
   for (int pass = 0; pass < 2; ++pass) {
     const float m_divisor = m_max > 0.0f ? m_max : 1.0f, v_divisor = v_max > 0.0f ? v_max : 1.0f;
     for (long long i = first; i < last; ++i) {
@@ -179,6 +180,8 @@ __device__ void step_quantized_block(P* param, const P* grad, unsigned char* exp
       if (pass == 0) {
         m_max = fmaxf(m_max, fabsf(m));
         v_max = fmaxf(v_max, fabsf(v));
+        m_non_finite = m_non_finite || !isfinite(m);
+        v_non_finite = v_non_finite || !isfinite(v);
       } else {
         store_param<P, MASTER>(param, master, i, p);
         exp_avg[i] = nearest_code(m / m_divisor, signed_map);
@@ -186,8 +189,8 @@ __device__ void step_quantized_block(P* param, const P* grad, unsigned char* exp
       }
     }
   }
-  exp_avg_absmax[block] = m_max;
-  exp_avg_sq_absmax[block] = v_max;
+  exp_avg_absmax[block] = m_non_finite ? nanf("") : m_max;
+  exp_avg_sq_absmax[block] = v_non_finite ? nanf("") : v_max;
 }
 
 // N consecutive elements, aligned so that one pack is one (or, for fp32 moments beside 16-bit params,

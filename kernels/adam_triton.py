@@ -125,15 +125,21 @@ def _load_quantized(codes_ptr, absmax_ptr, code_map, offsets, mask):
 @triton.jit
 def _store_quantized(codes_ptr, absmax_ptr, code_map, offsets, value, mask, first, n_elements, BLOCK: tl.constexpr):
     """Quantize BLOCK values (BLOCK / QUANT_BLOCK whole blocks starting at element ``first``): one absmax
-    per block of the values inside the tensor, and each value's nearest code."""
+    per block of the values inside the tensor (NaN for a block with a non-finite value), and each value's
+    nearest code."""
     blocks_per_row: tl.constexpr = BLOCK // QUANT_BLOCK
-    magnitude = tl.reshape(tl.where(mask, tl.abs(value), 0.0), (blocks_per_row, QUANT_BLOCK))
-    block_absmax = tl.max(magnitude, axis=1)
+    # A NaN counts as Inf, so one max finds both the absmax and whether the block holds a non-finite value;
+    # such a block's absmax is stored as NaN, so that all of it reads NaN from then on (no code holds NaN
+    # or Inf, and a max that skipped it would hide it).
+    magnitude = tl.abs(value)
+    magnitude = tl.where(mask, tl.where(magnitude == magnitude, magnitude, float("inf")), 0.0)
+    block_absmax = tl.max(tl.reshape(magnitude, (blocks_per_row, QUANT_BLOCK)), axis=1)
     absmax = tl.reshape(tl.broadcast_to(block_absmax[:, None], (blocks_per_row, QUANT_BLOCK)), (BLOCK,))
     normalized = value / tl.where(absmax > 0, absmax, 1.0)  # an all-zero block: zeros
     tl.store(codes_ptr + offsets, _nearest_code(normalized, code_map).to(tl.uint8), mask=mask)
     blocks = first // QUANT_BLOCK + tl.arange(0, blocks_per_row)
-    tl.store(absmax_ptr + blocks, block_absmax, mask=blocks * QUANT_BLOCK < n_elements)
+    stored_absmax = tl.where(block_absmax == float("inf"), float("nan"), block_absmax)
+    tl.store(absmax_ptr + blocks, stored_absmax, mask=blocks * QUANT_BLOCK < n_elements)
 
 
 @triton.jit

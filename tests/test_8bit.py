@@ -22,7 +22,7 @@ from support import (
 from adam_gpu import BackendUnavailableError, FusedAdamW, dispatch, fused_adam
 from adam_gpu.backends import torch as torch_backend
 from adam_gpu.hyperparameters import AdamHyperparameters
-from adam_gpu.quantization import BLOCK, dequantize, quantize, signed_map, unsigned_map
+from adam_gpu.quantization import BLOCK, SMALL_TENSOR, dequantize, quantize, signed_map, unsigned_map
 from adam_gpu.step_tensors import EIGHT_BIT
 
 HP = AdamHyperparameters(1e-2, 0.9, 0.999, 1e-8, 0.1, decoupled=True)
@@ -135,3 +135,53 @@ def test_8bit_moments_refuse_amsgrad_and_torch_optim_refuses_them():
     theirs.param_groups[0]["params"][0].grad = torch.randn(5000, device=DEVICE)
     with pytest.raises(KeyError):  # loud, never training on codes read as moments
         theirs.step()
+
+
+# Triton's CPU interpreter computes with numpy, which warns about the NaN it is meant to compute here.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", backend_params())
+def test_non_finite_moment_makes_its_block_nan_in_every_backend(backend):
+    """A NaN or Inf grad reaches the param at its own element (the update uses the fp32 moments), and the
+    blocks holding a non-finite moment get absmax NaN, so that from the next step on the whole block reads
+    NaN: no code holds NaN or Inf, and dropping it into a finite code would hide it. The other blocks are
+    untouched by the poison (equal to a clean run's)."""
+    if not has_feature(backend, EIGHT_BIT):
+        pytest.skip(f"the {backend} backend has no 8-bit moments yet")
+    generator = seeded_generator("8bit non-finite", backend)
+    start = torch.randn(SMALL_TENSOR + 17, generator=generator).to(DEVICE)  # (smaller ones keep fp32 moments)
+    grads = [torch.randn(start.shape, generator=generator).to(DEVICE) for _ in range(3)]
+    poisoned = {3: float("nan"), BLOCK + 5: float("inf"), 3 * BLOCK + 200: float("-inf")}  # blocks 0, 1, 3
+    bad_blocks = sorted({index // BLOCK for index in poisoned})
+
+    absmax_keys = ("exp_avg_absmax", "exp_avg_sq_absmax")
+
+    def run(poison: bool) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """The params and the absmaxes after each step."""
+        param = start.clone()
+        optimizer = FusedAdamW([param], lr=1e-2, backend=backend, state_dtype="8bit")
+        params_after, absmaxes_after = [], []
+        for step, grad in enumerate(grads):
+            param.grad = grad.clone()
+            if poison and step == 1:
+                for index, value in poisoned.items():
+                    param.grad[index] = value
+            optimizer.step()
+            params_after.append(param.detach().clone())
+            absmaxes_after.append({key: optimizer.state[param][key].clone() for key in absmax_keys})
+        return params_after, absmaxes_after
+
+    clean, clean_absmaxes = run(poison=False)
+    poisoned_run, absmaxes = run(poison=True)
+    assert sorted(torch.nonzero(poisoned_run[1].isnan()).flatten().tolist()) == sorted(poisoned), (
+        "after the poisoned step the params are NaN at exactly the poisoned elements (as torch.optim's)"
+    )
+    for key in absmax_keys:  # right after the poisoned step
+        absmax, clean_absmax = absmaxes[1][key], clean_absmaxes[1][key]
+        nan_blocks = torch.nonzero(absmax.isnan()).flatten().tolist()
+        assert nan_blocks == bad_blocks, f"{key}: NaN in blocks {nan_blocks}, expected {bad_blocks}"
+        good = ~absmax.isnan()
+        assert torch.equal(absmax[good], clean_absmax[good]), f"{key} of the other blocks"
+    blocks = torch.arange(start.numel(), device=DEVICE) // BLOCK
+    in_bad_block = torch.isin(blocks, torch.tensor(bad_blocks, device=DEVICE))
+    assert bool(poisoned_run[2][in_bad_block].isnan().all()), "a poisoned block did not read NaN the step after"
+    assert torch.equal(poisoned_run[2][~in_bad_block], clean[2][~in_bad_block]), "the poison reached other blocks"

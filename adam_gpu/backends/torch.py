@@ -74,6 +74,7 @@ def _quantize(value: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Te
     blocks = torch.nn.functional.pad(flat, (0, (-flat.numel()) % QUANT_BLOCK)).view(-1, QUANT_BLOCK)
     absmax = blocks.abs().amax(dim=1)
     scale = absmax.repeat_interleave(QUANT_BLOCK)[: flat.numel()]
+    absmax = torch.where(absmax.isfinite(), absmax, float("nan"))  # a NaN/Inf in the block: NaN (quantization)
     normalized = flat / torch.where(scale > 0, scale, 1.0)  # an all-zero block: zeros
     code_map = _code_map(signed, value.device)
     low = (torch.searchsorted(code_map, normalized, right=True) - 1).clamp(0, 255)
