@@ -90,7 +90,11 @@ def test_restored_in_a_new_process_training_continues_bitwise(backend, tmp_path:
     done = subprocess.run(
         [sys.executable, "-c", code, *arguments],
         cwd=Path(__file__).parent,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+        # (tests/ first, then whatever put adam_gpu on the path: benchmarks/run_gpu.sh stages it there.)
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
+        },
         capture_output=True,
         text=True,
         timeout=300,
