@@ -64,12 +64,11 @@ def global_norm(grads: Sequence[torch.Tensor], device: torch.device) -> torch.Te
             plain.setdefault(grad.device, []).append(grad)
     norms = [norm.to(device) for same_device in plain.values() for norm in _fp32_norms(same_device)]
     for same_mesh in sharded.values():
-        # Each rank's norms cover its shards (partial DTensors); full_tensor() reduces them over the mesh.
-        mesh_norm = torch.linalg.vector_norm(torch.stack(_fp32_norms(same_mesh)))
-        if not plain and len(sharded) == 1:
-            return mesh_norm.full_tensor().to(device)  # no norm of one norm: it could differ from torch's by an ulp
-        norms.append(mesh_norm.full_tensor().to(device))
-    # Summed in sorted order, so that the bits do not depend on the order of the groups and params.
+        # Each rank's norms cover its shards (partial DTensors); full_tensor() reduces the vector of them
+        # over the mesh in one all-reduce, giving each tensor's global norm.
+        norms += torch.stack(_fp32_norms(same_mesh)).full_tensor().to(device).unbind()
+    # Summed in sorted order, so that the bits depend neither on the order of the groups and params nor on
+    # the sharding.
     return torch.linalg.vector_norm(torch.stack(norms).to(torch.float32).sort().values)
 
 
