@@ -149,18 +149,7 @@ def adam_step(
     scalars = [hp.step_scalars(step) for step in steps]
     first = scalars[0]  # everything but the bias corrections is the same for every tensor
 
-    if hp.maximize:
-        grads = torch._foreach_neg(grads)
-    if hp.weight_decay != 0:
-        if hp.decoupled:
-            torch._foreach_mul_(params, first.param_decay)
-        else:
-            grads = torch._foreach_add(grads, params, alpha=first.l2_weight_decay)
-
-    torch._foreach_lerp_(exp_avgs, grads, first.one_minus_beta1)
-    _second_moment_update(exp_avg_sqs, grads, hp.beta2, first.one_minus_beta2)
-    if hp.amsgrad:
-        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+    _update_moments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hp, first.param_decay)
     denominators = torch._foreach_sqrt(max_exp_avg_sqs if hp.amsgrad else exp_avg_sqs)
     torch._foreach_div_(denominators, [s.bias_correction2_sqrt for s in scalars])
     torch._foreach_add_(denominators, first.eps)
@@ -184,18 +173,7 @@ def _adam_step_device_inputs(
     max_exp_avg_sqs = _working_copies(tensors.max_exp_avg_sqs, copy=True)
     lr, multiplier, found_inf = inputs.values[LR], inputs.values[GRAD_MULTIPLIER], inputs.values[FOUND_INF]
     grads = torch._foreach_mul(_working_copies(tensors.grads), multiplier)
-    first = hp.step_scalars(1.0)
-    if hp.maximize:
-        grads = torch._foreach_neg(grads)
-    if hp.weight_decay != 0:
-        if hp.decoupled:
-            torch._foreach_mul_(params, 1.0 - lr * hp.weight_decay)
-        else:
-            grads = torch._foreach_add(grads, params, alpha=first.l2_weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, first.one_minus_beta1)
-    _second_moment_update(exp_avg_sqs, grads, hp.beta2, first.one_minus_beta2)
-    if hp.amsgrad:
-        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+    _update_moments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, hp, 1.0 - lr * hp.weight_decay)
     if inputs.steps is not None:
         counts = [step.to(torch.float64) for step in inputs.steps]
         step_sizes = [lr / (1 - power) for power in torch._foreach_pow(hp.beta1, counts)]
@@ -218,11 +196,29 @@ def _adam_step_device_inputs(
     _store_moments(tensors.max_exp_avg_sqs, [], max_exp_avg_sqs, False, keep)
 
 
-def _second_moment_update(
-    exp_avg_sqs: list[torch.Tensor], grads: list[torch.Tensor], beta2: float, weight: float
+def _update_moments(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
+    hp: AdamHyperparameters,
+    param_decay: float | torch.Tensor,
 ) -> None:
-    """``v = beta2 * v + (1 - beta2) * g²`` in torch.optim's own form, so that an infinite v stays infinite
-    as in torch (the kernels' more accurate lerp form needs a select for that, which costs two more passes
-    here)."""
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, weight)
+    """Maximize, weight decay (L2 into the grads, or decoupled: params times ``param_decay``, a number or
+    a device tensor) and the moment updates, in place on fp32 working values; the grads are not written."""
+    scalars = hp.step_scalars(1.0)  # (the step count only changes the bias corrections, not used here)
+    if hp.maximize:
+        grads = torch._foreach_neg(grads)
+    if hp.weight_decay != 0:
+        if hp.decoupled:
+            torch._foreach_mul_(params, param_decay)
+        else:
+            grads = torch._foreach_add(grads, params, alpha=scalars.l2_weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, scalars.one_minus_beta1)
+    # v = beta2 * v + (1 - beta2) * g² in torch.optim's own form, so that an infinite v stays infinite as in
+    # torch (the kernels' more accurate lerp form needs a select for that, which costs two more passes here).
+    torch._foreach_mul_(exp_avg_sqs, hp.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, scalars.one_minus_beta2)
+    if hp.amsgrad:
+        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
