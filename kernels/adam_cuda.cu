@@ -5,14 +5,16 @@
 // params at a time where every pointer allows, do the step in fp32, and store param and moments
 // rounded to nearest even in their storage types; single elements take the tail (and whole tensors
 // whose pointers are not aligned). Indices are 64-bit. The step is elementwise: no shared memory, no
-// __syncthreads, no atomics.
+// __syncthreads, no atomics; only 8-bit moments make a warp cooperate (shuffles find a quantization
+// block's absmax).
 //
 // Specializations are template instantiations named by NVRTC name expressions, e.g.
 //   adam_gpu::adam_step<__nv_bfloat16, float, 2, true, false, 0>
 // (param type, moment type, weight-decay mode, amsgrad, maximize, master mode).
 //
 // The same file builds on the host with g++ and tests/cuda_host_shim.h, which defines
-// ADAM_GPU_HOST_BUILD: the tests run it on the CPU through the shared correctness tests.
+// ADAM_GPU_HOST_BUILD: the tests run it on the CPU through the shared correctness tests (the threads of a
+// block as OS threads where warps shuffle).
 
 #ifndef ADAM_GPU_HOST_BUILD
 #include <cuda_bf16.h>
@@ -155,42 +157,61 @@ __device__ __forceinline__ unsigned char nearest_code(float x, const float* code
   return static_cast<unsigned char>((code_map[upper] - x) < (x - code_map[low]) ? upper : low);
 }
 
-// One quantization block by one thread, in two passes over its elements: the first finds the new
-// moments' absmax (writing nothing), the second repeats the update and writes the param and the codes.
-// No thread cooperates with another, so the kernel stays free of shared memory and shuffles (and runs
-// unchanged on the host). Not yet tuned: a warp per block would read each element once.
+// One quantization block by one warp, every element read and written once. Lane l holds elements
+// l, l + 32, ..., l + 224 of the block in registers: each load or store instruction of the warp touches 32
+// consecutive elements (coalesced, whatever the alignment). The warp's max of |m| and |v| (shuffles) is the
+// block's new absmax; then every lane writes its codes (params are written as soon as they are updated).
+// The whole warp calls this together (the shuffles need all 32 lanes): the block loop is uniform in a warp.
+constexpr int kWarp = 32;
+constexpr int kPerLane = kQuantBlock / kWarp;
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, offset));
+  return x;
+}
+
 template <typename P, int WEIGHT_DECAY, bool MAXIMIZE, int MASTER>
-__device__ void step_quantized_block(P* param, const P* grad, unsigned char* exp_avg, unsigned char* exp_avg_sq,
-                                     float* exp_avg_absmax, float* exp_avg_sq_absmax, void* master,
-                                     const float* signed_map, const float* unsigned_map, long long block,
-                                     long long n_elements, const StepScalars& s) {
-  const long long first = block * kQuantBlock;
-  const long long last = first + kQuantBlock < n_elements ? first + kQuantBlock : n_elements;
+__device__ __forceinline__ void step_quantized_block(P* param, const P* grad, unsigned char* exp_avg,
+                                                     unsigned char* exp_avg_sq, float* exp_avg_absmax,
+                                                     float* exp_avg_sq_absmax, void* master,
+                                                     const float* signed_map, const float* unsigned_map,
+                                                     long long block, long long n_elements, int lane,
+                                                     const StepScalars& s) {
+  const float infinity = __uint_as_float(0x7F800000u);
+  const long long first = block * kQuantBlock + lane;
   const float m_scale = exp_avg_absmax[block], v_scale = exp_avg_sq_absmax[block];
-  float m_max = 0.0f, v_max = 0.0f;
-  bool m_non_finite = false, v_non_finite = false;  // a NaN or Inf moment: absmax NaN (quantization.py)
-  for (int pass = 0; pass < 2; ++pass) {
-    const float m_divisor = m_max > 0.0f ? m_max : 1.0f, v_divisor = v_max > 0.0f ? v_max : 1.0f;
-    for (long long i = first; i < last; ++i) {
+  float m[kPerLane], v[kPerLane];
+  float m_max = 0.0f, v_max = 0.0f;  // a NaN or Inf moment counts as Inf: the block's absmax is then NaN
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const long long i = first + k * kWarp;
+    if (i < n_elements) {
       float p = load_param<P, MASTER>(param, master, i);
-      float m = signed_map[exp_avg[i]] * m_scale;
-      float v = unsigned_map[exp_avg_sq[i]] * v_scale;
+      m[k] = signed_map[exp_avg[i]] * m_scale;
+      v[k] = unsigned_map[exp_avg_sq[i]] * v_scale;
       float unused = 0.0f;
-      adam_update<WEIGHT_DECAY, false, MAXIMIZE>(p, to_float(grad[i]), m, v, unused, s);
-      if (pass == 0) {
-        m_max = fmaxf(m_max, fabsf(m));
-        v_max = fmaxf(v_max, fabsf(v));
-        m_non_finite = m_non_finite || !isfinite(m);
-        v_non_finite = v_non_finite || !isfinite(v);
-      } else {
-        store_param<P, MASTER>(param, master, i, p);
-        exp_avg[i] = nearest_code(m / m_divisor, signed_map);
-        exp_avg_sq[i] = nearest_code(v / v_divisor, unsigned_map);
-      }
+      adam_update<WEIGHT_DECAY, false, MAXIMIZE>(p, to_float(grad[i]), m[k], v[k], unused, s);
+      store_param<P, MASTER>(param, master, i, p);  // the param needs no absmax: written now, not kept
+      m_max = fmaxf(m_max, isfinite(m[k]) ? fabsf(m[k]) : infinity);
+      v_max = fmaxf(v_max, isfinite(v[k]) ? fabsf(v[k]) : infinity);
     }
   }
-  exp_avg_absmax[block] = m_non_finite ? nanf("") : m_max;
-  exp_avg_sq_absmax[block] = v_non_finite ? nanf("") : v_max;
+  m_max = warp_max(m_max);
+  v_max = warp_max(v_max);
+  const float m_divisor = m_max > 0.0f ? m_max : 1.0f, v_divisor = v_max > 0.0f ? v_max : 1.0f;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const long long i = first + k * kWarp;
+    if (i < n_elements) {
+      exp_avg[i] = nearest_code(m[k] / m_divisor, signed_map);
+      exp_avg_sq[i] = nearest_code(v[k] / v_divisor, unsigned_map);
+    }
+  }
+  if (lane == 0) {  // quantization.py: a block holding a non-finite moment gets absmax NaN
+    exp_avg_absmax[block] = m_max == infinity ? nanf("") : m_max;
+    exp_avg_sq_absmax[block] = v_max == infinity ? nanf("") : v_max;
+  }
 }
 
 // N consecutive elements, aligned so that one pack is one (or, for fp32 moments beside 16-bit params,
@@ -305,11 +326,14 @@ __global__ void adam_step(const long long* __restrict__ pointers, const long lon
     void* master = reinterpret_cast<void*>(row[6]);
     const long long start = (chunk - chunk_offsets[tensor]) * chunk_size;
     const long long stop = start + chunk_size < numels[tensor] ? start + chunk_size : numels[tensor];
-    if constexpr (IsCode<S>::value) {  // chunk_size is a multiple of kQuantBlock: blocks never straddle chunks
-      for (long long block = start / kQuantBlock + threadIdx.x; block * kQuantBlock < stop; block += blockDim.x) {
+    if constexpr (IsCode<S>::value) {
+      // A warp per quantization block (blockDim.x is a multiple of 32); chunk_size is a multiple of
+      // kQuantBlock, so blocks never straddle chunks.
+      const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+      for (long long block = start / kQuantBlock + warp; block * kQuantBlock < stop; block += warps) {
         step_quantized_block<P, WEIGHT_DECAY, MAXIMIZE, MASTER>(
             param, grad, exp_avg, exp_avg_sq, reinterpret_cast<float*>(row[7]), reinterpret_cast<float*>(row[8]),
-            master, signed_map, unsigned_map, block, numels[tensor], s);
+            master, signed_map, unsigned_map, block, numels[tensor], lane, s);
       }
     } else {
       const bool vectorized = aligned_for<kPack>(param) && aligned_for<kPack>(grad) && aligned_for<kPack>(exp_avg) &&

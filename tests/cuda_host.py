@@ -1,12 +1,12 @@
 """Host execution of ``kernels/adam_cuda.cu``: the same source built with g++ and tests/cuda_host_shim.h,
-run thread by thread through ctypes, as a backend (the ``adam_gpu.backends`` protocol) that the shared
-correctness tests take like any other.
+run through ctypes (thread by thread, or a block's threads at once as OS threads where warps shuffle), as a
+backend (the ``adam_gpu.backends`` protocol) that the shared correctness tests take like any other.
 
-It checks the kernel's arithmetic, indexing (vector packs, alignment fallback, grid-stride loop, tail),
-rounding and the launcher's specialization and argument choice. It cannot check what only a GPU shows:
-races, the memory model, launch limits, register pressure and speed (tests marked ``gpu`` do that).
-Launches rotate over odd grids (blocks x threads) and use several chunk sizes, so the grid-stride loops
-see strides that divide nothing."""
+It checks the kernel's arithmetic, indexing (vector packs, alignment fallback, grid-stride loop, tail, a warp
+per quantization block), the warps' absmax reduction, rounding and the launcher's specialization and argument
+choice. It cannot check what only a GPU shows: the memory model, launch limits, register pressure and speed
+(tests marked ``gpu`` do that). Launches rotate over odd grids (blocks x threads; whole warps for 8-bit
+moments) and use several chunk sizes, so the grid-stride loops see strides that divide nothing."""
 
 from __future__ import annotations
 
@@ -26,15 +26,21 @@ from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 
 GRIDS = [(1, 1), (3, 32), (7, 5)]
+# 8-bit moments take a warp per quantization block: whole warps, and (64 threads) more than one a block.
+GRIDS_8BIT = [(1, 32), (3, 64), (2, 96)]
 # Chunk sizes (multiples of 8, as the kernel needs), chosen by the step's total element count so the same
 # tensors always get the same chunk (and the same cached table): small ones put chunk boundaries, the
 # table search and the pack/element split inside the tensors the tests use.
 CHUNKS = [8, 40, 8192, 24]
 CHUNKS_8BIT = [256, 768, 8192]  # 8-bit moments need whole quantization blocks per chunk
 _next_grid = itertools.cycle(GRIDS).__next__
+_next_8bit_grid = itertools.cycle(GRIDS_8BIT).__next__
 _SHIM = Path(__file__).with_name("cuda_host_shim.h")
 
 _DRIVER_HEAD = """\
+#include <thread>
+#include <vector>
+
 #include "cuda_host_shim.h"
 #include "{source}"
 
@@ -42,20 +48,31 @@ typedef void (*Kernel)(const long long*, const long long*, const long long*, int
                        const float*, const float*, int, int, float, float, float, float, float, float, float, float,
                        float, float);
 
-// Run every (block, thread) of a grid in turn.
-static void run_grid(Kernel kernel, unsigned grid, unsigned block, const long long* pointers,
+// Run a grid a block at a time: the threads of a block one after another, or, when they shuffle within warps
+// (`cooperative`), all at once as OS threads.
+static void run_grid(Kernel kernel, bool cooperative, unsigned grid, unsigned block, const long long* pointers,
                      const long long* numels, const long long* chunk_offsets, int n_tensors, long long n_chunks,
                      long long chunk, const float* device_scalars, const float* signed_map,
                      const float* unsigned_map, int device_step, int grad_scaling, const float* s) {{
   gridDim.x = grid;
   blockDim.x = block;
+  auto run_thread = [&](unsigned b, unsigned t) {{
+    blockIdx.x = b;
+    threadIdx.x = t;
+    kernel(pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk, device_scalars, signed_map, unsigned_map,
+           device_step, grad_scaling, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9]);
+  }};
   for (unsigned b = 0; b < grid; ++b) {{
-    for (unsigned t = 0; t < block; ++t) {{
-      blockIdx.x = b;
-      threadIdx.x = t;
-      kernel(pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk, device_scalars, signed_map, unsigned_map,
-             device_step, grad_scaling, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9]);
+    if (!cooperative) {{
+      for (unsigned t = 0; t < block; ++t) run_thread(b, t);
+      continue;
     }}
+    std::vector<HostWarp> warps((block + 31) / 32);
+    host_warps = warps.data();
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < block; ++t) threads.emplace_back(run_thread, b, t);
+    for (std::thread& thread : threads) thread.join();
+    host_warps = nullptr;
   }}
 }}
 """
@@ -64,8 +81,8 @@ extern "C" void launch_{index}(unsigned grid, unsigned block, const long long* p
                               const long long* chunk_offsets, const float* device_scalars, const float* signed_map,
                               const float* unsigned_map, int n_tensors, long long n_chunks, long long chunk,
                               int device_step, int grad_scaling, const float* s) {{
-  run_grid(&{name}, grid, block, pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk, device_scalars,
-           signed_map, unsigned_map, device_step, grad_scaling, s);
+  run_grid(&{name}, {cooperative}, grid, block, pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk,
+           device_scalars, signed_map, unsigned_map, device_step, grad_scaling, s);
 }}
 """
 
@@ -76,10 +93,22 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
     names = cuda_source.all_name_expressions()
     build = Path(tempfile.mkdtemp(prefix="adam-gpu-host-"))
     driver = _DRIVER_HEAD.format(source=cuda_source.source_path()) + "".join(
-        _DRIVER_ENTRY.format(index=index, name=name) for index, name in enumerate(names)
+        _DRIVER_ENTRY.format(index=index, name=name, cooperative=str(_shuffles(name)).lower())
+        for index, name in enumerate(names)
     )
     (build / "driver.cpp").write_text(driver)
-    command = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", f"-I{_SHIM.parent}", "driver.cpp", "-o", "kernels.so"]
+    command = [
+        "g++",
+        "-std=c++17",
+        "-O1",
+        "-pthread",
+        "-shared",
+        "-fPIC",
+        f"-I{_SHIM.parent}",
+        "driver.cpp",
+        "-o",
+        "kernels.so",
+    ]
     subprocess.run(command, cwd=build, check=True, capture_output=True, text=True)
     library = ctypes.CDLL(str(build / "kernels.so"))
     entries = {}
@@ -114,8 +143,13 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+def _shuffles(name_expression: str) -> bool:
+    """Whether the specialization's threads cooperate within warps: those with 8-bit moments do."""
+    return cuda_source.CUDA_TYPES[torch.uint8] in name_expression
+
+
 def _launch(request: cuda_source.KernelLaunch) -> None:
-    grid, block = _next_grid()
+    grid, block = _next_8bit_grid() if _shuffles(request.name_expression) else _next_grid()
     addresses, integers, scalars = request.arguments()
     packed = (ctypes.c_float * len(scalars))(*scalars)
     entry = _library()[request.name_expression]

@@ -1,13 +1,22 @@
 // Host build of kernels/adam_cuda.cu: just enough of CUDA for g++ to compile the kernel unchanged and
-// for a driver to run it thread by thread. Exact for kernels with no __syncthreads, shared memory,
-// atomics or warp shuffles (the Adam step has none): sequential threads then compute what parallel
-// ones would. Conversions round to nearest even, bit-identical to torch's (NaN -> 0x7FC0 for bf16).
+// for a driver to run it. Threads that never cooperate run one after another (exact: sequential threads
+// compute what parallel ones would). Threads that shuffle within a warp (8-bit moments) run as OS threads,
+// a block at a time, and __shfl_xor_sync exchanges values through a barrier per warp: exact too, and a
+// shuffle that not every lane of a warp reaches stops the program with a message instead of hanging.
+// No __syncthreads, shared memory or atomics (the kernel has none). Conversions round to nearest even,
+// bit-identical to torch's (NaN -> 0x7FC0 for bf16).
 #pragma once
 #define ADAM_GPU_HOST_BUILD 1
 
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 
 #define __global__
 #define __device__
@@ -16,7 +25,56 @@
 struct dim3 {
   unsigned int x = 1, y = 1, z = 1;
 };
-static dim3 threadIdx, blockIdx, blockDim, gridDim;
+static thread_local dim3 threadIdx, blockIdx;
+static dim3 blockDim, gridDim;
+
+// All `count` threads wait until the last one arrives; reusable.
+class HostBarrier {
+ public:
+  explicit HostBarrier(unsigned count) : count_(count) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const unsigned generation = generation_;
+    if (++waiting_ == count_) {
+      waiting_ = 0;
+      ++generation_;
+      released_.notify_all();
+      return;
+    }
+    if (!released_.wait_for(lock, std::chrono::seconds(20), [&] { return generation != generation_; })) {
+      fprintf(stderr, "cuda_host_shim: a warp shuffle that not all 32 lanes reached (block %u, thread %u)\n",
+              blockIdx.x, threadIdx.x);
+      abort();
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable released_;
+  const unsigned count_;
+  unsigned waiting_ = 0, generation_ = 0;
+};
+
+// The warps of the block being run: a barrier and one exchange slot per lane.
+struct HostWarp {
+  HostBarrier barrier{32};
+  float lanes[32];
+};
+static HostWarp* host_warps = nullptr;
+
+inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
+  if (mask != 0xFFFFFFFFu || blockDim.x % 32 != 0) {
+    fprintf(stderr, "cuda_host_shim: __shfl_xor_sync needs full warps (mask %x, blockDim.x %u)\n", mask, blockDim.x);
+    abort();
+  }
+  HostWarp& warp = host_warps[threadIdx.x / 32];
+  const unsigned lane = threadIdx.x % 32;
+  warp.lanes[lane] = value;
+  warp.barrier.arrive_and_wait();
+  const float other = warp.lanes[lane ^ static_cast<unsigned>(lane_mask)];
+  warp.barrier.arrive_and_wait();  // nobody overwrites a slot before every lane has read
+  return other;
+}
 
 inline unsigned int __float_as_uint(float f) {
   unsigned int u;
