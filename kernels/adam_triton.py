@@ -36,6 +36,10 @@ INTERPRETER_CHUNK = 65536
 # Contract a * b + c into FMAs (one rounding instead of two). Triton 3.10 turns fusion off by default,
 # so the choice is stated at every launch.
 FP_FUSION = True
+# Divisions and square roots are IEEE round-to-nearest (tl.div_rn, tl.sqrt_rn), as torch's and the CUDA C
+# kernel's: on NVIDIA GPUs Triton lowers `/` to div.full.f32 (2 ulp) and tl.sqrt to sqrt.approx.ftz.f32
+# (approximate, and a subnormal second moment flushed to 0), while its CPU interpreter computes both exactly,
+# so the CPU tests would not see the difference (PTX of sm_90, triton 3.9, 2026-11-25).
 
 
 @triton.jit
@@ -72,9 +76,9 @@ def _one_minus_exp(x):
     its interpreter): 1 - exp(x) cancels near 0, so for x > -1/2 the Taylor series of -expm1 to x**12
     (truncation < 1e-13 relative), else 1 - exp(x) (>= 0.39). Worst error over -1e-12..-10, in numpy
     fp32: 1.2e-7 relative (1 - exp(x) alone: 6.7e-4 at x = -1e-5, beta2 = 0.99999 at step 1)."""
-    series = 1.0 + x / 12.0
+    series = 1.0 + x * (1.0 / 12.0)  # (reciprocals of constants: the same fp32 products on GPU and CPU)
     for k in tl.static_range(11, 1, -1):
-        series = 1.0 + x / k * series
+        series = 1.0 + x * (1.0 / k) * series
     return tl.where(x > -0.5, -x * series, 1.0 - tl.exp(x))
 
 
@@ -134,8 +138,9 @@ def _store_quantized(codes_ptr, absmax_ptr, code_map, offsets, value, mask, firs
     magnitude = tl.abs(value)
     magnitude = tl.where(mask, tl.where(magnitude == magnitude, magnitude, float("inf")), 0.0)
     block_absmax = tl.max(tl.reshape(magnitude, (blocks_per_row, QUANT_BLOCK)), axis=1)
-    absmax = tl.reshape(tl.broadcast_to(block_absmax[:, None], (blocks_per_row, QUANT_BLOCK)), (BLOCK,))
-    normalized = value / tl.where(absmax > 0, absmax, 1.0)  # an all-zero block: zeros
+    # One IEEE reciprocal per block, then a product per value (an all-zero block: zeros).
+    reciprocal = tl.div_rn(1.0, tl.where(block_absmax > 0, block_absmax, 1.0))
+    normalized = value * tl.reshape(tl.broadcast_to(reciprocal[:, None], (blocks_per_row, QUANT_BLOCK)), (BLOCK,))
     tl.store(codes_ptr + offsets, _nearest_code(normalized, code_map).to(tl.uint8), mask=mask)
     blocks = first // QUANT_BLOCK + tl.arange(0, blocks_per_row)
     stored_absmax = tl.where(block_absmax == float("inf"), float("nan"), block_absmax)
@@ -214,8 +219,8 @@ def adam_step_kernel(
     if DEVICE_STEP:
         lr = tl.load(device_scalars)
         step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
-        step_size = lr / _one_minus_exp(step * ln_beta1)
-        bias_correction2_sqrt = tl.sqrt(_one_minus_exp(step * ln_beta2))
+        step_size = tl.div_rn(lr, _one_minus_exp(step * ln_beta1))
+        bias_correction2_sqrt = tl.sqrt_rn(_one_minus_exp(step * ln_beta2))
         param_decay = 1.0 - lr * decoupled_weight_decay
     if GRAD_SCALING:
         grad_multiplier = tl.load(device_scalars + 1)
@@ -268,8 +273,8 @@ def adam_step_kernel(
         else:
             second_moment = exp_avg_sq
 
-        denom = tl.sqrt(second_moment) / bias_correction2_sqrt + eps
-        param = param - step_size * (exp_avg / denom)
+        denom = tl.div_rn(tl.sqrt_rn(second_moment), bias_correction2_sqrt) + eps
+        param = param - step_size * tl.div_rn(exp_avg, denom)
 
         if MASTER == FP32_MASTER:
             tl.store(master_ptr + offsets, param, mask=mask)
