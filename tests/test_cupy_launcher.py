@@ -47,9 +47,14 @@ from adam_gpu.device_inputs import unused_values
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.step_tensors import KERNEL_DTYPES
 
-pytestmark = pytest.mark.skipif(
-    cuda_host.unavailable_reason(torch.device("cpu"), torch.float32) is not None, reason="needs g++ (host build)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        cuda_host.unavailable_reason(torch.device("cpu"), torch.float32) is not None, reason="needs g++ (host build)"
+    ),
+    # The shared helpers put tensors on support.DEVICE, which is the GPU there: the host build cannot read
+    # them, and the real launcher runs on the GPU (tests/test_gpu.py and every backend test) instead.
+    pytest.mark.skipif(torch.cuda.is_available(), reason="fakes the CUDA runtime: CPU-only machines"),
+]
 
 DEVICE_INDEX = 0
 # A grid smaller than most launches' chunk count, so the grid-stride loop over chunks is taken.
@@ -129,7 +134,15 @@ def cupy_on_host(monkeypatch) -> list[Launch]:
     the host build of the kernel. Yields the launches made."""
     launches: list[Launch] = []
     contexts = FakeContexts()
-    torch_stream = object()  # what torch.cuda.current_stream returns: the launcher must launch on it
+
+    class TorchStream:  # what torch.cuda.current_stream returns: the launcher must launch on it
+        cuda_stream = 0x5EED  # the cudaStream_t
+        device_index = DEVICE_INDEX
+
+        def __cuda_stream__(self) -> tuple[int, int]:
+            return 0, self.cuda_stream
+
+    torch_stream = TorchStream()
 
     class FakeStream:
         def __init__(self, external: object) -> None:
@@ -138,6 +151,7 @@ def cupy_on_host(monkeypatch) -> list[Launch]:
         @classmethod
         def from_external(cls, stream: object) -> FakeStream:
             assert stream is torch_stream, "the CuPy stream must wrap torch's current stream"
+            assert hasattr(stream, "__cuda_stream__"), "CuPy 14 raises TypeError for a stream without the protocol"
             return cls(stream)
 
         def __enter__(self) -> None:
@@ -145,6 +159,10 @@ def cupy_on_host(monkeypatch) -> list[Launch]:
 
         def __exit__(self, *exc: object) -> None:
             contexts.streams.pop()
+
+    def external_stream(pointer: int, device_id: int) -> FakeStream:  # CuPy 13's way
+        assert (pointer, device_id) == (torch_stream.cuda_stream, DEVICE_INDEX), "not torch's current stream"
+        return FakeStream(torch_stream)
 
     def fake_device(index: int) -> contextlib.AbstractContextManager:
         assert type(index) is int and index == DEVICE_INDEX, f"cupy.cuda.Device({index!r})"
@@ -182,6 +200,7 @@ def cupy_on_host(monkeypatch) -> list[Launch]:
         return None if dtype in KERNEL_DTYPES else f"not a kernel dtype: {dtype}"
 
     monkeypatch.setattr(cupy.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(cupy.cuda, "ExternalStream", external_stream)
     monkeypatch.setattr(cupy.cuda, "Device", fake_device)
     monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: DEVICE_INDEX)
@@ -281,3 +300,18 @@ def test_several_tensors_of_mixed_policies_and_steps(cupy_on_host):
             check(value, getattr(expected, name), f"tensor {index} ({value.dtype}) {name}", getattr(case, name))
     assert len(cupy_on_host) == len(policies) * 2
     assert sum(int(launch.argument("n_tensors")) for launch in cupy_on_host) == len(cases)
+
+
+@pytest.mark.parametrize("missing", ["cupy-from_external", "torch-__cuda_stream__"])
+def test_without_the_stream_protocol_it_launches_on_torchs_stream_through_external_stream(
+    cupy_on_host, monkeypatch, missing
+):
+    """CuPy 13 has no Stream.from_external, and torch before 2.10 no __cuda_stream__: ExternalStream then."""
+    if missing == "cupy-from_external":
+        monkeypatch.delattr(cupy.cuda.Stream, "from_external")
+    else:
+        monkeypatch.delattr(type(torch.cuda.current_stream()), "__cuda_stream__")
+    hp = HP_OPTIONS[0]
+    case = StepCase.draw(4097, seeded_generator("cupy launcher stream", missing)).rounded(torch.float32, torch.float32)
+    check_one_step("cupy", case, torch.float32, torch.float32, hp)
+    assert len(cupy_on_host) == 1
