@@ -156,6 +156,18 @@ def _launch(request: cuda_source.KernelLaunch) -> None:
     entry(grid, block, *addresses, *integers, ctypes.cast(packed, ctypes.c_void_p))
 
 
+def launch_kernel_arguments(name_expression: str, grid: int, block: int, arguments: tuple) -> None:
+    """Run one launch given ``adam_step``'s arguments in the kernel's own parameter order, as a CUDA
+    launcher passes them (tests/test_cupy_launcher.py runs the CuPy launcher's launches through this)."""
+    (pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk, device_scalars, signed_map, unsigned_map,
+     device_step, grad_scaling, *scalars) = arguments  # fmt: skip
+    packed = (ctypes.c_float * len(scalars))(*map(float, scalars))
+    _library()[name_expression](
+        grid, block, pointers, numels, chunk_offsets, device_scalars, signed_map, unsigned_map,
+        *map(int, (n_tensors, n_chunks, chunk, device_step, grad_scaling)), ctypes.cast(packed, ctypes.c_void_p),
+    )  # fmt: skip
+
+
 def adam_step(
     tensors: StepTensors, steps: list[float] | None, hp: AdamHyperparameters, device_inputs: DeviceInputs | None = None
 ) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from adam_gpu.bench.cases import POLICIES, gpt2_124m, llama_3_2_1b, many_small, plan, resnet_50
 from adam_gpu.bench.contenders import contenders
@@ -95,3 +97,38 @@ def test_bytes_per_param_of_each_policy():
         "bf16+fp32-moments+fp32-master": 28,
         "bf16+fp32-moments+lean-master": 26,
     }
+
+
+def test_resident_bytes_per_param_of_each_policy():
+    """What a set holds (sizing the input sets), not what a step moves: each moment is stored once."""
+    held = {name: policy.resident_bytes_per_param() for name, policy in POLICIES.items()}
+    assert held == {
+        "fp32": 16,
+        "bf16": 8,
+        "bf16+fp32-moments": 12,
+        "fp32+bf16-moments": 12,
+        "bf16+8bit-moments": pytest.approx(6.03125),
+        "bf16+fp32-moments+fp32-master": 16,
+        "bf16+fp32-moments+lean-master": 14,
+    }
+
+
+def test_8bit_optimizers_are_measured_on_the_8bit_policy_only():
+    """bitsandbytes and torchao keep 8-bit moments whatever the policy: timed as fp32 or bf16 they would be
+    compared with optimizers that move four or two times the bytes."""
+    cuda = torch.device("cuda")
+    for contender in contenders():
+        installed = dataclasses.replace(contender, requires=None)  # as if installed
+        runs = {name for name, policy in POLICIES.items() if installed.unavailable(cuda, policy) is None}
+        if contender.name.endswith("AdamW8bit"):
+            assert runs == {"bf16+8bit-moments"}, contender.name
+        elif contender.family == "torch":
+            assert runs == {"fp32", "bf16"}, contender.name
+
+
+def test_adam_gpu_contenders_are_capturable_when_graphed():
+    """The CUDA-graph timing builds its optimizer with capturable=True: lr and step counts on the device."""
+    (contender,) = [c for c in contenders() if c.name == "adam-gpu torch"]
+    params = [torch.zeros(3, requires_grad=True)]
+    assert contender.make(params, POLICIES["fp32"], True).param_groups[0]["capturable"] is True
+    assert contender.make(params, POLICIES["fp32"], False).param_groups[0]["capturable"] is False

@@ -53,6 +53,15 @@ def _max_blocks(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count * BLOCKS_PER_SM
 
 
+def _cupy_stream(stream: torch.cuda.Stream) -> cupy.cuda.Stream:
+    """torch's stream as CuPy's, to launch on: ``Stream.from_external`` where CuPy has it (14+) and torch's
+    stream speaks the CUDA stream protocol (``__cuda_stream__``, torch 2.10+), else ``ExternalStream`` (the
+    extras allow CuPy 13 and the dependencies torch 2.4)."""
+    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
+        return cupy.cuda.Stream.from_external(stream)
+    return cupy.cuda.ExternalStream(stream.cuda_stream, stream.device_index)
+
+
 def adam_step(
     tensors: StepTensors, steps: list[float] | None, hp: AdamHyperparameters, device_inputs: DeviceInputs | None = None
 ) -> None:
@@ -69,8 +78,7 @@ def adam_step(
         )  # fmt: skip
         _kernel(device_index, request.name_expression)((grid,), (THREADS_PER_BLOCK,), arguments)
 
-    stream = cupy.cuda.Stream.from_external(torch.cuda.current_stream(device_index))
-    with cupy.cuda.Device(device_index), stream:
+    with cupy.cuda.Device(device_index), _cupy_stream(torch.cuda.current_stream(device_index)):
         cuda_source.for_each_launch(
             tensors, steps, hp, CHUNK, device_inputs, unused_values(torch.device("cuda", device_index)), launch
         )

@@ -46,6 +46,12 @@ class Policy:
             param_traffic = 2 * param
         return param_traffic + param + moments
 
+    def resident_bytes_per_param(self) -> float:
+        """Bytes per parameter held in memory while stepping (not moved): param, grad, both moments and any
+        master. fp32: 16; bf16 with fp32 moments: 12; with an fp32 master too: 16."""
+        master = {False: 0, True: 4, "lean": 2}[self.master_weights]
+        return 2 * self.param_dtype.itemsize + 2 * self.moment_bytes + master
+
 
 POLICIES = {
     policy.name: policy

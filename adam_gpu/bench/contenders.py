@@ -31,6 +31,7 @@ class Contender:
     devices: tuple[str, ...] = ("cuda", "cpu")
     moment_dtypes: bool = False  # can keep moments in another dtype than the params
     graphable: bool = True  # its step() can be captured in a CUDA graph
+    eight_bit: bool = False  # always keeps 8-bit moments: measured on the 8-bit policy only
 
     def unavailable(self, device: torch.device, policy: Policy) -> tuple[str, str] | None:
         """None, or (status, reason) for a record that says why this contender was not measured."""
@@ -38,7 +39,10 @@ class Contender:
             return "not installed", f"{self.requires} is not importable"
         if device.type not in self.devices:
             return "unsupported", f"runs on {', '.join(self.devices)}, not {device.type}"
-        if policy.state_dtype is not None and policy.state_dtype != policy.param_dtype and not self.moment_dtypes:
+        if self.eight_bit:
+            if policy.state_dtype != "8bit":
+                return "unsupported", "keeps 8-bit moments: measured on the 8-bit policy only"
+        elif policy.state_dtype is not None and policy.state_dtype != policy.param_dtype and not self.moment_dtypes:
             return "unsupported", TORCH_KEEPS_PARAM_DTYPE if self.family == "torch" else "no moment dtype option"
         if policy.master_weights and self.family != "adam-gpu":
             return "unsupported", "no master weights option measured for it"
@@ -61,6 +65,7 @@ def _adam_gpu(backend: str) -> Factory:
             backend=backend,
             state_dtype=policy.state_dtype,
             master_weights=policy.master_weights,
+            capturable=capturable,
         )
 
     return make
@@ -97,11 +102,11 @@ def contenders() -> list[Contender]:
         ),
         Contender(
             "bitsandbytes AdamW8bit", "bitsandbytes", _external("bitsandbytes.optim", "AdamW8bit"),
-            requires="bitsandbytes", devices=("cuda",), graphable=False,
+            requires="bitsandbytes", devices=("cuda",), graphable=False, eight_bit=True,
         ),
         Contender(
             "torchao AdamW8bit", "torchao", _external("torchao.optim", "AdamW8bit"),
-            requires="torchao", devices=("cuda",), graphable=False,
+            requires="torchao", devices=("cuda",), graphable=False, eight_bit=True,
         ),
     ]  # fmt: skip
     ours = [
