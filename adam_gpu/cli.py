@@ -1,5 +1,6 @@
 """The ``adam-gpu`` command: ``adam-gpu info`` says what runs here and why the rest does not;
-``adam-gpu bench`` measures every backend against the framework optimizers (adam_gpu.bench)."""
+``adam-gpu bench`` measures every backend against the framework optimizers (adam_gpu.bench);
+``adam-gpu tune`` measures the kernel backends' launch configurations (adam_gpu/bench/tune.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from rich.table import Table
 
 from adam_gpu import __version__, dispatch
 from adam_gpu.bench import command as bench_command
+from adam_gpu.bench import tune_command
 from adam_gpu.step_tensors import KERNEL_DTYPES
 from adam_gpu.versions import package_version
 
@@ -61,10 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("info", help="device, versions, and which backends run here (and why the others don't)")
     bench = commands.add_parser("bench", help="benchmark every backend against torch.optim and other optimizers")
     bench_command.add_arguments(bench)
+    tune = commands.add_parser("tune", help="measure the triton and cupy backends' launch configurations")
+    tune_command.add_arguments(tune)
     args = parser.parse_args(argv)
     console = Console()
     if args.command == "bench":
         return bench_command.run_command(args, console)
+    if args.command == "tune":
+        return tune_command.run_command(args, console)
     info(console)
     return 0
 

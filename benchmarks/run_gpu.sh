@@ -3,6 +3,7 @@
 # the GPU test suite, then the full benchmark, with logs, JSON, Markdown table and plot in OUTDIR.
 # Fits in 9 minutes: the tests get at most 4.5, the benchmark the rest; a benchmark stopped by its time
 # limit keeps what it measured (the JSON is written after every case) and the table and plot are drawn from it.
+# The second command of the session is benchmarks/tune_gpu.sh OUTDIR2: the launch-configuration sweep.
 #
 #   benchmarks/run_gpu.sh OUTDIR
 set -uo pipefail

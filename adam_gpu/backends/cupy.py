@@ -6,12 +6,14 @@ arguments), not CuPy arrays: no copies, and no need for a bf16 dtype that CuPy d
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import cupy
 import numpy as np
 import torch
 
 from adam_gpu.backends import cuda_source
+from adam_gpu.backends.launch_config import Override
 from adam_gpu.device_inputs import DeviceInputs, unused_values
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
@@ -19,10 +21,47 @@ from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 # Threads per block (a multiple of 32: 8-bit moments take a warp per quantization block), resident blocks
 # per SM the grid-stride loop over chunks is sized for (2048 threads per SM on sm_80/sm_90), and elements
 # per chunk (4 passes of 256 threads x 8 bf16 params).
-# Not yet tuned on a GPU: the benchmark (issue 5) decides.
+# Not yet tuned on a GPU: `adam-gpu tune` decides (benchmarks/tune_gpu.sh).
 THREADS_PER_BLOCK = 256
 BLOCKS_PER_SM = 8
 CHUNK = 8192
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the kernel is launched: ``chunk`` elements per chunk (a multiple of 8; of 256 for 8-bit moments),
+    ``threads_per_block`` (a multiple of 32, at most 1024: 8-bit moments take a warp per 256 elements), and a
+    grid of ``blocks_per_sm`` blocks per SM (fewer when there are fewer chunks) striding over the chunks.
+    The defaults are the constants above."""
+
+    chunk: int = CHUNK
+    threads_per_block: int = THREADS_PER_BLOCK
+    blocks_per_sm: int = BLOCKS_PER_SM
+
+    def __post_init__(self) -> None:
+        if self.chunk <= 0 or self.chunk % 8:
+            raise ValueError(f"chunk must be a positive multiple of 8, got {self.chunk}")
+        if not 32 <= self.threads_per_block <= 1024 or self.threads_per_block % 32:
+            raise ValueError(f"threads_per_block must be a multiple of 32 up to 1024, got {self.threads_per_block}")
+        if self.blocks_per_sm < 1:
+            raise ValueError(f"blocks_per_sm must be at least 1, got {self.blocks_per_sm}")
+
+    def grid(self, n_chunks: int, multiprocessors: int) -> int:
+        """Blocks to launch for ``n_chunks`` chunks: one per chunk, at most ``blocks_per_sm`` per SM."""
+        return max(1, min(n_chunks, multiprocessors * self.blocks_per_sm))
+
+
+# `with launch_config(LaunchConfig(...)):` launches with that configuration instead of the defaults.
+launch_config: Override[LaunchConfig] = Override("adam_gpu.backends.cupy.launch_config")
+
+
+def default_launch_config(device: torch.device) -> LaunchConfig:
+    return LaunchConfig()
+
+
+def current_launch_config(device: torch.device) -> LaunchConfig:
+    """What a launch on ``device`` uses now: the active ``launch_config(...)``, else the defaults."""
+    return launch_config.get() or default_launch_config(device)
 
 
 FEATURES = frozenset({EIGHT_BIT})
@@ -49,8 +88,8 @@ def _kernel(device_index: int, name_expression: str) -> cupy.RawKernel:
 
 
 @functools.cache
-def _max_blocks(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count * BLOCKS_PER_SM
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _cupy_stream(stream: torch.cuda.Stream) -> cupy.cuda.Stream:
@@ -66,9 +105,10 @@ def adam_step(
     tensors: StepTensors, steps: list[float] | None, hp: AdamHyperparameters, device_inputs: DeviceInputs | None = None
 ) -> None:
     device_index = tensors.device.index if tensors.device.index is not None else torch.cuda.current_device()
+    config = current_launch_config(tensors.device)
 
     def launch(request: cuda_source.KernelLaunch) -> None:
-        grid = max(1, min(request.table.n_chunks, _max_blocks(device_index)))
+        grid = config.grid(request.table.n_chunks, _multiprocessors(device_index))
         addresses, (n_tensors, n_chunks, chunk, device_step, grad_scaling), scalars = request.arguments()
         integers = (np.int32(n_tensors), np.int64(n_chunks), np.int64(chunk))
         # Addresses go as Python ints (CuPy passes them as 64-bit values), int and float as numpy scalars.
@@ -76,9 +116,9 @@ def adam_step(
             *addresses[:3], *integers, *addresses[3:], np.int32(device_step), np.int32(grad_scaling),
             *map(np.float32, scalars),
         )  # fmt: skip
-        _kernel(device_index, request.name_expression)((grid,), (THREADS_PER_BLOCK,), arguments)
+        _kernel(device_index, request.name_expression)((grid,), (config.threads_per_block,), arguments)
 
     with cupy.cuda.Device(device_index), _cupy_stream(torch.cuda.current_stream(device_index)):
         cuda_source.for_each_launch(
-            tensors, steps, hp, CHUNK, device_inputs, unused_values(torch.device("cuda", device_index)), launch
+            tensors, steps, hp, config.chunk, device_inputs, unused_values(torch.device("cuda", device_index)), launch
         )

@@ -3,6 +3,8 @@ dtype, step count) of a group, usually one per group, over the group's tensor ta
 
 The kernel module is imported on first use (``@triton.jit`` reads TRITON_INTERPRET at that moment) and
 Triton compiles on the first launch of each specialization; importing this module compiles nothing.
+The launch configuration (chunk and block sizes, warps per program) is ``current_launch_config(device)``:
+the constants below and in the kernel module, or a ``LaunchConfig`` set with ``launch_config(...)``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -17,8 +20,10 @@ import triton
 import triton.language as tl
 
 from adam_gpu.backends import tensor_table
+from adam_gpu.backends.launch_config import Override, is_power_of_two
 from adam_gpu.device_inputs import DeviceInputs, unused_values
 from adam_gpu.hyperparameters import AdamHyperparameters
+from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.quantization import code_maps_on
 from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 
@@ -29,6 +34,33 @@ TRITON_TYPES = {
     torch.bfloat16: tl.bfloat16,
     torch.uint8: tl.uint8,
 }
+
+
+# Warps per program on a GPU (the interpreter ignores it). 4 is Triton's default, what every launch got before
+# this was a knob. Not yet tuned on a GPU: `adam-gpu tune` decides (benchmarks/tune_gpu.sh).
+NUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the kernel is launched: ``chunk`` elements per program (one chunk of one tensor: the grid is the
+    group's chunk count), ``block`` elements per loop iteration of a program (a power of two that divides
+    ``chunk``; a multiple of 256 for 8-bit moments), ``num_warps`` warps per program (a power of two).
+    The defaults are the kernel module's CHUNK and BLOCK (INTERPRETER_CHUNK/BLOCK on the CPU) and NUM_WARPS."""
+
+    chunk: int
+    block: int
+    num_warps: int = NUM_WARPS
+
+    def __post_init__(self) -> None:
+        if not is_power_of_two(self.block) or self.chunk % self.block:
+            raise ValueError(f"block must be a power of two dividing chunk, got block {self.block}, chunk {self.chunk}")
+        if not is_power_of_two(self.num_warps) or self.num_warps > 32:
+            raise ValueError(f"num_warps must be a power of two up to 32, got {self.num_warps}")
+
+
+# `with launch_config(LaunchConfig(...)):` launches with that configuration instead of the defaults.
+launch_config: Override[LaunchConfig] = Override("adam_gpu.backends.triton.launch_config")
 
 
 @functools.cache
@@ -43,6 +75,20 @@ def runs_interpreted() -> bool:
     if _kernels.cache_info().currsize:
         return isinstance(_kernels().adam_step_kernel, triton.runtime.interpreter.InterpretedFunction)
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_launch_config(device: torch.device) -> LaunchConfig:
+    """The kernel module's constants: large blocks and chunks under the CPU interpreter, where a program costs
+    the same whatever its size."""
+    kernels = _kernels()
+    if device.type == "cpu":
+        return LaunchConfig(kernels.INTERPRETER_CHUNK, kernels.INTERPRETER_BLOCK)
+    return LaunchConfig(kernels.CHUNK, kernels.BLOCK)
+
+
+def current_launch_config(device: torch.device) -> LaunchConfig:
+    """What a launch on ``device`` uses now: the active ``launch_config(...)``, else the defaults."""
+    return launch_config.get() or default_launch_config(device)
 
 
 FEATURES = frozenset({EIGHT_BIT})
@@ -75,13 +121,16 @@ def adam_step(
     kernels = _kernels()
     device = tensors.device
     on_cpu = device.type == "cpu"
-    block, chunk = (kernels.INTERPRETER_BLOCK, kernels.INTERPRETER_CHUNK) if on_cpu else (kernels.BLOCK, kernels.CHUNK)
+    config = current_launch_config(device)
     device_guard = contextlib.nullcontext() if on_cpu else torch.cuda.device(device)
     device_steps = device_inputs.steps if device_inputs else None
     values = device_inputs.values if device_inputs else unused_values(device)
-    with device_guard, tensor_table.launch_groups(tensors, steps, hp, chunk, device_steps) as launches:
+    with device_guard, tensor_table.launch_groups(tensors, steps, hp, config.chunk, device_steps) as launches:
         for launch in launches:
             table = launch.table
+            quantized = launch.state_dtype == torch.uint8
+            if quantized and config.block % QUANT_BLOCK:
+                raise ValueError(f"8-bit moments need a block that is a multiple of {QUANT_BLOCK}, got {config}")
             kernels.adam_step_kernel[(table.n_chunks,)](
                 table.pointers,
                 table.numels,
@@ -96,10 +145,11 @@ def adam_step(
                 AMSGRAD=hp.amsgrad,
                 MAXIMIZE=hp.maximize,
                 MASTER=launch.master_mode,
-                QUANTIZED=launch.state_dtype == torch.uint8,
+                QUANTIZED=quantized,
                 DEVICE_STEP=device_steps is not None,
                 GRAD_SCALING=bool(device_inputs and device_inputs.grad_scaling),
-                CHUNK=chunk,
-                BLOCK=block,
+                CHUNK=config.chunk,
+                BLOCK=config.block,
+                num_warps=config.num_warps,
                 enable_fp_fusion=kernels.FP_FUSION,
             )

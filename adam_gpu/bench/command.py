@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, metavar="JSON", help="only redraw the table and plot from a JSON")
 
 
-def _device(choice: str) -> torch.device:
+def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
@@ -36,11 +36,11 @@ def _device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
@@ -69,13 +69,13 @@ def summary(run: Run) -> Table:
 def run_command(args: argparse.Namespace, console: Console) -> int:
     if args.report is not None:
         return report.main_report(args.report, args.out)
-    device = _device(args.device)
+    device = pick_device(args.device)
     if device.type == "cpu":
         console.print(
             "[bold]No CUDA device: measuring adam-gpu's torch backend against torch.optim's CPU for-loop, "
             "foreach and fused AdamW. The GPU kernels (triton, cupy) were not measured.[/]"
         )
-    out = args.out or Path("bench-results") / f"{datetime.date.today()}-{_slug(_device_name(device))}"
+    out = args.out or Path("bench-results") / f"{datetime.date.today()}-{slug(device_name(device))}"
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{RESULTS_STEM}.json"
     total = len(plan(args.quick, device.type)) * len(contenders())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 # What a record's status says.
 OK = "ok"
@@ -50,7 +50,10 @@ class Record:
 class Run:
     """A whole benchmark run: the environment, the copy bandwidth measured in it (GB/s, read + write
     counted), and its records. ``environment`` keys: device, device_type ("cuda"/"cpu"), driver,
-    adam_gpu, torch, triton, cupy, python, date, quick."""
+    adam_gpu, torch, triton, cupy, python, date, quick. A subclass with its own record type (``adam-gpu
+    tune``'s) sets ``record_type`` and may add fields; the JSON round trip keeps them."""
+
+    record_type: ClassVar[type[Record]] = Record
 
     environment: dict[str, Any]
     copy_gbps: float
@@ -62,6 +65,8 @@ class Run:
     @classmethod
     def from_json(cls, path: Path) -> Run:
         data = json.loads(path.read_text())
-        names = {f.name for f in fields(Record)}
-        records = [Record(**{k: v for k, v in r.items() if k in names}) for r in data["records"]]
-        return cls(environment=data["environment"], copy_gbps=data["copy_gbps"], records=records)
+        names = {f.name for f in fields(cls.record_type)}
+        records = [cls.record_type(**{k: v for k, v in r.items() if k in names}) for r in data["records"]]
+        # environment and copy_gbps, and a subclass's own fields where the file has them
+        run_fields = {f.name: data[f.name] for f in fields(cls) if f.name != "records" and f.name in data}
+        return cls(**run_fields, records=records)

@@ -171,7 +171,8 @@ def _row(record: Record) -> list[str]:
     ]
 
 
-def _table(rows: list[list[str]], columns: Iterable[tuple[str, str]]) -> list[str]:
+def table_lines(rows: list[list[str]], columns: Iterable[tuple[str, str]]) -> list[str]:
+    """A Markdown table: the header, the alignment row of ``columns`` (name, alignment), one line per row."""
     names, aligns = zip(*columns, strict=True)
     lines = ["| " + " | ".join(names) + " |", "|" + "|".join(aligns) + "|"]
     return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
@@ -186,7 +187,7 @@ def markdown_table(run: Run) -> str:
     lines = _header(run)
     for case in cases(run):
         lines += ["", f"## {case}", ""]
-        lines += _table([_row(r) for r in _case_rows(run, case)], COLUMNS)
+        lines += table_lines([_row(r) for r in _case_rows(run, case)], COLUMNS)
     return "\n".join(lines) + "\n"
 
 
@@ -307,7 +308,7 @@ def targets_markdown(run: Run) -> str:
     columns = [(name, ":---") for name in ("target", "case", "policy", "best adam-gpu contender")]
     columns += [("measured", "---:"), ("target", "---:"), ("met", ":---:")]
     lines = ["## Targets", "", "Best adam-gpu contender (lowest median) of each case and policy.", ""]
-    return "\n".join(lines + _table(rows, columns)) + "\n"
+    return "\n".join(lines + table_lines(rows, columns)) + "\n"
 
 
 # --- the plot ------------------------------------------------------------------------------------------------------

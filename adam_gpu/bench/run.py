@@ -63,7 +63,7 @@ def environment(device: torch.device, quick: bool) -> dict[str, object]:
     }
 
 
-def _input_sets(case: Case, policy: Policy, device: torch.device) -> list[list[torch.Tensor]] | str:
+def input_sets(case: Case, policy: Policy, device: torch.device) -> list[list[torch.Tensor]] | str:
     """Random params with random grads (never zeros), as many sets as the L2 rotation wants and memory
     allows; or why the case does not fit."""
     # What a set holds (not what a step moves: the moments are read and written but stored once).
@@ -157,7 +157,7 @@ def benchmark(
     by a time limit keeps what it measured."""
     run = Run(environment(device, quick), timing.copy_bandwidth_gbps(device, quick))
     for case, policy in plan(quick, device.type):
-        sets = _input_sets(case, policy, device)
+        sets = input_sets(case, policy, device)
         records = []
         for contender in contenders():
             progress(f"{case.name} {policy.name}: {contender.name}")
