@@ -57,8 +57,10 @@ pytestmark = [
 ]
 
 DEVICE_INDEX = 0
-# A grid smaller than most launches' chunk count, so the grid-stride loop over chunks is taken.
-MAX_BLOCKS = 3
+# A one-SM device: the grid is at most BLOCKS_PER_SM (8) blocks, fewer than the chunks of the larger
+# launches, so the grid-stride loop over chunks is taken.
+MULTIPROCESSORS = 1
+MAX_BLOCKS = MULTIPROCESSORS * cupy_backend.BLOCKS_PER_SM
 # CUDA's launch limits (compute capability >= 3.0): grid x, y, z; block x, y, z; threads per block.
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 BLOCK_LIMITS = (1024, 1024, 64)
@@ -206,7 +208,7 @@ def cupy_on_host(monkeypatch) -> list[Launch]:
     monkeypatch.setattr(torch.cuda, "current_device", lambda: DEVICE_INDEX)
     monkeypatch.setattr(cupy_backend, "unavailable_reason", unavailable_reason)
     monkeypatch.setattr(cupy_backend, "unused_values", fake_unused_values)
-    monkeypatch.setattr(cupy_backend, "_max_blocks", lambda device_index: MAX_BLOCKS)
+    monkeypatch.setattr(cupy_backend, "_multiprocessors", lambda device_index: MULTIPROCESSORS)
     monkeypatch.setattr(cupy_backend, "_kernel", FakeKernel)
     return launches
 
