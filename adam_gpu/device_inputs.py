@@ -25,6 +25,14 @@ class DeviceInputs:
     grad_scaling: bool  # whether the grad multiplier and found_inf apply
 
 
+def is_capturing(device: torch.device) -> bool:
+    """Whether work queued on ``device`` now is being captured into a CUDA graph (not run)."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 @functools.cache
 def unused_values(device: torch.device) -> torch.Tensor:
     """What a kernel's device-scalars argument points to when no DeviceInputs apply (never read then)."""

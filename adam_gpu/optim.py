@@ -19,7 +19,7 @@ import torch
 from torch.optim import Optimizer
 
 from adam_gpu import dispatch
-from adam_gpu.device_inputs import DeviceInputs, device_values
+from adam_gpu.device_inputs import DeviceInputs, device_values, is_capturing
 from adam_gpu.functional import apply_step
 from adam_gpu.hyperparameters import AdamHyperparameters, check_hyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
@@ -253,6 +253,8 @@ class FusedAdam(Optimizer):
                     check_moment(param, state[codes], index, state.get(absmax))
                     tensors += [state[codes], state[absmax]]
         check_one_device(tensors)
+        if is_capturing(params[0].device):
+            _check_capturable(group, params, self.state)
         if group["state_dtype"] == EIGHT_BIT_STATE and any(is_dtensor(p) for p in params):
             # The absmax blocks would follow each rank's shard, which a DTensor state cannot describe.
             raise TypeError("state_dtype='8bit' is not supported for DTensor params (FSDP2): use None or torch.float32")
@@ -412,6 +414,30 @@ def _check_lean_master_param(master_weights: object, param: torch.Tensor, index:
             f"param {index} is float16: master_weights='lean' rebuilds fp32 from a bf16 param's bits; "
             "use master_weights=True for float16 params"
         )
+
+
+def _check_capturable(group: dict[str, Any], params: list[torch.Tensor], state: dict) -> None:
+    """A step captured in a CUDA graph must read everything that changes from the device, and must not create
+    state (a graph would zero the new moments again at every replay), as torch.optim's capturable optimizers
+    require; raised before anything is written."""
+    where = "adam-gpu: step() is being captured in a CUDA graph"
+    if not group["capturable"]:
+        raise RuntimeError(
+            f"{where}, but the param group has capturable=False: its step counts and bias corrections live on "
+            "the host and would be frozen into the graph. Construct the optimizer with capturable=True."
+        )
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor) and lr.device != params[0].device:
+        raise RuntimeError(
+            f"{where}, but lr is a tensor on {lr.device}: the graph would keep its value at capture. Put it on "
+            f"{params[0].device} (changed in place by a scheduler, each replay reads it), or pass a float."
+        )
+    for index, param in enumerate(params):
+        if not state.get(param):
+            raise RuntimeError(
+                f"{where} before param {index} has any state: the graph would create (zero) its moments again at "
+                "every replay. Take a step before capturing (a warm-up on a side stream), as torch.optim needs."
+            )
 
 
 def _check_state_dtype(state_dtype: object, amsgrad: bool = False) -> None:

@@ -170,3 +170,62 @@ def test_captured_step_replays_equal_eager_steps(backend):
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
             assert_close_relative(captured.state[p][key], eager.state[q][key], f"{key} {index}")
     assert float(captured.state[params[0]]["step"]) == 3 + 5
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_whole_training_step_captured_with_its_grads_replays_as_eager_steps(backend):
+    """The recipe of torch's CUDA-graph docs: warm-up on a side stream, zero_grad(set_to_none=True), then
+    forward, backward and step() captured together, so the grads (and the tensor table that holds their
+    addresses) are allocated inside the capture. Replays with new inputs and a scheduled lr tensor give what
+    the same steps give eagerly, and training goes on from the replayed state."""
+    generator = seeded_generator("gpu-whole-graph", backend)
+
+    def model_and_optimizer() -> tuple[torch.nn.Module, torch.Tensor, FusedAdamW]:
+        torch.manual_seed(1234)  # the same initial weights for both
+        model = torch.nn.Sequential(torch.nn.Linear(64, 257), torch.nn.GELU(), torch.nn.Linear(257, 10)).cuda()
+        lr = torch.tensor(1e-2, device="cuda")
+        return model, lr, FusedAdamW(model.parameters(), lr=lr, capturable=True, amsgrad=True, backend=backend)
+
+    def train_step(model: torch.nn.Module, optimizer: FusedAdamW, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(32, 64, generator=generator).cuda(), torch.randint(0, 10, (32,), generator=generator).cuda()
+
+    graphed, graphed_lr, graphed_optimizer = model_and_optimizer()
+    eager, eager_lr, eager_optimizer = model_and_optimizer()
+    static_x, static_y = batch()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: state, compiled kernels
+        for _ in range(3):
+            for model, optimizer in ((graphed, graphed_optimizer), (eager, eager_optimizer)):
+                optimizer.zero_grad(set_to_none=True)
+                train_step(model, optimizer, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    graphed_optimizer.zero_grad(set_to_none=True)  # the grads are allocated inside the capture
+    with torch.cuda.graph(graph):
+        static_loss = train_step(graphed, graphed_optimizer, static_x, static_y)
+
+    for replay in range(5):
+        x, y = batch()
+        static_x.copy_(x)
+        static_y.copy_(y)
+        for lr in (graphed_lr, eager_lr):
+            lr.fill_(1e-2 * 0.7**replay)
+        graph.replay()
+        eager_optimizer.zero_grad(set_to_none=True)
+        eager_loss = train_step(eager, eager_optimizer, x, y)
+        # Same kernels on the same data: equal but for cuBLAS's choice of algorithm, so a loose fp32 bound.
+        assert_close_relative(static_loss, eager_loss, f"loss after replay {replay}", rtol=1e-5)
+    torch.cuda.synchronize()
+    for index, (p, q) in enumerate(zip(graphed.parameters(), eager.parameters(), strict=True)):
+        assert_close_relative(p, q, f"param {index}", rtol=1e-5)
+        graphed_state, eager_state = graphed_optimizer.state[p], eager_optimizer.state[q]
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
+            assert_close_relative(graphed_state[key], eager_state[key], f"{key} {index}", rtol=1e-5)
+    assert float(graphed_optimizer.state[next(graphed.parameters())]["step"]) == 3 + 5
