@@ -115,6 +115,21 @@ def flat_log2(case: str) -> int | None:
 # --- the Markdown table --------------------------------------------------------------------------------------------
 
 
+def environment_lines(run: Run) -> list[str]:
+    """The Markdown list items saying where and with what a run measured: date, device, versions, copy bandwidth."""
+    env = run.environment
+    driver = f", driver {env['driver']}" if env.get("driver") else ""
+    # None: the runner looked and found no package; a missing key: an older JSON that did not say.
+    packages = ("adam_gpu", "torch", "triton", "cupy")
+    versions = ", ".join(f"{name} {env.get(name, 'unknown') or 'not installed'}" for name in packages)
+    return [
+        f"- date: {env.get('date', 'unknown')}",
+        f"- device: {env.get('device', 'unknown device')} ({env.get('device_type', 'unknown')}{driver})",
+        f"- versions: {versions}, python {env.get('python', 'unknown')}",
+        f"- copy bandwidth measured in this run: **{format_gbps(run.copy_gbps)} GB/s** (read + write counted)",
+    ]
+
+
 def _header(run: Run) -> list[str]:
     env = run.environment
     device = env.get("device", "unknown device")
@@ -127,18 +142,7 @@ def _header(run: Run) -> list[str]:
             "",
         ]
     timer = "device time (CUDA events)" if device_type == "cuda" else "wall time"
-    driver = f", driver {env['driver']}" if env.get("driver") else ""
-    # None: the runner looked and found no package; a missing key: an older JSON that did not say.
-    packages = ("torch", "triton", "cupy")
-    versions = ", ".join(f"{name} {env.get(name, 'unknown') or 'not installed'}" for name in packages)
-    lines += [
-        f"# Adam step benchmark: {device}",
-        "",
-        f"- date: {env.get('date', 'unknown')}",
-        f"- device: {device} ({device_type}{driver})",
-        f"- versions: {versions}, python {env.get('python', 'unknown')}",
-        f"- copy bandwidth measured in this run: **{format_gbps(run.copy_gbps)} GB/s** (read + write counted)",
-    ]
+    lines += [f"# Adam step benchmark: {device}", "", *environment_lines(run)]
     if env.get("quick"):
         lines.append("- quick run: fewer cases and repetitions than a full run")
     lines += [

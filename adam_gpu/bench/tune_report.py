@@ -105,7 +105,6 @@ def _ms(record: TuneRecord | None) -> str:
 def _header(run: TuneRun) -> list[str]:
     env = run.environment
     device, device_type = env.get("device", "unknown device"), env.get("device_type", "unknown")
-    versions = ", ".join(f"{name} {env.get(name) or 'not installed'}" for name in ("torch", "triton", "cupy"))
     lines = []
     if device_type != "cuda":
         lines += ["**Not a GPU measurement: Triton ran under its CPU interpreter. Copy nothing from here.**", ""]
@@ -115,9 +114,7 @@ def _header(run: TuneRun) -> list[str]:
     lines += [
         f"# Launch-configuration sweep: {device}",
         "",
-        f"- date: {env.get('date', 'unknown')}; device: {device} ({device_type}, driver {env.get('driver', '?')})",
-        f"- versions: adam-gpu {env.get('adam_gpu', '?')}, {versions}, python {env.get('python', '?')}",
-        f"- copy bandwidth measured in this run: **{report.format_gbps(run.copy_gbps)} GB/s** (read + write)",
+        *report.environment_lines(run),
         f"- time limit {limit}; took {took} (estimated {estimate} on an H100)",
     ]
     if env.get("quick"):
