@@ -28,7 +28,11 @@ cd "$stage"
 
 # The tests that run on the GPU (the CPU-only ones, packaging and ahead-of-time compiles, stay on CI),
 # the property tests last: they compile the most specializations, and a timeout should cut only them.
-timeout 270 python -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors \
+# With pytest-xdist (the GPU image has it), 4 workers share the GPU; the tests of more than 2**31 elements
+# (20+ GB each) stay in one worker (xdist_group "gpu-memory"), one at a time.
+parallel=()
+if python -c "import xdist" 2>/dev/null; then parallel=(-n 4 --dist loadgroup); fi
+timeout 270 python -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors "${parallel[@]}" \
   tests/test_gpu.py tests/test_step.py tests/test_multi_tensor.py tests/test_amp_capturable_clipping.py \
   tests/test_master_weights.py tests/test_8bit.py tests/test_training.py tests/test_optimizer_api.py \
   tests/test_bad_input.py \

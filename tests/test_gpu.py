@@ -108,6 +108,7 @@ def test_step_does_not_synchronize_the_host(backend):
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.xdist_group("gpu-memory")  # 20+ GB: one at a time when pytest-xdist runs tests in parallel
 @pytest.mark.parametrize("backend", backend_params())
 def test_64_bit_indices(backend):
     """A bf16 tensor of more than 2**31 elements: the last elements are updated like the first."""
