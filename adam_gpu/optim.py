@@ -24,7 +24,7 @@ from adam_gpu.functional import apply_step
 from adam_gpu.hyperparameters import AdamHyperparameters, check_hyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.quantization import SMALL_TENSOR
-from adam_gpu.sharded import check_same_sharding, global_norm, is_dtensor, local, local_tensors
+from adam_gpu.sharded import any_dtensor, check_same_sharding, global_norm, is_dtensor, local_tensors
 from adam_gpu.state_layout import EIGHT_BIT_STATE, MASTER_KEYS, MOMENT_KEYS, QUANTIZED_KEYS, check_loadable
 from adam_gpu.step_tensors import EIGHT_BIT, StepTensors, check_grad, check_moment, check_one_device, check_param
 
@@ -240,19 +240,24 @@ class FusedAdam(Optimizer):
             check_param(param, index)
             _check_lean_master_param(group["master_weights"], param, index)
             check_grad(param, param.grad, index)
-            check_same_sharding(param, param.grad, "grad", index)
             tensors.append(param.grad)
             state = self.state.get(param, {})
             for key in MOMENT_KEYS:
                 if key in state:
                     check_moment(param, state[key], index)
-                    check_same_sharding(param, state[key], key, index)
                     tensors.append(state[key])
             for codes, absmax in QUANTIZED_KEYS.values():
                 if codes in state:
                     check_moment(param, state[codes], index, state.get(absmax))
                     tensors += [state[codes], state[absmax]]
         check_one_device(tensors)
+        if any_dtensor(tensors):  # (one pass over the tensors where none is: hundreds of params a step)
+            for index, param in enumerate(params):
+                check_same_sharding(param, param.grad, "grad", index)
+                state = self.state.get(param, {})
+                for key in MOMENT_KEYS:
+                    if key in state:
+                        check_same_sharding(param, state[key], key, index)
         if is_capturing(params[0].device):
             _check_capturable(group, params, self.state)
         if group["state_dtype"] == EIGHT_BIT_STATE and any(is_dtensor(p) for p in params):
@@ -266,16 +271,17 @@ class FusedAdam(Optimizer):
     def _prepare(self, plan: _GroupPlan, clip_coefficient: torch.Tensor | None) -> Callable[[], None]:
         """Create the group's missing state and gather its tensors; returns the launch, which writes."""
         states = [self._state_for(p, plan.group) for p in plan.params]
+        fp32_master, lean_master = MASTER_KEYS[True], MASTER_KEYS["lean"]
         # The kernels get plain tensors: a DTensor's local shard, which shares its storage (adam_gpu.sharded).
         tensors = StepTensors(
             params=local_tensors(plan.params),
-            grads=[local(p.grad) for p in plan.params],
-            exp_avgs=[local(s.get("exp_avg", s.get("exp_avg_codes"))) for s in states],
-            exp_avg_sqs=[local(s.get("exp_avg_sq", s.get("exp_avg_sq_codes"))) for s in states],
+            grads=local_tensors([p.grad for p in plan.params]),
+            exp_avgs=local_tensors([s.get("exp_avg", s.get("exp_avg_codes")) for s in states]),
+            exp_avg_sqs=local_tensors([s.get("exp_avg_sq", s.get("exp_avg_sq_codes")) for s in states]),
             exp_avg_absmaxes=[s.get("exp_avg_absmax") for s in states],
             exp_avg_sq_absmaxes=[s.get("exp_avg_sq_absmax") for s in states],
-            max_exp_avg_sqs=[local(s["max_exp_avg_sq"]) for s in states] if plan.hp.amsgrad else [],
-            masters=[local(next((s[key] for key in MASTER_KEYS.values() if key in s), None)) for s in states],
+            max_exp_avg_sqs=local_tensors([s["max_exp_avg_sq"] for s in states]) if plan.hp.amsgrad else [],
+            masters=local_tensors([s.get(fp32_master, s.get(lean_master)) for s in states]),
         )
         steps = [s["step"] for s in states]
         device_inputs = self._device_inputs(plan, steps, clip_coefficient)
@@ -299,6 +305,10 @@ class FusedAdam(Optimizer):
     def _state_for(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The param's state, created on first use exactly as torch.optim.Adam lays it out."""
         state = self.state[param]
+        master_key = MASTER_KEYS.get(group["master_weights"]) if param.dtype in HALF_DTYPES else None
+        has_max = not group["amsgrad"] or "max_exp_avg_sq" in state
+        if state and has_max and (master_key is None or master_key in state):
+            return state  # every step but the first: nothing to create (this runs for every param of every step)
         eight_bit = group["state_dtype"] == EIGHT_BIT_STATE
         quantized = eight_bit and param.numel() >= SMALL_TENSOR  # smaller tensors keep fp32 moments
         moment_dtype = torch.float32 if eight_bit else group["state_dtype"] or param.dtype
@@ -317,7 +327,6 @@ class FusedAdam(Optimizer):
                     state[absmax] = torch.zeros(-(-param.numel() // QUANT_BLOCK), device=param.device)
                 else:
                     state[key] = zeros()
-        master_key = MASTER_KEYS.get(group["master_weights"]) if param.dtype in HALF_DTYPES else None
         if master_key == "master_param" and master_key not in state:
             state[master_key] = param.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         if master_key == "master_remainder" and master_key not in state:

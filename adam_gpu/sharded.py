@@ -9,7 +9,7 @@ torch.optim.AdamW keeps it, so ``state_dict`` and distributed checkpointing see 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 import torch
@@ -17,15 +17,24 @@ import torch
 T = TypeVar("T", torch.Tensor, None)
 
 
-def is_dtensor(tensor: object) -> bool:
-    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor``.
+def dtensor_type() -> type | None:
+    """``torch.distributed.tensor.DTensor``, or None while that module is not imported.
 
     No DTensor can exist before ``torch.distributed.tensor`` is imported, so it is looked up in
-    ``sys.modules`` rather than imported: importing adam_gpu stays cheap, and torch builds without
-    ``torch.distributed`` work."""
-    module = sys.modules.get("torch.distributed.tensor")
-    dtensor_class = getattr(module, "DTensor", None)
-    return dtensor_class is not None and isinstance(tensor, dtensor_class)
+    ``sys.modules`` rather than imported: importing adam_gpu stays cheap, torch builds without
+    ``torch.distributed`` work, and a step with no DTensor possible skips every check below."""
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor``."""
+    dtensor = dtensor_type()
+    return dtensor is not None and isinstance(tensor, dtensor)
+
+
+def any_dtensor(tensors: Iterable[object]) -> bool:
+    dtensor = dtensor_type()
+    return dtensor is not None and any(isinstance(t, dtensor) for t in tensors)
 
 
 def local(tensor: T) -> T:
@@ -34,12 +43,17 @@ def local(tensor: T) -> T:
 
 
 def local_tensors(tensors: Sequence[T]) -> list[T]:
-    return [local(t) for t in tensors]
+    dtensor = dtensor_type()
+    if dtensor is None:
+        return list(tensors)
+    return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
 
 def check_same_sharding(param: torch.Tensor, other: torch.Tensor, what: str, index: int) -> None:
     """``other`` (a grad or a state tensor) must be sharded like ``param``, or the kernel would pair
     elements of different shards (or read past a smaller shard)."""
+    if dtensor_type() is None:
+        return
     if is_dtensor(param) != is_dtensor(other):
         kinds = ["a DTensor" if is_dtensor(t) else "a plain tensor" for t in (param, other)]
         raise TypeError(f"param {index} is {kinds[0]} but its {what} is {kinds[1]}: both must be DTensors or neither")

@@ -28,7 +28,7 @@ import torch
 from adam_gpu.backends.layout import contiguous_stand_ins
 from adam_gpu.device_inputs import is_capturing
 from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
-from adam_gpu.step_tensors import StepTensors, master_mode
+from adam_gpu.step_tensors import MASTER_MODES, StepTensors
 
 POINTERS_PER_TENSOR = 9
 # Tables kept per process (least recently used evicted): one or two per param group and dtype policy, so a
@@ -112,16 +112,25 @@ def launch_groups(
             numel = originals[0].numel()
             if numel == 0:
                 continue
-            stand_ins = stack.enter_context(contiguous_stand_ins(originals))
-            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, *optional = stand_ins
+            for tensor in originals:
+                if tensor is not None and not tensor.is_contiguous():
+                    originals = stack.enter_context(contiguous_stand_ins(originals))
+                    break
+            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, exp_avg_absmax, exp_avg_sq_absmax = originals
             maximum = max_exp_avg_sq if hp.amsgrad else exp_avg_sq  # never touched without amsgrad
-            master = optional[0]
+            # (Written out, not looped: this runs for every tensor of every step, hundreds of them.)
             row = (
-                *(t.data_ptr() for t in (param, grad, exp_avg, exp_avg_sq, maximum)),
+                param.data_ptr(),
+                grad.data_ptr(),
+                exp_avg.data_ptr(),
+                exp_avg_sq.data_ptr(),
+                maximum.data_ptr(),
                 step_pointer,
-                *(0 if t is None else t.data_ptr() for t in optional),  # master, the two absmax
+                0 if master is None else master.data_ptr(),
+                0 if exp_avg_absmax is None else exp_avg_absmax.data_ptr(),
+                0 if exp_avg_sq_absmax is None else exp_avg_sq_absmax.data_ptr(),
             )
-            key = (param.dtype, exp_avg.dtype, master_mode(param, master), step)
+            key = (param.dtype, exp_avg.dtype, 0 if master is None else MASTER_MODES[master.dtype], step)
             rows, numels = groups.setdefault(key, ([], []))
             rows.append(row)
             numels.append(numel)
