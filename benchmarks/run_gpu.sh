@@ -36,7 +36,7 @@ timeout 270 python -m pytest -q -rs -p no:cacheprovider --continue-on-collection
   tests/test_gpu.py tests/test_step.py tests/test_multi_tensor.py tests/test_amp_capturable_clipping.py \
   tests/test_master_weights.py tests/test_8bit.py tests/test_training.py tests/test_optimizer_api.py \
   tests/test_bad_input.py \
-  tests/test_reference.py tests/test_faults.py tests/test_determinism.py tests/test_checkpoint.py \
+  tests/test_reference.py tests/test_faults.py tests/test_determinism.py tests/test_checkpoint.py tests/test_capture.py \
   tests/test_properties.py \
   --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log"
 tests_status=${PIPESTATUS[0]}
