@@ -23,7 +23,6 @@ import re
 from dataclasses import dataclass
 
 import cuda_host
-import cupy
 import numpy as np
 import pytest
 import test_8bit
@@ -42,10 +41,13 @@ from support import (
 
 from adam_gpu import fused_adam
 from adam_gpu.backends import cuda_source
-from adam_gpu.backends import cupy as cupy_backend
-from adam_gpu.device_inputs import unused_values
-from adam_gpu.hyperparameters import AdamHyperparameters
-from adam_gpu.step_tensors import KERNEL_DTYPES
+
+# The test extra installs CuPy (it imports without a GPU); a checkout without it skips this file.
+cupy = pytest.importorskip("cupy", reason="the CuPy launcher needs cupy (pip install 'adam-gpu[test]')")
+from adam_gpu.backends import cupy as cupy_backend  # noqa: E402
+from adam_gpu.device_inputs import unused_values  # noqa: E402
+from adam_gpu.hyperparameters import AdamHyperparameters  # noqa: E402
+from adam_gpu.step_tensors import KERNEL_DTYPES  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(
