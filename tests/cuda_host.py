@@ -151,9 +151,9 @@ def _shuffles(name_expression: str) -> bool:
 def _launch(request: cuda_source.KernelLaunch) -> None:
     grid, block = _next_8bit_grid() if _shuffles(request.name_expression) else _next_grid()
     addresses, integers, scalars = request.arguments()
-    packed = (ctypes.c_float * len(scalars))(*scalars)
-    entry = _library()[request.name_expression]
-    entry(grid, block, *addresses, *integers, ctypes.cast(packed, ctypes.c_void_p))
+    # In adam_step's parameter order: the table, its sizes, the device scalars and maps, the flags, the scalars.
+    arguments = (*addresses[:3], *integers[:3], *addresses[3:], *integers[3:], *scalars)
+    launch_kernel_arguments(request.name_expression, grid, block, arguments)
 
 
 def launch_kernel_arguments(name_expression: str, grid: int, block: int, arguments: tuple) -> None:

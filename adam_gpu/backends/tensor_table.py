@@ -28,7 +28,7 @@ import torch
 from adam_gpu.backends.layout import contiguous_stand_ins
 from adam_gpu.device_inputs import is_capturing
 from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
-from adam_gpu.step_tensors import MASTER_MODES, StepTensors
+from adam_gpu.step_tensors import StepTensors, master_mode
 
 POINTERS_PER_TENSOR = 9
 # Tables kept per process (least recently used evicted): one or two per param group and dtype policy, so a
@@ -130,7 +130,7 @@ def launch_groups(
                 0 if exp_avg_absmax is None else exp_avg_absmax.data_ptr(),
                 0 if exp_avg_sq_absmax is None else exp_avg_sq_absmax.data_ptr(),
             )
-            key = (param.dtype, exp_avg.dtype, 0 if master is None else MASTER_MODES[master.dtype], step)
+            key = (param.dtype, exp_avg.dtype, master_mode(param, master), step)
             rows, numels = groups.setdefault(key, ([], []))
             rows.append(row)
             numels.append(numel)
