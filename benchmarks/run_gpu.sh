@@ -1,51 +1,161 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU and torch, triton and cupy already installed (no network needed):
-# the GPU test suite, then the full benchmark, with logs, JSON, Markdown table and plot in OUTDIR.
-# Fits in 9 minutes: the tests get at most 4.5, the benchmark the rest; a benchmark stopped by its time
-# limit keeps what it measured (the JSON is written after every case) and the table and plot are drawn from it.
-# The second command of the session is benchmarks/tune_gpu.sh OUTDIR2: the launch-configuration sweep.
+# On a machine with a CUDA GPU and torch, triton and cupy already installed (no network, no pip): the GPU
+# tests, the full benchmark and the launch-configuration sweep, in one command that ends within a budget.
 #
-#   benchmarks/run_gpu.sh OUTDIR
+#   benchmarks/run_gpu.sh OUTDIR [tests] [bench] [tune]      (no phase named: all three, in that order)
+#   RUN_GPU_BUDGET_S=540 (default): seconds for the whole script
+#   RUN_GPU_TESTS: the test files to run instead of the GPU list below
+#   RUN_GPU_BENCH_ARGS, RUN_GPU_TUNE_ARGS: more options for adam-gpu bench / tune (on a CPU, to check this
+#   script: RUN_GPU_BENCH_ARGS="--quick --device cpu" RUN_GPU_TUNE_ARGS="--quick --device cpu" TRITON_INTERPRET=1)
+#
+# Made for a lent GPU whose session has 15 minutes of device time, the machine's start included, and 10
+# minutes a command: one call with timeout_s=600 runs everything, and what it measured comes back even where
+# a phase is cut short. Each phase ends by its own time limit, leaving the later phases their minimum
+# (bench 150 s, tune 90 s); a phase run alone gets the whole budget. The benchmark starts its headline cases
+# first and starts no case after its limit; the sweep measures each backend's default first, then the
+# configurations nearest to it; both write their JSON after every measurement and draw table and plot from it.
+#
+# OUTDIR receives at most 8 files (what the device tool brings back), refreshed after every phase:
+# summary.md (GPU, phase statuses, failed tests, the benchmark's targets, the sweep's winners; also printed
+# last), tests.log, results.json, results.md, results.png, tune.json, tune.md, and logs.tar.gz (info.log,
+# tests.xml, bench.log, tune.log). Commit them under benchmarks/results/<date>-<gpu>/.
 set -uo pipefail
-out="$(mkdir -p "${1:?usage: benchmarks/run_gpu.sh OUTDIR}" && cd "$1" && pwd)"
+out="$(mkdir -p "${1:?usage: benchmarks/run_gpu.sh OUTDIR [tests] [bench] [tune]}" && cd "$1" && pwd)"
+shift
+phases=("$@")
+[ ${#phases[@]} -eq 0 ] && phases=(tests bench tune)
+for phase in "${phases[@]}"; do
+  case "$phase" in tests | bench | tune) ;; *) echo "unknown phase '$phase': tests, bench, tune" >&2; exit 2 ;; esac
+done
+budget="${RUN_GPU_BUDGET_S:-540}"
+deadline=$((SECONDS + budget))
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-cd "$repo"
+work="$(mktemp -d)"
 
 # The installed layout without pip (no network, no build step): adam_gpu with kernels/ as adam_gpu.kernels,
 # beside the tests. Everything runs from there: `python -m` puts the working directory first on sys.path,
 # and the checkout's adam_gpu/ has no kernels/ inside.
 stage="$(mktemp -d)"
-cp -r adam_gpu tests pyproject.toml "$stage/"
-cp -r kernels "$stage/adam_gpu/kernels"
-export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
+cp -r "$repo/adam_gpu" "$repo/tests" "$repo/pyproject.toml" "$stage/"
+cp -r "$repo/kernels" "$stage/adam_gpu/kernels"
+export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cd "$stage"
+
+selected() { [[ " ${phases[*]} " == *" $1 "* ]]; }
+# Seconds phase $1 may take: at most $2 (when a later phase is selected), and no more than what is left of
+# the budget less the minimum of each later selected phase (bench 150 s, tune 90 s) and 10 s for the summary.
+share() {
+  local reserve=0 later=0 phase
+  for phase in tests bench tune; do
+    if [ "$phase" = "$1" ]; then later=1; elif [ $later -eq 1 ] && selected "$phase"; then
+      case "$phase" in bench) reserve=$((reserve + 150)) ;; tune) reserve=$((reserve + 90)) ;; esac
+    fi
+  done
+  local left=$((deadline - SECONDS - reserve - 10))
+  [ $reserve -gt 0 ] && [ "$left" -gt "$2" ] && left=$2
+  echo $((left > 30 ? left : 30))
+}
+declare -A status
+
+publish() {
+  local file
+  for file in tests.log results.json results.md results.png tune.json tune.md; do
+    [ -f "$work/$file" ] && cp "$work/$file" "$out/"
+  done
+  tar -czf "$out/logs.tar.gz" -C "$work" $(cd "$work" && ls info.log tests.xml bench.log tune.log 2>/dev/null)
+  {
+    echo "# GPU run, $(date -u +%Y-%m-%d)"
+    echo
+    echo '```'
+    cat "$work/info.log"
+    echo '```'
+    echo
+    for phase in "${phases[@]}"; do echo "- $phase: ${status[$phase]:-not run}"; done
+    if [ -f "$work/tests.log" ]; then
+      echo; echo "## Tests"; echo; echo '```'
+      grep -E '^(FAILED|ERROR) ' "$work/tests.log" | cut -c1-300 | head -60
+      grep -E '[0-9]+ (passed|failed|skipped)|no tests ran|Timeout' "$work/tests.log" | tail -3
+      echo '```'
+      echo; echo "Skipped, by reason:"; echo; echo '```'
+      grep -E '^SKIPPED \[' "$work/tests.log" | sed -E 's/^SKIPPED \[([0-9]+)\] [^ ]+: /\1 /' |
+        awk '{n=$1; $1=""; count[$0]+=n} END {for (r in count) print count[r] r}' | sort -rn | cut -c1-200 | head -15
+      echo '```'
+    fi
+    if [ -f "$work/results.md" ]; then
+      echo; echo "## Benchmark"; echo
+      grep -E '^- (device|copy bandwidth|\*\*stopped)' "$work/results.md" | cut -c1-400
+      sed -n '/^## Targets/,/^## /p' "$work/results.md" | sed '$d'
+    fi
+    if [ -f "$work/tune.log" ]; then
+      echo; echo "## Launch-configuration sweep"; echo
+      grep -E 'best overall|cannot run|time limit' "$work/tune.log" | sed 's/^/- /'
+    fi
+  } >"$out/summary.md"
+}
 
 {
   date -u
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
   python -m adam_gpu.cli info
-} 2>&1 | tee "$out/info.log"
+} >"$work/info.log" 2>&1
+cat "$work/info.log"
+publish
 
-# The tests that run on the GPU (the CPU-only ones, packaging and ahead-of-time compiles, stay on CI),
-# the property tests last: they compile the most specializations, and a timeout should cut only them.
-# With pytest-xdist (the GPU image has it), 4 workers share the GPU; the tests of more than 2**31 elements
-# (20+ GB each) stay in one worker (xdist_group "gpu-memory"), one at a time.
-parallel=()
-if python -c "import xdist" 2>/dev/null; then parallel=(-n 4 --dist loadgroup); fi
-timeout 270 python -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors "${parallel[@]}" \
-  tests/test_gpu.py tests/test_step.py tests/test_multi_tensor.py tests/test_amp_capturable_clipping.py \
-  tests/test_master_weights.py tests/test_8bit.py tests/test_training.py tests/test_optimizer_api.py \
-  tests/test_bad_input.py \
-  tests/test_reference.py tests/test_faults.py tests/test_determinism.py tests/test_checkpoint.py tests/test_capture.py \
-  tests/test_properties.py \
-  --junitxml="$out/tests.xml" 2>&1 | tee "$out/tests.log"
-tests_status=${PIPESTATUS[0]}
-
-timeout 250 python -m adam_gpu.cli bench --out "$out" 2>&1 | tee "$out/bench.log"
-bench_status=${PIPESTATUS[0]}
-if [ "$bench_status" -ne 0 ] && [ -f "$out/results.json" ]; then
-  python -m adam_gpu.cli bench --report "$out/results.json" 2>&1 | tee -a "$out/bench.log"
+if selected tests; then
+  # The tests that run on the GPU (the CPU-only ones, packaging and ahead-of-time compiles, stay on CI), the
+  # property tests last: they compile the most specializations, and a timeout should cut only them. With
+  # pytest-xdist (the GPU image has it) one worker per two cores, at most 8, share the GPU; the tests of more
+  # than 2**31 elements (20+ GB each) stay in one worker (xdist_group "gpu-memory"), one at a time.
+  gpu_tests="tests/test_gpu.py tests/test_step.py tests/test_multi_tensor.py tests/test_amp_capturable_clipping.py
+    tests/test_master_weights.py tests/test_8bit.py tests/test_training.py tests/test_optimizer_api.py
+    tests/test_bad_input.py tests/test_reference.py tests/test_faults.py tests/test_determinism.py
+    tests/test_checkpoint.py tests/test_capture.py tests/test_properties.py"
+  parallel=()
+  if python -c "import xdist" 2>/dev/null; then
+    workers=$(($(nproc) / 2)); workers=$((workers > 8 ? 8 : workers < 1 ? 1 : workers))
+    parallel=(-n "$workers" --dist loadgroup)
+  fi
+  limit=$(share tests 210)
+  echo "== tests (interrupted at $((limit - 20)) s)"
+  # SIGINT at the limit: pytest stops as on Ctrl-C and still prints its summary (failures, skips, counts).
+  timeout --signal=INT --kill-after=20 $((limit - 20)) python -m pytest -q -rfEs -p no:cacheprovider \
+    --continue-on-collection-errors "${parallel[@]}" ${RUN_GPU_TESTS:-$gpu_tests} \
+    --junitxml="$work/tests.xml" >"$work/tests.log" 2>&1
+  code=$?
+  status[tests]="exit $code$([ $code -eq 124 ] && echo " (interrupted at its $((limit - 20)) s limit)")"
+  tail -5 "$work/tests.log"
+  publish
 fi
 
-echo "tests exit $tests_status, bench exit $bench_status" | tee "$out/status.txt"
-[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
+if selected bench; then
+  limit=$(share bench "$budget")
+  echo "== bench (no case started after $((limit - 40)) s, killed at ${limit} s)"
+  timeout "$limit" python -m adam_gpu.cli bench --out "$work" --time-limit $((limit - 40)) ${RUN_GPU_BENCH_ARGS:-} >"$work/bench.log" 2>&1
+  code=$?
+  if [ $code -ne 0 ] && [ -f "$work/results.json" ]; then
+    python -m adam_gpu.cli bench --report "$work/results.json" >>"$work/bench.log" 2>&1
+  fi
+  status[bench]="exit $code"
+  tail -3 "$work/bench.log"
+  publish
+fi
+
+if selected tune; then
+  limit=$(share tune "$budget")
+  echo "== tune (no configuration started after $((limit - 30)) s, killed at ${limit} s)"
+  timeout "$limit" python -m adam_gpu.cli tune --out "$work" --time-limit $((limit - 30)) ${RUN_GPU_TUNE_ARGS:-} >"$work/tune.log" 2>&1
+  code=$?
+  if [ $code -ne 0 ] && [ -f "$work/tune.json" ]; then
+    python -m adam_gpu.cli tune --report "$work/tune.json" >>"$work/tune.log" 2>&1
+  fi
+  status[tune]="exit $code"
+  tail -3 "$work/tune.log"
+  publish
+fi
+
+echo "== done in ${SECONDS} s; ${out}:"
+ls "$out"
+cat "$out/summary.md"
+failed=0
+for phase in "${phases[@]}"; do [ "${status[$phase]:-}" = "exit 0" ] || failed=1; done
+exit $failed

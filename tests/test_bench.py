@@ -132,3 +132,29 @@ def test_adam_gpu_contenders_are_capturable_when_graphed():
     params = [torch.zeros(3, requires_grad=True)]
     assert contender.make(params, POLICIES["fp32"], True).param_groups[0]["capturable"] is True
     assert contender.make(params, POLICIES["fp32"], False).param_groups[0]["capturable"] is False
+
+
+def test_plan_puts_the_headline_pairs_first():
+    """A run stopped by its time limit keeps what the targets are read from: fp32 on every case (model lists,
+    then flat tensors from the largest down), then bf16, then the other policies on the model lists."""
+    pairs = [(case.name, policy.name) for case, policy in plan(False, "cuda")]
+    assert len(pairs) == len(set(pairs)) == 4 * 7 + 10 * 2
+    assert [p for _, p in pairs[:14]] == ["fp32"] * 14 and [p for _, p in pairs[14:28]] == ["bf16"] * 14
+    first = ["gpt2-124m", "llama-3.2-1b", "resnet-50", "1000x4096", "flat 2^30", "flat 2^28"]
+    assert [c for c, _ in pairs[:6]] == first
+    assert pairs[28] == ("gpt2-124m", "bf16+8bit-moments")
+
+
+def test_time_limit_measures_the_first_pair_and_lists_the_rest():
+    from adam_gpu.bench import report
+    from adam_gpu.bench.run import benchmark
+
+    run = benchmark(torch.device("cpu"), quick=True, time_limit_s=0)
+    pairs = plan(True, "cpu")
+    first = f"{pairs[0][0].name}, {pairs[0][1].name}"
+    assert {f"{r.case}, {r.policy}" for r in run.records} == {first}
+    assert run.not_measured == [f"{case.name}, {policy.name}" for case, policy in pairs[1:]]
+    assert any(r.status == OK for r in run.records) and run.elapsed_s > 0
+    markdown = report.markdown_table(run)
+    assert f"stopped by its time limit (0 s): {len(pairs) - 1} (case, policy) pairs not measured" in markdown
+    assert run.not_measured[-1] in markdown

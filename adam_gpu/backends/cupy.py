@@ -21,7 +21,7 @@ from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 # Threads per block (a multiple of 32: 8-bit moments take a warp per quantization block), resident blocks
 # per SM the grid-stride loop over chunks is sized for (2048 threads per SM on sm_80/sm_90), and elements
 # per chunk (4 passes of 256 threads x 8 bf16 params).
-# Not yet tuned on a GPU: `adam-gpu tune` decides (benchmarks/tune_gpu.sh).
+# Not yet tuned on a GPU: `adam-gpu tune` decides (benchmarks/run_gpu.sh runs it).
 THREADS_PER_BLOCK = 256
 BLOCKS_PER_SM = 8
 CHUNK = 8192

@@ -37,7 +37,7 @@ TRITON_TYPES = {
 
 
 # Warps per program on a GPU (the interpreter ignores it). 4 is Triton's default, what every launch got before
-# this was a knob. Not yet tuned on a GPU: `adam-gpu tune` decides (benchmarks/tune_gpu.sh).
+# this was a knob. Not yet tuned on a GPU: `adam-gpu tune` decides (benchmarks/run_gpu.sh runs it).
 NUM_WARPS = 4
 
 

@@ -128,16 +128,19 @@ def plan(quick: bool, device_type: str) -> list[tuple[Case, Policy]]:
     """The (case, policy) pairs of a run. Flat tensors in fp32 and bf16, 2^12 to 2^30 elements (the
     runner drops what does not fit in memory); every model list in every policy (the master-weight
     policies, which only adam-gpu offers, for the model lists). ``quick`` keeps a
-    few small cases, for a check that the whole pipeline works (seconds on a CPU)."""
+    few small cases, for a check that the whole pipeline works (seconds on a CPU).
+
+    Ordered by what the targets are read from, so that a run stopped by its time limit keeps them: fp32 on
+    every case first (model lists, then flat tensors from the largest down), then bf16, then the other
+    policies on the model lists, the 8-bit one first."""
     if quick:
         flats = [flat(n) for n in (12, 16, 20)]
         models = [many_small(100, 4096)]
     else:
-        flats = [flat(n) for n in range(12, 31, 2)]
+        flats = [flat(n) for n in range(30, 11, -2)]
         models = model_cases()
         if device_type == "cpu":  # a CPU step of Llama's 1.2B parameters takes seconds: leave it out
             models = [case for case in models if case.name != "llama-3.2-1b"]
-    # The model lists first: a run stopped by a time limit keeps the headline cases.
-    pairs = [(case, policy) for case in models for policy in POLICIES.values()]
-    pairs += [(case, POLICIES[name]) for case in flats for name in ("fp32", "bf16")]
-    return pairs
+    pairs = [(case, POLICIES[name]) for name in ("fp32", "bf16") for case in (*models, *flats)]
+    others = sorted(set(POLICIES) - {"fp32", "bf16"}, key=lambda name: (name != "bf16+8bit-moments", name))
+    return pairs + [(case, POLICIES[name]) for name in others for case in models]

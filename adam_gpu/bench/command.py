@@ -26,6 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda if present")
     parser.add_argument("--out", type=Path, help="output folder (default: bench-results/<date>-<device>)")
     parser.add_argument("--report", type=Path, metavar="JSON", help="only redraw the table and plot from a JSON")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="start no (case, policy) after this long (the headline cases come first); what was measured is "
+        "written, and the report lists what was not",
+    )
 
 
 def pick_device(choice: str) -> torch.device:
@@ -85,9 +92,13 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
         def advance(description: str) -> None:
             progress.update(task, advance=1, description=description)
 
-        run = benchmark(device, args.quick, advance, checkpoint=lambda partial: partial.to_json(json_path))
+        save = lambda partial: partial.to_json(json_path)  # noqa: E731
+        run = benchmark(device, args.quick, advance, checkpoint=save, time_limit_s=args.time_limit)
     run.to_json(json_path)
     written = report.write_reports(run, out, RESULTS_STEM)
     console.print(summary(run))
+    if run.not_measured:
+        left = len(run.not_measured)
+        console.print(f"time limit ({args.time_limit:.0f} s): {left} (case, policy) pairs not measured")
     console.print(f"wrote {json_path}, {written['markdown']}, {written['plot']}")
     return 0

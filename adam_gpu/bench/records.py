@@ -50,14 +50,19 @@ class Record:
 class Run:
     """A whole benchmark run: the environment, the copy bandwidth measured in it (GB/s, read + write
     counted), and its records. ``environment`` keys: device, device_type ("cuda"/"cpu"), driver,
-    adam_gpu, torch, triton, cupy, python, date, quick. A subclass with its own record type (``adam-gpu
-    tune``'s) sets ``record_type`` and may add fields; the JSON round trip keeps them."""
+    adam_gpu, torch, triton, cupy, python, date, quick. ``time_limit_s``: the limit it ran under (None:
+    none); ``elapsed_s``: what it took (None: stopped before the end); ``not_measured``: the "case, policy"
+    pairs the time limit left out. A subclass with its own record type (``adam-gpu tune``'s) sets
+    ``record_type`` and may add fields; the JSON round trip keeps them."""
 
     record_type: ClassVar[type[Record]] = Record
 
     environment: dict[str, Any]
     copy_gbps: float
     records: list[Record] = field(default_factory=list)
+    time_limit_s: float | None = None
+    elapsed_s: float | None = None
+    not_measured: list[str] = field(default_factory=list)
 
     def to_json(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1) + "\n")

@@ -145,6 +145,11 @@ def _header(run: Run) -> list[str]:
     lines += [f"# Adam step benchmark: {device}", "", *environment_lines(run)]
     if env.get("quick"):
         lines.append("- quick run: fewer cases and repetitions than a full run")
+    if run.not_measured:
+        lines.append(
+            f"- **stopped by its time limit ({run.time_limit_s:.0f} s): {len(run.not_measured)} (case, policy) "
+            f"pairs not measured**: {'; '.join(run.not_measured)}"
+        )
     lines += [
         "",
         f"Times are milliseconds per `step()`: the median of {timer}, 20th–80th percentile in parentheses; "

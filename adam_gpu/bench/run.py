@@ -7,6 +7,7 @@ import datetime
 import gc
 import math
 import platform
+import time
 from collections.abc import Callable
 
 import torch
@@ -151,12 +152,20 @@ def benchmark(
     quick: bool,
     progress: Callable[[str], None] = lambda description: None,
     checkpoint: Callable[[Run], None] = lambda run: None,
+    time_limit_s: float | None = None,
 ) -> Run:
     """Measure every contender on every (case, policy) of the plan. ``progress`` is told before each
-    measurement; ``checkpoint`` gets the run so far after each (case, policy), so that a run stopped
-    by a time limit keeps what it measured."""
-    run = Run(environment(device, quick), timing.copy_bandwidth_gbps(device, quick))
-    for case, policy in plan(quick, device.type):
+    measurement; ``checkpoint`` gets the run so far after each (case, policy), so that a run killed
+    from outside keeps what it measured. With ``time_limit_s`` no (case, policy) starts after that many
+    seconds but the first (the plan puts the headline cases first); those left are listed in
+    ``run.not_measured``."""
+    started = time.monotonic()
+    run = Run(environment(device, quick), timing.copy_bandwidth_gbps(device, quick), time_limit_s=time_limit_s)
+    pairs = plan(quick, device.type)
+    for position, (case, policy) in enumerate(pairs):
+        if position and time_limit_s is not None and time.monotonic() - started > time_limit_s:
+            run.not_measured = [f"{case.name}, {policy.name}" for case, policy in pairs[position:]]
+            break
         sets = input_sets(case, policy, device)
         records = []
         for contender in contenders():
@@ -182,4 +191,5 @@ def benchmark(
         run.records += records
         del sets
         checkpoint(run)
+    run.elapsed_s = time.monotonic() - started
     return run

@@ -34,9 +34,16 @@ def _quantiles(samples_ms: list[float]) -> Timing:
     return Timing(statistics.median(samples_ms), cuts[1], cuts[7])
 
 
-def time_device(function: Callable[[], object], device: torch.device, quick: bool = False) -> Timing:
-    """Time ``function`` (one optimizer step): device time on CUDA, wall time on the CPU."""
-    repeat_ms = QUICK_REPEAT_MS if quick else REPEAT_MS
+def _repeat_ms(quick: bool, repeat_ms: float | None) -> float:
+    return QUICK_REPEAT_MS if quick else REPEAT_MS if repeat_ms is None else repeat_ms
+
+
+def time_device(
+    function: Callable[[], object], device: torch.device, quick: bool = False, repeat_ms: float | None = None
+) -> Timing:
+    """Time ``function`` (one optimizer step): device time on CUDA, wall time on the CPU, over ``repeat_ms``
+    milliseconds of calls (default REPEAT_MS; QUICK_REPEAT_MS when ``quick``)."""
+    repeat_ms = _repeat_ms(quick, repeat_ms)
     if device.type == "cuda":
         return _time_cuda(function, repeat_ms)
     return _time_wall(function, repeat_ms)
@@ -94,7 +101,7 @@ def time_host(function: Callable[[], object], device: torch.device) -> float:
     return statistics.median(samples)
 
 
-def time_graph(step: Callable[[], object], quick: bool = False) -> Timing:
+def time_graph(step: Callable[[], object], quick: bool = False, repeat_ms: float | None = None) -> Timing:
     """Capture one ``step()`` in a CUDA graph (after warm-up on a side stream, as capture requires) and
     time its replays: the step without Python and launch overhead."""
     side = torch.cuda.Stream()
@@ -106,7 +113,7 @@ def time_graph(step: Callable[[], object], quick: bool = False) -> Timing:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    return _time_cuda(graph.replay, QUICK_REPEAT_MS if quick else REPEAT_MS)
+    return _time_cuda(graph.replay, _repeat_ms(quick, repeat_ms))
 
 
 def copy_bandwidth_gbps(device: torch.device, quick: bool = False) -> float:

@@ -59,15 +59,18 @@ QUICK_ALTERNATIVES: dict[str, dict[str, int]] = {
 }
 # Seconds one configuration costs on an H100, for the estimate printed at the start and for splitting a time
 # limit between backends. A Triton compile per specialization: 0.3-0.6 s, 2 s for 8-bit moments at BLOCK 4096
-# (ahead-of-time for sm_90 on the 2-core CI machine, 2026-11-25). A do_bench per case: 25 ms warm-up, 100 ms of
-# steps, its estimate, the L2 flushes and the Python around them. A CUDA-graph capture and its replays for a
-# launch-bound case: a replay of 1000 x 4096 takes tens of microseconds, so do_bench runs thousands of them,
-# each after a 256 MB flush. Once per sweep: copy bandwidth, the inputs, the optimizers' state, cupy's NVRTC
+# (ahead-of-time for sm_90 on the 2-core CI machine, 2026-11-25). A do_bench per case: 25 ms warm-up, REPEAT_MS
+# of steps, its estimate, the L2 flushes and the Python around them. A launch-bound case is timed as a CUDA-graph
+# capture and its replays only: a replay of 1000 x 4096 takes tens of microseconds, so do_bench runs a thousand
+# of them, each after a 256 MB flush. Once per sweep: copy bandwidth, the inputs, the optimizers' state, cupy's NVRTC
 # compiles (a few seconds per specialization).
 COMPILE_S = {"triton": 0.8, "cupy": 0.0}
-MEASURE_S = 0.25
-GRAPH_S = 0.4
+MEASURE_S = 0.12
+GRAPH_S = 0.3
 SETUP_S = 45.0
+# Milliseconds of steps per do_bench (the benchmark's 100 ms would halve the configurations a 9-minute GPU
+# run reaches): 15 steps of the 2.6 ms fp32 step of 2^28 elements, hundreds of replays of the small cases.
+REPEAT_MS = 40
 
 
 def tune_plan(quick: bool) -> list[tuple[Case, Policy]]:
@@ -124,9 +127,7 @@ class TuneRun(Run):
     plan: dict[str, list[dict[str, int]]] = field(default_factory=dict)
     defaults: dict[str, dict[str, int]] = field(default_factory=dict)
     stopped: dict[str, str] = field(default_factory=dict)
-    time_limit_s: float | None = None
     estimate_s: float | None = None
-    elapsed_s: float | None = None
 
 
 def grid(backend: str, module: ModuleType, device: torch.device, quick: bool) -> list[Any]:
@@ -164,7 +165,7 @@ def specializations(pairs: Sequence[tuple[Case, Policy]]) -> int:
 def estimate_s(backend: str, configs: int, pairs: Sequence[tuple[Case, Policy]]) -> float:
     """Estimated seconds of one backend's sweep on an H100 (see COMPILE_S)."""
     per_config = COMPILE_S[backend] * specializations(pairs)
-    per_config += sum(MEASURE_S + (GRAPH_S if launch_bound(case) else 0.0) for case, _ in pairs)
+    per_config += sum(GRAPH_S if launch_bound(case) else MEASURE_S for case, _ in pairs)
     return configs * per_config
 
 
@@ -189,10 +190,13 @@ def _measure(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         record.first_step_s = time.perf_counter() - start
-        measured = timing.time_device(optimizer.step, device, quick)
-        record.median_ms, record.p20_ms, record.p80_ms = measured.median_ms, measured.p20_ms, measured.p80_ms
         if device.type == "cuda" and launch_bound(case):
-            record.graph_median_ms = timing.time_graph(optimizer.step, quick).median_ms
+            # Only the replay is ranked: the eager time of a launch-bound step is the host's, which no
+            # configuration changes (timing it too cost 0.25 s a case and configuration).
+            record.graph_median_ms = timing.time_graph(optimizer.step, quick, REPEAT_MS).median_ms
+            return
+        measured = timing.time_device(optimizer.step, device, quick, REPEAT_MS)
+        record.median_ms, record.p20_ms, record.p80_ms = measured.median_ms, measured.p20_ms, measured.p80_ms
 
 
 def _fill_ratios(record: TuneRecord, copy_gbps: float) -> None:

@@ -1,0 +1,77 @@
+"""``benchmarks/run_gpu.sh`` on the CPU: the one command a GPU session has (15 minutes of device time, the
+machine's start included, 10 minutes a command, at most 8 files back) runs its three phases within its budget
+and leaves exactly the 8 files it promises, whatever phase ran."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from adam_gpu.bench.records import Run
+from adam_gpu.bench.tune import TuneRun
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run_gpu.sh"
+LOGS = {"summary.md", "tests.log", "logs.tar.gz"}
+RETURNED = LOGS | {"results.json", "results.md", "results.png", "tune.json", "tune.md"}
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash")
+
+
+def _run_gpu(out: Path, *phases: str, **env: str) -> subprocess.CompletedProcess:
+    quick = "--quick --device cpu"  # a CPU has no GPU to benchmark: the pipeline in seconds
+    environment = os.environ | {"TRITON_INTERPRET": "1", "RUN_GPU_BENCH_ARGS": quick, "RUN_GPU_TUNE_ARGS": quick}
+    return subprocess.run(["bash", str(SCRIPT), str(out), *phases], env=environment | env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-run")
+    result = _run_gpu(out, RUN_GPU_TESTS="tests/test_reference.py tests/test_gpu.py")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_every_phase_leaves_the_8_files_the_device_tool_brings_back(whole_run):
+    out, stdout = whole_run
+    assert {path.name for path in out.iterdir()} == RETURNED
+    with tarfile.open(out / "logs.tar.gz") as logs:
+        assert set(logs.getnames()) == {"info.log", "tests.xml", "bench.log", "tune.log"}
+    run, sweep = Run.from_json(out / "results.json"), TuneRun.from_json(out / "tune.json")
+    assert run.records and sweep.records and sweep.plan["triton"]
+    summary = (out / "summary.md").read_text()
+    assert stdout.rstrip().endswith(summary.rstrip()), "the summary is printed last: the device tool returns the tail"
+    for phase in ("tests", "bench", "tune"):
+        assert f"- {phase}: exit 0" in summary
+    assert re.search(r"\d+ passed", summary) and "## Targets" in summary and "triton: best overall" in summary
+    assert re.search(r"\n\d+ needs a CUDA device", summary), "skips are counted by reason"
+
+
+def test_phases_share_the_budget(whole_run):
+    """The tests take at most 210 s (interrupted 20 s before, so they print their summary); each later phase ends
+    before what is left of the 540 s, less the later phases' minimum and 10 s for the summary."""
+    _, stdout = whole_run
+    assert "== tests (interrupted at 190 s)" in stdout
+    bench_kill = int(re.search(r"== bench \(no case started after \d+ s, killed at (\d+) s\)", stdout).group(1))
+    tune_kill = int(re.search(r"== tune \(no configuration started after \d+ s, killed at (\d+) s\)", stdout).group(1))
+    assert 380 <= bench_kill <= 540 - 90 - 10 and 380 <= tune_kill <= 540 - 10
+
+
+def test_a_phase_alone_gets_the_whole_budget_and_leaves_its_files(tmp_path):
+    result = _run_gpu(tmp_path, "tests", RUN_GPU_BUDGET_S="200", RUN_GPU_TESTS="tests/test_reference.py")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    interrupted = int(re.search(r"== tests \(interrupted at (\d+) s\)", result.stdout).group(1))
+    assert 150 <= interrupted <= 200 - 10 - 20
+    assert {path.name for path in tmp_path.iterdir()} == LOGS
+    assert "- tests: exit 0" in (tmp_path / "summary.md").read_text()
+
+
+def test_an_unknown_phase_is_refused(tmp_path):
+    result = _run_gpu(tmp_path, "benchmark")
+    assert result.returncode == 2 and "unknown phase 'benchmark': tests, bench, tune" in result.stderr
