@@ -18,7 +18,7 @@
 # OUTDIR receives at most 8 files (what the device tool brings back), refreshed after every phase:
 # summary.md (GPU, phase statuses, failed tests, the benchmark's targets, the sweep's winners; also printed
 # last), tests.log, results.json, results.md, results.png, tune.json, tune.md, and logs.tar.gz (info.log,
-# tests.xml, bench.log, tune.log). Commit them under benchmarks/results/<date>-<gpu>/.
+# wheels.log where wheels were installed, tests.xml, bench.log, tune.log). Commit them under benchmarks/results/<date>-<gpu>/.
 set -uo pipefail
 out="$(mkdir -p "${1:?usage: benchmarks/run_gpu.sh OUTDIR [tests] [bench] [tune]}" && cd "$1" && pwd)"
 shift
@@ -40,6 +40,13 @@ cp -r "$repo/adam_gpu" "$repo/tests" "$repo/pyproject.toml" "$stage/"
 cp -r "$repo/kernels" "$stage/adam_gpu/kernels"
 export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cd "$stage"
+# Baselines the GPU image lacks (bitsandbytes, torchao) travel as wheels in the checkout's ignored .whl/
+# (benchmarks/README.md says how to fetch them): installed beside the stage, after it on the path, offline,
+# without dependencies (the image has torch, numpy and packaging).
+if compgen -G "$repo/.whl/*.whl" >/dev/null; then
+  python -m pip install --no-index --no-deps --no-compile --target "$stage/site" "$repo"/.whl/*.whl \
+    >"$work/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:$stage/site"
+fi
 
 selected() { [[ " ${phases[*]} " == *" $1 "* ]]; }
 # Seconds phase $1 may take: at most $2 (when a later phase is selected), and no more than what is left of
@@ -62,7 +69,7 @@ publish() {
   for file in tests.log results.json results.md results.png tune.json tune.md; do
     [ -f "$work/$file" ] && cp "$work/$file" "$out/"
   done
-  tar -czf "$out/logs.tar.gz" -C "$work" $(cd "$work" && ls info.log tests.xml bench.log tune.log 2>/dev/null)
+  tar -czf "$out/logs.tar.gz" -C "$work" $(cd "$work" && ls info.log wheels.log tests.xml bench.log tune.log 2>/dev/null)
   {
     echo "# GPU run, $(date -u +%Y-%m-%d)"
     echo
@@ -97,6 +104,8 @@ publish() {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
   python -m adam_gpu.cli info
+  python -c "import importlib.util as u; print('baselines importable:', {m: u.find_spec(m) is not None for m in
+    ('apex', 'transformer_engine', 'bitsandbytes', 'torchao')})"
 } >"$work/info.log" 2>&1
 cat "$work/info.log"
 publish

@@ -14,6 +14,7 @@ import torch
 from adam_gpu.bench.cases import POLICIES, gpt2_124m, llama_3_2_1b, many_small, plan, resnet_50
 from adam_gpu.bench.contenders import contenders
 from adam_gpu.bench.records import OK, Run
+from adam_gpu.bench.run import state_bytes_per_param
 
 
 def _bench(*arguments: str) -> subprocess.CompletedProcess:
@@ -158,3 +159,13 @@ def test_time_limit_measures_the_first_pair_and_lists_the_rest():
     markdown = report.markdown_table(run)
     assert f"stopped by its time limit (0 s): {len(pairs) - 1} (case, policy) pairs not measured" in markdown
     assert run.not_measured[-1] in markdown
+
+
+def test_state_bytes_count_what_a_tensor_subclass_wraps():
+    """torchao's 8-bit state is a wrapper subclass that looks like fp32: its bytes are those of the tensors it
+    wraps (named by __tensor_flatten__), as for torch's own two-tensor test subclass here."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    wrapped = two_tensor.TwoTensor(torch.randn(100), torch.randn(100))
+    optimizer = torch.optim.AdamW([torch.zeros(100, requires_grad=True)])
+    optimizer.state[0] = {"step": torch.tensor(1.0), "exp_avg": wrapped, "exp_avg_sq": torch.zeros(100)}
+    assert state_bytes_per_param(optimizer, 100) == 2 * 4 + 4

@@ -42,7 +42,8 @@ def test_every_phase_leaves_the_8_files_the_device_tool_brings_back(whole_run):
     out, stdout = whole_run
     assert {path.name for path in out.iterdir()} == RETURNED
     with tarfile.open(out / "logs.tar.gz") as logs:
-        assert set(logs.getnames()) == {"info.log", "tests.xml", "bench.log", "tune.log"}
+        # (wheels.log where the checkout has wheels in .whl/ for baselines the GPU image lacks)
+        assert set(logs.getnames()) - {"wheels.log"} == {"info.log", "tests.xml", "bench.log", "tune.log"}
     run, sweep = Run.from_json(out / "results.json"), TuneRun.from_json(out / "tune.json")
     assert run.records and sweep.records and sweep.plan["triton"]
     summary = (out / "summary.md").read_text()

@@ -91,12 +91,21 @@ def input_sets(case: Case, policy: Policy, device: torch.device) -> list[list[to
     return sets
 
 
-def _state_bytes_per_param(optimizer: torch.optim.Optimizer, numel: int) -> float:
+def stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a state tensor holds. A tensor subclass that wraps others (torchao's 8-bit state: uint8 codes and
+    fp32 scales presented as an fp32 tensor) holds its inner tensors, which ``__tensor_flatten__`` names."""
+    if hasattr(type(tensor), "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def state_bytes_per_param(optimizer: torch.optim.Optimizer, numel: int) -> float:
     total = 0
     for state in optimizer.state.values():
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and key != "step":
-                total += value.numel() * value.element_size()
+                total += stored_bytes(value)
     return total / numel
 
 
@@ -127,7 +136,7 @@ def _time_eager(record: Record, optimizers: list[torch.optim.Optimizer], device:
     measured = timing.time_device(step, device, quick)
     record.median_ms, record.p20_ms, record.p80_ms = measured.median_ms, measured.p20_ms, measured.p80_ms
     record.host_ms = timing.time_host(step, device)
-    record.state_bytes_per_param = _state_bytes_per_param(optimizers[0], record.numel)
+    record.state_bytes_per_param = state_bytes_per_param(optimizers[0], record.numel)
 
 
 def _fill_ratios(records: list[Record], copy_gbps: float) -> None:
