@@ -125,7 +125,7 @@ if selected tests; then
     parallel=(-n "$workers" --dist loadgroup)
   fi
   limit=$(share tests 210)
-  echo "== tests (interrupted at $((limit - 20)) s)"
+  echo "== tests at ${SECONDS} s (interrupted at $((limit - 20)) s)"
   # SIGINT at the limit: pytest stops as on Ctrl-C and still prints its summary (failures, skips, counts).
   timeout --signal=INT --kill-after=20 $((limit - 20)) python -m pytest -q -rfEs -p no:cacheprovider \
     --continue-on-collection-errors "${parallel[@]}" ${RUN_GPU_TESTS:-$gpu_tests} \
@@ -136,31 +136,24 @@ if selected tests; then
   publish
 fi
 
-if selected bench; then
-  limit=$(share bench "$budget")
-  echo "== bench (no case started after $((limit - 40)) s, killed at ${limit} s)"
-  timeout "$limit" python -m adam_gpu.cli bench --out "$work" --time-limit $((limit - 40)) ${RUN_GPU_BENCH_ARGS:-} >"$work/bench.log" 2>&1
+# Phase $1 (bench or tune): `adam-gpu $1` starts no measurement after its limit less $2 s and is killed at the
+# limit; where it was killed, its table is drawn from the JSON ($3) it wrote after each measurement.
+measure() {
+  local phase=$1 margin=$2 json=$3 extra=$4 limit code
+  limit=$(share "$phase" "$budget")
+  echo "== $phase at ${SECONDS} s (nothing started after $((limit - margin)) s, killed at ${limit} s)"
+  timeout "$limit" python -m adam_gpu.cli "$phase" --out "$work" --time-limit $((limit - margin)) $extra \
+    >"$work/$phase.log" 2>&1
   code=$?
-  if [ $code -ne 0 ] && [ -f "$work/results.json" ]; then
-    python -m adam_gpu.cli bench --report "$work/results.json" >>"$work/bench.log" 2>&1
+  if [ $code -ne 0 ] && [ -f "$work/$json" ]; then
+    python -m adam_gpu.cli "$phase" --report "$work/$json" >>"$work/$phase.log" 2>&1
   fi
-  status[bench]="exit $code"
-  tail -3 "$work/bench.log"
+  status[$phase]="exit $code"
+  tail -3 "$work/$phase.log"
   publish
-fi
-
-if selected tune; then
-  limit=$(share tune "$budget")
-  echo "== tune (no configuration started after $((limit - 30)) s, killed at ${limit} s)"
-  timeout "$limit" python -m adam_gpu.cli tune --out "$work" --time-limit $((limit - 30)) ${RUN_GPU_TUNE_ARGS:-} >"$work/tune.log" 2>&1
-  code=$?
-  if [ $code -ne 0 ] && [ -f "$work/tune.json" ]; then
-    python -m adam_gpu.cli tune --report "$work/tune.json" >>"$work/tune.log" 2>&1
-  fi
-  status[tune]="exit $code"
-  tail -3 "$work/tune.log"
-  publish
-fi
+}
+selected bench && measure bench 40 results.json "${RUN_GPU_BENCH_ARGS:-}"
+selected tune && measure tune 30 tune.json "${RUN_GPU_TUNE_ARGS:-}"
 
 echo "== done in ${SECONDS} s; ${out}:"
 ls "$out"
