@@ -35,6 +35,10 @@ class StepTensors:
     # adam_gpu.quantization.BLOCK elements (None for a tensor whose moments are not quantized).
     exp_avg_absmaxes: Sequence[torch.Tensor | None] = field(default_factory=list)
     exp_avg_sq_absmaxes: Sequence[torch.Tensor | None] = field(default_factory=list)
+    # Where a backend may keep what it derives from these tensors' addresses, dtypes, shapes and layouts (the
+    # tensor tables); a caller passes the same dict again only with tensors alike in all of these, as
+    # FusedAdam does while a group's tensors are unchanged. None: derive everything anew.
+    memo: dict | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -51,6 +55,11 @@ class StepTensors:
     def features(self) -> set[str]:
         """The optional capabilities (adam_gpu.dispatch) a backend needs for these tensors."""
         return {EIGHT_BIT} if any(a is not None for a in self.exp_avg_absmaxes) else set()
+
+    def lists(self) -> tuple[Sequence[torch.Tensor | None], ...]:
+        """Every list, in the order of the fields (``StepTensors(*lists)`` rebuilds them, without the memo)."""
+        return (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs, self.masters,
+                self.exp_avg_absmaxes, self.exp_avg_sq_absmaxes)  # fmt: skip
 
     def per_tensor(self) -> list[tuple[torch.Tensor, ...]]:
         """``(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, exp_avg_absmax, exp_avg_sq_absmax)``

@@ -1,0 +1,248 @@
+"""A step whose tensors are unchanged since the group's last full check skips the per-tensor checks and
+reuses its tensor tables (FusedAdam._reusable); every change a user can make between steps is still
+seen: a changed hyper-parameter, state tensor, step count, param ``.data`` or group is used, and a bad
+grad or state is refused with the full checks' error, nothing written. Trajectories are compared with
+torch.optim's for-loop implementation, as in test_optimizer_api.py."""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from support import (
+    OPTIMIZERS,
+    assert_close_relative,
+    assert_unchanged,
+    backend_params,
+    new_grads,
+    optimizer_tensors,
+    random_tensor,
+    seeded_generator,
+    small_params,
+    snapshot,
+)
+
+from adam_gpu import FusedAdam, optim
+from adam_gpu.backends import tensor_table
+
+OPTIONS = dict(lr=1e-2, weight_decay=0.1)
+
+
+@pytest.fixture
+def full_checks(monkeypatch) -> list[int]:
+    """The number of params of each full (per-tensor) check of a group, in order."""
+    calls: list[int] = []
+    original = FusedAdam._check_tensors
+
+    def counting(self, group, params):
+        calls.append(len(params))
+        return original(self, group, params)
+
+    monkeypatch.setattr(FusedAdam, "_check_tensors", counting)
+    return calls
+
+
+class Twins:
+    """One of our optimizers and its torch.optim counterpart over equal params, stepped alike."""
+
+    def __init__(self, kind: str, backend: str, *key: object, ours_only: dict | None = None, **options) -> None:
+        self.generator = seeded_generator("step cache", kind, backend, *key)
+        self.params = small_params(self.generator)
+        self.expected = [p.clone() for p in self.params]
+        ours, theirs = OPTIMIZERS[kind]
+        self.ours = ours(self.params, backend=backend, **OPTIONS, **options, **(ours_only or {}))
+        self.theirs = theirs(self.expected, foreach=False, **OPTIONS, **options)
+
+    def step(self, count: int = 1, in_place: bool = True) -> None:
+        """``count`` steps on fresh grad values: written into the grads there are (``in_place``, so that the
+        tensors stay those of the last step), else new grad tensors."""
+        for _ in range(count):
+            if in_place and all(p.grad is not None for p in self.params):
+                for param, twin in zip(self.params, self.expected, strict=True):
+                    param.grad.copy_(random_tensor(self.generator, *param.shape))
+                    twin.grad.copy_(param.grad)
+            else:
+                new_grads(self.generator, self.params, self.expected)
+            self.ours.step()
+            self.theirs.step()
+
+    def assert_match(self) -> None:
+        for index, (param, twin) in enumerate(zip(self.params, self.expected, strict=True)):
+            assert_close_relative(param, twin, f"param {index}")
+            for key, value in self.theirs.state[twin].items():
+                assert_close_relative(self.ours.state[param][key], value, f"{key} {index}")
+
+    def assert_refused(self, error: type[Exception], match: str) -> None:
+        before = snapshot(optimizer_tensors(self.ours))
+        with pytest.raises(error, match=match):
+            self.ours.step()
+        assert_unchanged(before, optimizer_tensors(self.ours))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_unchanged_tensors_are_checked_once_and_step_as_torch(kind, backend, full_checks):
+    twins = Twins(kind, backend)
+    twins.step(5)
+    assert full_checks == [2], "the steps after the first took the full checks: the cache was not used"
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
+def test_a_state_tensor_put_in_the_state_is_used(backend, key, full_checks):
+    twins = Twins("adamw", backend, key)
+    twins.step(2)
+    for param, twin in zip(twins.params, twins.expected, strict=True):
+        replacement = twins.ours.state[param][key] * 0.5 + 0.1
+        twins.ours.state[param][key] = replacement
+        twins.theirs.state[twin][key] = replacement.clone()
+    twins.step(2)
+    twins.assert_match()
+    assert full_checks == [2, 2], "one full check after the new state, then the cache again"
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_hyperparameters_changed_on_the_group_are_used(backend):
+    twins = Twins("adamw", backend)
+    twins.step(2)
+    for optimizer in (twins.ours, twins.theirs):
+        optimizer.param_groups[0].update(lr=3e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.3, maximize=True)
+    twins.step(2)
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_param_data_replaced_is_used(backend):
+    twins = Twins("adamw", backend)
+    twins.step(2)
+    for param, twin in zip(twins.params, twins.expected, strict=True):
+        param.data = random_tensor(twins.generator, *param.shape)
+        twin.data = param.data.clone()
+    twins.step(2)
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("reshape", [lambda p: p.view(5, 3), torch.Tensor.t], ids=["view", "transposed"])
+def test_param_data_reshaped_in_place_is_refused(backend, reshape):
+    """The same memory seen with another shape (the address unchanged): the moments no longer fit."""
+    twins = Twins("adamw", backend)
+    twins.step(2)
+    param = twins.params[0]
+    param.data = reshape(param.data)
+    param.grad = torch.zeros_like(param)
+    twins.assert_refused(ValueError, r"optimizer state 0 has shape \(3, 5\) but its param has shape \(5, 3\)")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_param_data_restrided_in_place_is_used(backend):
+    """The same memory and shape read in another order (column-major): a non-contiguous param now."""
+    twins = Twins("adamw", backend)
+    twins.step(2)
+    for param in (twins.params[0], twins.expected[0]):
+        param.data = param.data.as_strided((3, 5), (1, 3))
+    twins.step(2)
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_grad_reshaped_in_place_is_refused(backend):
+    twins = Twins("adamw", backend)
+    twins.step(2)
+    grad = twins.params[0].grad
+    grad.data = grad.data.view(5, 3)
+    twins.assert_refused(ValueError, r"grad 0 has shape \(5, 3\) but its param has shape \(3, 5\)")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_moment_resized_is_refused(backend):
+    twins = Twins("adamw", backend)
+    twins.step(2)
+    twins.ours.state[twins.params[1]]["exp_avg_sq"].resize_(6)  # (in place: the address stays)
+    twins.assert_refused(ValueError, r"optimizer state 1 has shape \(6,\) but its param has shape \(7,\)")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize(
+    ("make_bad", "error", "match"),
+    [
+        (torch.Tensor.to_sparse, TypeError, "grad 1 is sparse"),
+        (lambda g: torch.complex(g, g), TypeError, "grad 1 is complex"),
+        (torch.Tensor.double, TypeError, "grad 1 has dtype torch.float64 but its param has dtype torch.float32"),
+    ],
+    ids=["sparse", "complex", "float64"],
+)
+def test_bad_grad_after_cached_steps_is_refused(backend, make_bad, error, match, full_checks):
+    twins = Twins("adamw", backend, match)
+    twins.step(3)
+    assert full_checks == [2], "the cache was not in use before the bad grad"
+    param = twins.params[1]
+    if hasattr(param, "grad_dtype"):
+        param.grad_dtype = None  # (torch >= 2.10 refuses a grad of another dtype unless told)
+    elif make_bad is not torch.Tensor.to_sparse:
+        pytest.skip("this torch refuses a grad of another dtype")
+    param.grad = make_bad(param.grad)
+    twins.assert_refused(error, match)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_step_counts_that_differ_within_a_group_are_each_used(backend):
+    """A step count put in the state, and a param without a grad for a step, leave unequal step counts."""
+    twins = Twins("adamw", backend)
+    twins.step(2)
+    twins.ours.state[twins.params[0]]["step"] = torch.tensor(10.0)
+    twins.theirs.state[twins.expected[0]]["step"] = torch.tensor(10.0)
+    twins.step(1)
+    twins.params[1].grad = twins.expected[1].grad = None
+    new_grads(twins.generator, twins.params[:1], twins.expected[:1])
+    twins.ours.step()
+    twins.theirs.step()
+    twins.step(2, in_place=False)
+    twins.assert_match()
+    assert [float(twins.ours.state[p]["step"]) for p in twins.params] == [14.0, 5.0]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_group_added_after_cached_steps_steps_as_torch(backend):
+    twins = Twins("adamw", backend)
+    twins.step(2)
+    new = random_tensor(twins.generator, 4)
+    twins.params.append(new)
+    twins.expected.append(new.clone())
+    twins.ours.add_param_group({"params": [new], "lr": 2e-2})
+    twins.theirs.add_param_group({"params": [twins.expected[-1]], "lr": 2e-2})
+    twins.step(1, in_place=False)
+    twins.step(2)
+    twins.assert_match()
+    assert [float(twins.ours.state[p]["step"]) for p in twins.params] == [5.0, 5.0, 3.0]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_state_dict_loaded_after_cached_steps_is_used(backend):
+    twins = Twins("adamw", backend)
+    twins.step(2)
+    saved = copy.deepcopy(twins.theirs.state_dict())  # (a state_dict holds the live state tensors)
+    twins.step(2)
+    twins.ours.load_state_dict(copy.deepcopy(saved))
+    twins.theirs.load_state_dict(saved)
+    twins.step(2)
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", [b for b in backend_params() if b.values[0] in ("triton", "cupy", "cuda-host")])
+def test_a_cached_table_used_during_a_capture_is_kept(backend, monkeypatch):
+    """Unchanged tensors captured after eager steps reuse their table: it becomes a captured one."""
+    monkeypatch.setattr(tensor_table, "_tables", OrderedDict())
+    monkeypatch.setattr(tensor_table, "_captured", {})
+    twins = Twins("adamw", backend, ours_only={"capturable": True})
+    twins.step(2)
+    (key, table), *others = tensor_table._tables.items()
+    assert not others and not tensor_table._captured
+    monkeypatch.setattr(optim, "is_capturing", lambda device: True)
+    monkeypatch.setattr(tensor_table, "is_capturing", lambda device: True)
+    twins.step(1)
+    assert tensor_table._captured == {key: table} and key not in tensor_table._tables
+    twins.assert_match()
