@@ -68,7 +68,7 @@ class _Prepared:
     group: dict[str, Any]
     options: tuple
     signature: list
-    step_buffer: torch.Tensor | None  # functional.step_buffer of the group's host step counts
+    step_buffer: torch.Tensor | None  # functional.step_buffer of the group's step counts
     memo: dict = field(default_factory=dict)
 
 
@@ -515,12 +515,11 @@ def _check_state_dtype(state_dtype: object, amsgrad: bool = False) -> None:
 
 
 def _zero_steps(count: int, group: dict[str, Any], device: torch.device) -> list[torch.Tensor]:
-    """``count`` new step counts: float32 on the device in a capturable group (torch's capturable layout),
-    else on the host as views of one tensor, which a step reads and increments in one op each
-    (functional.step_buffer)."""
-    if group["capturable"]:
-        return [torch.tensor(0.0, dtype=torch.float32, device=device) for _ in range(count)]
-    return list(torch.zeros(count, dtype=_scalar_dtype()).unbind())
+    """``count`` new step counts, views of one tensor, which a step reads and increments in one op each
+    (functional.step_buffer): float32 on the device in a capturable group (torch's capturable layout), else
+    on the host."""
+    on_device = {"dtype": torch.float32, "device": device} if group["capturable"] else {"dtype": _scalar_dtype()}
+    return list(torch.zeros(count, **on_device).unbind())
 
 
 def _gather(group: dict[str, Any], params: list[torch.Tensor], states: list[dict[str, torch.Tensor]]) -> _Gathered:
