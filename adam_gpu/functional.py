@@ -86,7 +86,7 @@ def apply_step(
 
     Host step counts (torch's non-capturable layout) are read as floats, which does not synchronize;
     ``step_buffer``, when given, is one tensor whose elements are exactly ``state_steps`` in order (see
-    ``step_buffer``), on the host or the device: read and incremented in one op each. Step counts on the device
+    ``shared_step_buffer``), on the host or the device: read and incremented in one op each. Step counts on the device
     (``device_inputs.steps``) are incremented and read on the device; when found_inf is set the increment
     is taken back on the device too, as torch's fused Adam does."""
     if device_inputs is not None and device_inputs.steps is not None:
@@ -117,7 +117,7 @@ def apply_step(
         torch._foreach_add_(counts, 1.0)
 
 
-def step_buffer(state_steps: Sequence[torch.Tensor]) -> torch.Tensor | None:
+def shared_step_buffer(state_steps: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """The 1-D tensor whose elements, in order, ``state_steps`` are views of (FusedAdam creates a group's step
     counts so), or None: incrementing it increments each of them."""
     base = state_steps[0]._base if state_steps else None

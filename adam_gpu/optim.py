@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 
 from adam_gpu import dispatch
 from adam_gpu.device_inputs import DeviceInputs, device_values, is_capturing
-from adam_gpu.functional import apply_step, step_buffer
+from adam_gpu.functional import apply_step, shared_step_buffer
 from adam_gpu.hyperparameters import AdamHyperparameters, check_hyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.quantization import SMALL_TENSOR
@@ -68,7 +68,7 @@ class _Prepared:
     group: dict[str, Any]
     options: tuple
     signature: list
-    step_buffer: torch.Tensor | None  # functional.step_buffer of the group's step counts
+    step_buffer: torch.Tensor | None  # functional.shared_step_buffer of the group's step counts
     memo: dict = field(default_factory=dict)
 
 
@@ -336,7 +336,7 @@ class FusedAdam(Optimizer):
         self._prepared.pop(id(plan.group), None)
         if signature is not None:
             options = _layout_options(plan.group)
-            prepared = _Prepared(plan.group, options, signature, step_buffer(gathered.steps))
+            prepared = _Prepared(plan.group, options, signature, shared_step_buffer(gathered.steps))
             self._prepared[id(plan.group)] = prepared
         # The kernels get plain tensors: a DTensor's local shard, which shares its storage (adam_gpu.sharded).
         gathered.tensors = StepTensors(*(local_tensors(tensors) for tensors in gathered.tensors.lists()))
@@ -516,7 +516,7 @@ def _check_state_dtype(state_dtype: object, amsgrad: bool = False) -> None:
 
 def _zero_steps(count: int, group: dict[str, Any], device: torch.device) -> list[torch.Tensor]:
     """``count`` new step counts, views of one tensor, which a step reads and increments in one op each
-    (functional.step_buffer): float32 on the device in a capturable group (torch's capturable layout), else
+    (functional.shared_step_buffer): float32 on the device in a capturable group (torch's capturable layout), else
     on the host."""
     on_device = {"dtype": torch.float32, "device": device} if group["capturable"] else {"dtype": _scalar_dtype()}
     return list(torch.zeros(count, **on_device).unbind())
