@@ -5,7 +5,10 @@ its Python: checks, state, the tensor table, step counts. With many small tensor
 eager step time. This measures it without a GPU: the Triton kernel's launch is replaced by a no-op (the
 kernels are not run), and the baselines are torch.optim.AdamW's fused, foreach and for-loop implementations
 on 1-element CPU tensors (their arithmetic is then negligible beside their host work), measured in the same
-run. Reported: milliseconds per step and microseconds per tensor (median of --repeat timings).
+run. Each is timed twice: with the same grad tensors every step, and with new ones every step, as after
+``zero_grad()`` (set_to_none, torch's default) and backward: there grads are swapped in, outside the timing,
+from GRAD_SETS sets (more than the tables adam-gpu keeps per launch for other grads, so the worst case).
+Reported: milliseconds per step and microseconds per tensor (median of --repeat timings).
 
     python benchmarks/host_overhead.py [--tensors 148 1000] [--repeat 30] [--quick]
 """
@@ -33,10 +36,17 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def _median_ms(step: Callable[[], object], repeat: int) -> float:
+# Grad sets the "new each step" timing cycles through (tensor_table keeps tables for 4 other sets per launch).
+GRAD_SETS = 8
+
+
+def _median_ms(step: Callable[[], object], repeat: int, before: Callable[[], object] = lambda: None) -> float:
+    """Median milliseconds of ``step()``, each call preceded by ``before()`` (not timed)."""
+    before()
     step()  # state, tables and caches are built outside the timing
     times = []
     for _ in range(repeat):
+        before()
         start = time.perf_counter()
         step()
         times.append((time.perf_counter() - start) * 1e3)
@@ -48,6 +58,18 @@ def _params(count: int, numel: int) -> list[torch.Tensor]:
     for param in params:
         param.grad = torch.randn_like(param)
     return params
+
+
+def _new_grads(params: list[torch.Tensor]) -> Callable[[], None]:
+    """Gives ``params`` the next of GRAD_SETS sets of grad tensors at each call."""
+    sets = [[torch.randn_like(p) for p in params] for _ in range(GRAD_SETS)]
+    turn = iter(range(2**62))
+
+    def swap() -> None:
+        for param, grad in zip(params, sets[next(turn) % GRAD_SETS], strict=True):
+            param.grad = grad
+
+    return swap
 
 
 @contextlib.contextmanager
@@ -63,22 +85,26 @@ def _launch_stubbed() -> Iterator[None]:
 
 
 def measure(counts: list[int], repeat: int) -> list[dict[str, object]]:
-    """One row per (tensor count, optimizer): ms per step and us per tensor."""
+    """One row per (tensor count, optimizer, grads kept or new): ms per step and us per tensor."""
     with _launch_stubbed():
         return [row for count in counts for row in _measure(count, repeat)]
 
 
 def _measure(count: int, repeat: int) -> list[dict[str, object]]:
     contenders = {
-        "adam-gpu FusedAdamW (launch stubbed)": FusedAdamW(_params(count, 1), lr=1e-3, backend="triton"),
-        "torch AdamW fused": torch.optim.AdamW(_params(count, 1), lr=1e-3, fused=True),
-        "torch AdamW foreach": torch.optim.AdamW(_params(count, 1), lr=1e-3, foreach=True),
-        "torch AdamW for-loop": torch.optim.AdamW(_params(count, 1), lr=1e-3, foreach=False),
+        "adam-gpu FusedAdamW (launch stubbed)": lambda params: FusedAdamW(params, lr=1e-3, backend="triton"),
+        "torch AdamW fused": lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True),
+        "torch AdamW foreach": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=True),
+        "torch AdamW for-loop": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=False),
     }
     rows = []
-    for name, optimizer in contenders.items():
-        ms = _median_ms(optimizer.step, repeat)
-        rows.append({"tensors": count, "optimizer": name, "ms": ms, "us_per_tensor": ms * 1e3 / count})
+    for grads in ("kept", "new each step"):
+        for name, make in contenders.items():
+            params = _params(count, 1)
+            swap = _new_grads(params) if grads == "new each step" else lambda: None
+            ms = _median_ms(make(params).step, repeat, swap)
+            row = {"tensors": count, "grads": grads, "optimizer": name, "ms": ms, "us_per_tensor": ms * 1e3 / count}
+            rows.append(row)
     return rows
 
 
@@ -91,10 +117,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     counts, repeat = ([10], 3) if args.quick else (args.tensors, args.repeat)
     rows = measure(counts, repeat)
     table = Table(title="Host time of one step() (CPU; adam-gpu's kernel launch stubbed, torch on 1-element tensors)")
-    for column in ("tensors", "optimizer", "ms / step", "us / tensor"):
-        table.add_column(column, justify="right" if column != "optimizer" else "left")
+    for column in ("tensors", "grads", "optimizer", "ms / step", "us / tensor"):
+        table.add_column(column, justify="right" if column in ("tensors", "ms / step", "us / tensor") else "left")
     for row in rows:
-        table.add_row(str(row["tensors"]), str(row["optimizer"]), f"{row['ms']:.2f}", f"{row['us_per_tensor']:.1f}")
+        cells = (str(row["tensors"]), str(row["grads"]), str(row["optimizer"]))
+        table.add_row(*cells, f"{row['ms']:.2f}", f"{row['us_per_tensor']:.1f}")
     Console().print(table)
     return rows
 

@@ -14,11 +14,14 @@ host_overhead = import_script("benchmarks/host_overhead.py")
 def test_quick_run_times_every_contender_and_restores_the_kernel():
     kernel_before = triton_backend._kernels().adam_step_kernel
     rows = host_overhead.main(["--quick"])
-    assert [row["optimizer"] for row in rows] == [
+    optimizers = [
         "adam-gpu FusedAdamW (launch stubbed)",
         "torch AdamW fused",
         "torch AdamW foreach",
         "torch AdamW for-loop",
+    ]
+    assert [(row["grads"], row["optimizer"]) for row in rows] == [
+        (grads, optimizer) for grads in ("kept", "new each step") for optimizer in optimizers
     ]
     assert all(row["tensors"] == 10 and row["ms"] > 0 and row["us_per_tensor"] > 0 for row in rows)
     assert triton_backend._kernels().adam_step_kernel is kernel_before

@@ -36,10 +36,17 @@ def _step(backend, params, grads, moments, steps):
     )  # fmt: skip
 
 
+class Launches(list):
+    """(param dtype, moment dtype, tensor count) of each launch group, and its table in ``tables``."""
+
+    tables: list[tensor_table.TensorTable]
+
+
 @pytest.fixture
 def launches(monkeypatch):
-    """Every launch group the table backends build, as (param dtype, moment dtype, tensor count)."""
-    seen = []
+    """Every launch group the table backends build (see Launches)."""
+    seen = Launches()
+    seen.tables = []
     original = tensor_table.launch_groups
 
     def recording(*args, **kwargs):
@@ -49,6 +56,7 @@ def launches(monkeypatch):
             def __enter__(self):
                 groups = context.__enter__()
                 seen.extend((g.param_dtype, g.state_dtype, g.table.n_tensors) for g in groups)
+                seen.tables.extend(g.table for g in groups)
                 return groups
 
             def __exit__(self, *exc):
@@ -119,7 +127,10 @@ def test_a_group_of_148_tensors_is_one_launch_and_its_table_is_built_once(backen
     assert tensor_table._tables == tables_after_first_step, "the second step rebuilt the table"
     params[5].grad = params[5].grad.clone()  # a new grad storage: the table must follow it
     optimizer.step()
-    assert len(tensor_table._tables) == len(tables_after_first_step) + 1
+    table, width = launches.tables[-1], tensor_table.POINTERS_PER_TENSOR
+    rows = table.host[: width * 148].view(148, width)
+    assert rows[:, :2].tolist() == [[p.data_ptr(), p.grad.data_ptr()] for p in params]
+    assert table.pointers.tolist() == rows.tolist()
 
 
 def test_table_backends_are_registered():

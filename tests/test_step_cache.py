@@ -91,6 +91,73 @@ def test_unchanged_tensors_are_checked_once_and_step_as_torch(kind, backend, ful
 
 
 @pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_new_grad_tensors_each_step_skip_the_full_checks_and_step_as_torch(kind, backend, full_checks):
+    """What ``zero_grad()`` (set_to_none) and backward give every step: new grad tensors. Their checks are
+    done over the lists, and the kernels read them through the tables kept (see test_multi_tensor.py)."""
+    twins = Twins(kind, backend, "new grads")
+    twins.step(5, in_place=False)
+    assert full_checks == [2], "new grads took the full checks"
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_grads_cycling_through_more_storages_than_tables_kept_step_as_torch(backend):
+    """Seven sets of grad tensors, all alive, used in turn: more than the tables kept per launch for other grads
+    (tensor_table._GRAD_VARIANTS), so tables are evicted and rebuilt, and each step must read its own grads."""
+    twins = Twins("adamw", backend, "cycling grads")
+    grad_sets = [
+        [random_tensor(twins.generator, *p.shape) for p in twins.params] for _ in range(tensor_table._GRAD_VARIANTS + 3)
+    ]
+    for step in range(2 * len(grad_sets)):
+        for param, twin, grad in zip(twins.params, twins.expected, grad_sets[step % len(grad_sets)], strict=True):
+            param.grad, twin.grad = grad, grad.clone()
+        twins.ours.step()
+        twins.theirs.step()
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_new_non_contiguous_grad_after_cached_steps_is_used(backend):
+    twins = Twins("adamw", backend, "strided grad")
+    twins.step(2)
+    grad = random_tensor(twins.generator, 5, 3).t()  # (3, 5), column-major
+    assert not grad.is_contiguous() and grad.shape == twins.params[0].shape
+    twins.params[0].grad, twins.expected[0].grad = grad, grad.clone()
+    twins.ours.step()
+    twins.theirs.step()
+    twins.step(2)
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize(
+    ("make_bad", "error", "match"),
+    [
+        (lambda g: random_tensor(torch.Generator().manual_seed(1), 15), ValueError, r"grad 0 has shape \(15,\)"),
+        (lambda g: torch.nn.Parameter(g.clone()), None, None),
+    ],
+    ids=["misshapen", "parameter"],
+)
+def test_a_new_grad_of_another_kind_gets_the_full_checks(backend, make_bad, error, match, full_checks):
+    """A new grad that the list checks do not pass (another shape, a Tensor subclass) is checked in full: refused
+    with the full error, or taken when good."""
+    twins = Twins("adamw", backend, "another kind", match)
+    twins.step(2)
+    param = twins.params[0]
+    if error is not None:
+        param.grad.data = make_bad(param.grad)  # (param.grad = ... refuses another shape)
+        twins.assert_refused(error, match)
+        return
+    param.grad = make_bad(param.grad)
+    twins.expected[0].grad = param.grad.detach().clone()
+    twins.ours.step()
+    twins.theirs.step()
+    twins.assert_match()
+    assert full_checks == [2, 2]
+
+
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
 def test_a_state_tensor_put_in_the_state_is_used(backend, key, full_checks):
     twins = Twins("adamw", backend, key)
@@ -245,4 +312,20 @@ def test_a_cached_table_used_during_a_capture_is_kept(backend, monkeypatch):
     monkeypatch.setattr(tensor_table, "is_capturing", lambda device: True)
     twins.step(1)
     assert tensor_table._captured == {key: table} and key not in tensor_table._tables
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", [b for b in backend_params() if b.values[0] in ("triton", "cupy", "cuda-host")])
+def test_a_table_of_new_grads_made_during_a_capture_is_kept(backend, monkeypatch):
+    """New grads (allocated inside a captured training step) get a table of their own while capturing: the
+    graph copies it from its host tensor at every replay, so it is kept for good."""
+    monkeypatch.setattr(tensor_table, "_captured", {})
+    twins = Twins("adamw", backend, ours_only={"capturable": True})
+    twins.step(2)
+    monkeypatch.setattr(optim, "is_capturing", lambda device: True)
+    monkeypatch.setattr(tensor_table, "is_capturing", lambda device: True)
+    twins.step(1, in_place=False)
+    (table,) = tensor_table._captured.values()
+    rows = table.host[: tensor_table.POINTERS_PER_TENSOR * len(twins.params)].view(len(twins.params), -1)
+    assert rows[:, 1].tolist() == [p.grad.data_ptr() for p in twins.params]
     twins.assert_match()

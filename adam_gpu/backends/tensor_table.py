@@ -21,7 +21,7 @@ import contextlib
 import itertools
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,6 +61,39 @@ class LaunchGroup:
 
 _tables: OrderedDict[tuple, TensorTable] = OrderedDict()
 _captured: dict[tuple, TensorTable] = {}  # tables a CUDA graph reads: never evicted
+# Tables of other grads kept per memoized launch (_with_grads): a training loop's backward gets its new grads
+# from the caching allocator, which mostly hands out the addresses the last step freed.
+_GRAD_VARIANTS = 4
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """One launch of a step as built (_launch_tables) and kept in a memo (launch_groups): the positions of its
+    tensors in the step's lists (its table's rows, in order), its table and the grad addresses in it, and the
+    tables made from it for other grads (``variants``, by grad addresses, least recently used first)."""
+
+    param_dtype: torch.dtype
+    state_dtype: torch.dtype
+    master_mode: int
+    step: float | None
+    indices: list[int]
+    key: tuple
+    table: TensorTable
+    grad_pointers: tuple[int, ...]
+    variants: OrderedDict[tuple[int, ...], TensorTable] = field(default_factory=OrderedDict)
+
+
+def _upload(host: torch.Tensor, count: int, n_chunks: int, device: torch.device) -> TensorTable:
+    """The table whose pointers, numels and chunk offsets are ``host``, copied to ``device``."""
+    on_device = host.to(device, non_blocking=True) if device.type == "cuda" else host
+    return TensorTable(
+        pointers=on_device[: POINTERS_PER_TENSOR * count].view(count, POINTERS_PER_TENSOR),
+        numels=on_device[POINTERS_PER_TENSOR * count : POINTERS_PER_TENSOR * count + count],
+        chunk_offsets=on_device[POINTERS_PER_TENSOR * count + count :],
+        n_tensors=count,
+        n_chunks=n_chunks,
+        host=host,
+    )
 
 
 def _table(
@@ -74,16 +107,7 @@ def _table(
         host = torch.tensor(
             [value for row in rows for value in row] + numels + [0, *itertools.accumulate(chunks)], dtype=torch.int64
         )
-        on_device = host.to(device, non_blocking=True) if device.type == "cuda" else host
-        count = len(numels)
-        table = TensorTable(
-            pointers=on_device[: POINTERS_PER_TENSOR * count].view(count, POINTERS_PER_TENSOR),
-            numels=on_device[POINTERS_PER_TENSOR * count : POINTERS_PER_TENSOR * count + count],
-            chunk_offsets=on_device[POINTERS_PER_TENSOR * count + count :],
-            n_tensors=count,
-            n_chunks=sum(chunks),
-            host=host,
-        )
+        table = _upload(host, len(numels), sum(chunks), device)
         _tables[key] = table
         if len(_tables) > _CACHE_SIZE:
             _tables.popitem(last=False)
@@ -91,6 +115,28 @@ def _table(
         _tables.move_to_end(key)
     _keep_if_captured(key, table, device)
     return key, table
+
+
+def _with_grads(launch: _Launch, grads: Sequence[torch.Tensor], device: torch.device) -> TensorTable:
+    """``launch``'s table with these grads (contiguous, alike in dtype and shape to those it was built with):
+    its own when they are the same, else its table with their addresses put in (1000 tensors: 0.06 ms, where
+    building the table from its rows takes 0.7), kept among its ``variants``."""
+    pointers = tuple(grads[index].data_ptr() for index in launch.indices)
+    if pointers == launch.grad_pointers:
+        _keep_if_captured(launch.key, launch.table, device)
+        return launch.table
+    table = launch.variants.get(pointers)
+    if table is None:
+        host = launch.table.host.clone()
+        host[1 : POINTERS_PER_TENSOR * len(pointers) : POINTERS_PER_TENSOR] = torch.tensor(pointers, dtype=torch.int64)
+        table = _upload(host, launch.table.n_tensors, launch.table.n_chunks, device)
+        launch.variants[pointers] = table
+        if len(launch.variants) > _GRAD_VARIANTS:
+            launch.variants.popitem(last=False)
+    else:
+        launch.variants.move_to_end(pointers)
+    _keep_if_captured((launch.key, pointers), table, device)
+    return table
 
 
 def _keep_if_captured(key: tuple, table: TensorTable, device: torch.device) -> None:
@@ -111,24 +157,33 @@ def launch_groups(
 
     ``steps`` are host step counts (one launch per distinct count), or None with ``device_steps``: the
     step counts' addresses then go into the table and the kernel reads them. With ``tensors.memo``, the
-    tables of a step whose tensors are contiguous and whose host step counts are equal are kept there and
-    found again (1000 tensors: 3 ms of rows, grouping and table lookup saved)."""
+    launches of a step whose tensors are contiguous and whose host step counts are equal are kept there and
+    found again (1000 tensors: 3 ms of rows, grouping and table lookup saved), their tables given this
+    step's grads (which may be new tensors, see StepTensors.memo)."""
     step_values = steps if steps is not None else [None] * len(tensors)
     one_step = not step_values or step_values.count(step_values[0]) == len(step_values)
     memo_key = ("launch tables", chunk, hp.amsgrad, device_steps is not None)
+    memo = tensors.memo if one_step else None
     with contextlib.ExitStack() as stack:
-        tables = tensors.memo.get(memo_key) if tensors.memo is not None and one_step else None
-        if tables is None:
-            tables, contiguous = _launch_tables(tensors, step_values, hp, chunk, device_steps, stack)
-            if tensors.memo is not None and one_step and contiguous:
-                tensors.memo[memo_key] = tables
-        else:  # the same tables, all for this step's count
-            tables = [(*dtypes_and_mode, step_values[0], key, table) for *dtypes_and_mode, _, key, table in tables]
-            for *_, key, table in tables:
-                _keep_if_captured(key, table, tensors.device)
+        launches = memo.get(memo_key) if memo is not None else None
+        if launches is not None and all(map(torch.Tensor.is_contiguous, tensors.grads)):
+            # The same launches, all for this step's count.
+            step = step_values[0] if step_values else None
+            launches = [(launch, step, _with_grads(launch, tensors.grads, tensors.device)) for launch in launches]
+        else:
+            built, contiguous = _launch_tables(tensors, step_values, hp, chunk, device_steps, stack)
+            if memo is not None and contiguous:
+                memo[memo_key] = built
+            launches = [(launch, launch.step, launch.table) for launch in built]
         yield [
-            LaunchGroup(param_dtype, state_dtype, mode, hp.step_scalars(1.0 if step is None else step), table)
-            for param_dtype, state_dtype, mode, step, _, table in tables
+            LaunchGroup(
+                launch.param_dtype,
+                launch.state_dtype,
+                launch.master_mode,
+                hp.step_scalars(1.0 if step is None else step),
+                table,
+            )
+            for launch, step, table in launches
         ]
 
 
@@ -139,13 +194,15 @@ def _launch_tables(
     chunk: int,
     device_steps: Sequence[torch.Tensor] | None,
     stack: contextlib.ExitStack,
-) -> tuple[list[tuple], bool]:
-    """(param dtype, state dtype, master mode, step, table key, table) of each launch, and whether every
-    tensor was contiguous (else the tables hold stand-ins' addresses, entered into ``stack``)."""
-    groups: dict[tuple, tuple[list[tuple[int, ...]], list[int]]] = {}
+) -> tuple[list[_Launch], bool]:
+    """The launches of a step, and whether every tensor was contiguous (else the tables hold stand-ins'
+    addresses, entered into ``stack``)."""
+    groups: dict[tuple, tuple[list[tuple[int, ...]], list[int], list[int]]] = {}
     step_pointers = [s.data_ptr() for s in device_steps] if device_steps is not None else [0] * len(tensors)
     contiguous = True
-    for step, step_pointer, originals in zip(step_values, step_pointers, tensors.per_tensor(), strict=True):
+    for index, (step, step_pointer, originals) in enumerate(
+        zip(step_values, step_pointers, tensors.per_tensor(), strict=True)
+    ):
         numel = originals[0].numel()
         if numel == 0:
             continue
@@ -169,8 +226,13 @@ def _launch_tables(
             0 if exp_avg_sq_absmax is None else exp_avg_sq_absmax.data_ptr(),
         )
         key = (param.dtype, exp_avg.dtype, master_mode(param, master), step)
-        rows, numels = groups.setdefault(key, ([], []))
+        rows, numels, indices = groups.setdefault(key, ([], [], []))
         rows.append(row)
         numels.append(numel)
-    launches = [(*key, *_table(rows, numels, chunk, tensors.device)) for key, (rows, numels) in groups.items()]
+        indices.append(index)
+    launches = []
+    for (param_dtype, state_dtype, mode, step), (rows, numels, indices) in groups.items():
+        key, table = _table(rows, numels, chunk, tensors.device)
+        grad_pointers = tuple(row[1] for row in rows)
+        launches.append(_Launch(param_dtype, state_dtype, mode, step, indices, key, table, grad_pointers))
     return launches, contiguous
