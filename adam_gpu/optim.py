@@ -11,22 +11,22 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import chain, repeat
-from operator import attrgetter, eq, is_
+from itertools import chain
 from types import ModuleType
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
-from adam_gpu import dispatch
+from adam_gpu import dispatch, step_signature
 from adam_gpu.device_inputs import DeviceInputs, device_values, is_capturing
 from adam_gpu.functional import apply_step, shared_step_buffer
 from adam_gpu.hyperparameters import AdamHyperparameters, check_hyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.quantization import SMALL_TENSOR
-from adam_gpu.sharded import any_dtensor, check_same_sharding, dtensor_type, global_norm, is_dtensor, local_tensors
+from adam_gpu.sharded import any_dtensor, check_same_sharding, global_norm, is_dtensor, local_tensors
 from adam_gpu.state_layout import EIGHT_BIT_STATE, MASTER_KEYS, MOMENT_KEYS, QUANTIZED_KEYS, check_loadable
+from adam_gpu.step_signature import StepSignature
 from adam_gpu.step_tensors import EIGHT_BIT, StepTensors, check_grad, check_moment, check_one_device, check_param
 
 STATE_DTYPES = (None, torch.float32, torch.bfloat16, EIGHT_BIT_STATE)
@@ -60,19 +60,16 @@ class _Gathered:
 
 @dataclass
 class _Prepared:
-    """A group's tensors as gathered after their last full check. A later step whose params, state and step
-    counts have the same ``signature`` (_signature) under the same ``options`` (_layout_options), and whose
-    grads fit them (_grads_fit: the grads may be new tensors, as after ``zero_grad()``), passes every check
-    as they did and finds its state complete: it skips the per-tensor checks (5 of the 10.5 ms of a
-    1000-tensor step), and the backend reuses what it derived from them (``memo``, see StepTensors.memo)."""
+    """A group's tensors as gathered after their last full check. A later step whose tensors have the same
+    ``signature`` (adam_gpu.step_signature: grads may be new tensors, as after ``zero_grad()``) under the same
+    ``options`` (_layout_options) passes every check as they did and finds its state complete: it skips the
+    per-tensor checks (5 of the 10.5 ms of a 1000-tensor step), and the backend reuses what it derived from
+    them (``memo``, see StepTensors.memo)."""
 
     group: dict[str, Any]
     options: tuple
-    signature: list
+    signature: StepSignature
     step_buffer: torch.Tensor | None  # functional.shared_step_buffer of the group's step counts
-    param_dtypes: list[torch.dtype]  # what each grad must have (check_grad), and on ``device``
-    param_shapes: list[torch.Size]
-    device: torch.device
     memo: dict = field(default_factory=dict)
 
 
@@ -313,7 +310,7 @@ class FusedAdam(Optimizer):
             return None
         try:
             gathered = _gather(group, params, list(map(self.state.get, params)))
-            matches = _matches(gathered, prepared.signature) and _grads_fit(gathered.tensors.grads, prepared)
+            matches = step_signature.matches(prepared.signature, gathered.tensors, gathered.steps)
         except (AttributeError, KeyError, RuntimeError, TypeError):
             return None
         return gathered if matches else None
@@ -336,16 +333,11 @@ class FusedAdam(Optimizer):
         fresh = [p for p in plan.params if not self.state.get(p)]
         new_steps = iter(_zero_steps(len(fresh), plan.group, plan.params[0].device))
         gathered = _gather(plan.group, plan.params, [self._state_for(p, plan.group, new_steps) for p in plan.params])
-        signature = _signature(gathered)
+        signature = step_signature.signature(gathered.tensors, gathered.steps)
         self._prepared.pop(id(plan.group), None)
         if signature is not None:
             options = _layout_options(plan.group)
-            params = plan.params
-            prepared = _Prepared(
-                plan.group, options, signature, shared_step_buffer(gathered.steps),
-                param_dtypes=[p.dtype for p in params], param_shapes=[p.shape for p in params],
-                device=params[0].device,
-            )  # fmt: skip
+            prepared = _Prepared(plan.group, options, signature, shared_step_buffer(gathered.steps))
             self._prepared[id(plan.group)] = prepared
         # The kernels get plain tensors: a DTensor's local shard, which shares its storage (adam_gpu.sharded).
         gathered.tensors = StepTensors(*(local_tensors(tensors) for tensors in gathered.tensors.lists()))
@@ -550,64 +542,6 @@ def _gather(group: dict[str, Any], params: list[torch.Tensor], states: list[dict
 def _layout_options(group: dict[str, Any]) -> tuple:
     """The group options that decide which state tensors a step creates and gathers."""
     return group["amsgrad"], group["state_dtype"], group["master_weights"], group["capturable"]
-
-
-# What the checks and the tensor tables read of a tensor (_signature, _grads_fit), read attribute by attribute
-# over a list: 1000 params' (param, grad, two moments) took 3.4 ms read tensor by tensor into tuples, 3.0 ms
-# so (on a loaded 2-core machine; most of a reused step's host time).
-_LAYOUT, _DTYPE, _SHAPE, _DEVICE = map(attrgetter, ("layout", "dtype", "shape", "device"))
-_READS = (torch.Tensor.data_ptr, _DTYPE, _SHAPE, _DEVICE, torch.Tensor.is_contiguous)
-
-
-def _signature(gathered: _Gathered) -> list[list] | None:
-    """What the checks and the tensor tables read of each tensor but the grads (see _grads_fit): address,
-    dtype, shape, device and contiguity (of a host step count, which nothing checks, its address). None when
-    a DTensor is among them (its sharding is checked every step). A sparse tensor, which has no address,
-    raises."""
-    parts = _signature_parts(gathered)
-    return None if parts is None else [list(part) for part in parts]
-
-
-def _matches(gathered: _Gathered, signature: list[list]) -> bool:
-    """Whether ``gathered`` has this signature, read and compared value by value: no list of its 5 reads of
-    every tensor is built (1000 params: 21,000 objects a step, whose garbage collection took 135 ms once in
-    50 steps). A part longer or shorter than its stored one is told by the part before it, which is compared
-    first: every list's count (or None mask) is a part of its own, and the step counts, one per param, come
-    before the params' count."""
-    parts = _signature_parts(gathered)
-    return parts is not None and all(
-        all(map(eq, part, expected)) for part, expected in zip(parts, signature, strict=True)
-    )
-
-
-def _signature_parts(gathered: _Gathered) -> list[Iterable] | None:
-    """The signature's parts as lazy iterables, or None for DTensors (see _signature)."""
-    lists = [tensors for tensors in gathered.tensors.lists() if tensors is not gathered.tensors.grads]
-    dtensor = dtensor_type()
-    kinds = set(map(type, chain.from_iterable(lists))) if dtensor is not None else set()
-    if any(issubclass(kind, dtensor) for kind in kinds):
-        return None
-    parts: list[Iterable] = [map(torch.Tensor.data_ptr, gathered.steps)]
-    for tensors in lists:
-        present = [t for t in tensors if t is not None]  # (a missing optional tensor is None)
-        parts.append([len(tensors) if len(present) == len(tensors) else [t is None for t in tensors]])
-        parts += (map(read, present) for read in _READS)
-    return parts
-
-
-def _grads_fit(grads: list[torch.Tensor], prepared: _Prepared) -> bool:
-    """Whether ``grads`` pass check_grad and check_one_device against the params of ``prepared`` (whose
-    signature matched): plain dense tensors of their param's dtype and shape on its device. They may be other
-    tensors than at the last step (``zero_grad()`` frees them, backward makes new ones): 1000 new grads each
-    step took the full checks, 11.9 ms a step where torch's fused AdamW takes 3.4. Contiguity and addresses
-    are the backends' to read (StepTensors.memo). Anything else gets the full checks and their errors."""
-    return (
-        all(type(grad) is torch.Tensor for grad in grads)  # (a subclass, a DTensor or None: the full checks)
-        and all(map(is_, map(_LAYOUT, grads), repeat(torch.strided)))
-        and all(map(is_, map(_DTYPE, grads), prepared.param_dtypes))
-        and all(map(eq, map(_SHAPE, grads), prepared.param_shapes))
-        and all(map(eq, map(_DEVICE, grads), repeat(prepared.device)))
-    )
 
 
 def _scalar_dtype() -> torch.dtype:

@@ -126,8 +126,9 @@ def check_param(param: object, index: int) -> None:
             f"param {index} has dtype {param.dtype}: adam-gpu updates real floating-point params "
             "(float32, float16, bfloat16; float64 through the torch backend)"
         )
-    if param.layout != torch.strided:
-        raise TypeError(f"param {index} has layout {param.layout}: only dense (strided) params are supported")
+    if param.layout != torch.strided or param.is_nested:
+        kind = "nested" if param.is_nested else param.layout
+        raise TypeError(f"param {index} has layout {kind}: only dense (strided) params are supported")
 
 
 def check_grad(param: torch.Tensor, grad: object, index: int) -> None:
@@ -149,6 +150,8 @@ def check_grad(param: torch.Tensor, grad: object, index: int) -> None:
 def check_moment(param: torch.Tensor, moment: object, index: int, absmax: object = None) -> None:
     if not isinstance(moment, torch.Tensor):
         raise TypeError(f"optimizer state {index} is a {type(moment).__name__}, not a torch.Tensor")
+    if moment.is_nested:  # (it has no shape to compare: torch raises an internal error on .shape)
+        raise TypeError(f"optimizer state {index} is a nested tensor: moments must be dense")
     if moment.shape != param.shape:
         raise ValueError(
             f"optimizer state {index} has shape {tuple(moment.shape)} but its param has shape {tuple(param.shape)}"

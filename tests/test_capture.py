@@ -84,10 +84,10 @@ def test_a_capture_before_the_first_step_is_refused_without_creating_state(captu
 @pytest.mark.parametrize("backend", [b for b in backend_params() if b.values[0] in ("triton", "cupy", "cuda-host")])
 def test_a_table_built_during_a_capture_outlives_the_cache(backend, capture, monkeypatch):
     """Grads allocated inside the capture get a new table there; it stays, with its host copy, however many
-    tables come after it, and a later (captured or eager) step with the same tensors finds it."""
+    tables of other grads come after it, and a later (captured or eager) step with the same tensors finds it."""
     monkeypatch.setattr(tensor_table, "_tables", OrderedDict())
     monkeypatch.setattr(tensor_table, "_captured", {})
-    monkeypatch.setattr(tensor_table, "_CACHE_SIZE", 2)
+    upload = tensor_table._upload
     optimizer, params, generator = _warmed_up(backend, capturable=True)
     assert not tensor_table._captured, "an eager step keeps its tables in the evictable cache"
 
@@ -102,12 +102,15 @@ def test_a_table_built_during_a_capture_outlives_the_cache(backend, capture, mon
     assert key not in tensor_table._tables
 
     capture(False)
-    for _ in range(3):  # more eager tables than the cache holds
+    uploads, alive = [], []  # (grads kept alive: a freed grad's address may come back for the next)
+    monkeypatch.setattr(tensor_table, "_upload", lambda *args: uploads.append(args) or upload(*args))
+    for _ in range(tensor_table._GRAD_VARIANTS + 2):  # more grads than a launch keeps tables for
         new_grads(generator, params)
+        alive.append([p.grad for p in params])
         optimizer.step()
-    assert tensor_table._captured == {key: table} and len(tensor_table._tables) == 2
-    cached = list(tensor_table._tables)
+    assert len(uploads) == tensor_table._GRAD_VARIANTS + 2, "each new set of grads gets a table of its own"
+    assert tensor_table._captured == {key: table}
     for param, grad in zip(params, captured_grads, strict=True):
         param.grad = grad
     optimizer.step()
-    assert list(tensor_table._tables) == cached, "the captured tensors' table was found, not rebuilt"
+    assert len(uploads) == tensor_table._GRAD_VARIANTS + 2, "the captured tensors' table was found, not rebuilt"

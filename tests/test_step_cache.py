@@ -24,7 +24,7 @@ from support import (
     snapshot,
 )
 
-from adam_gpu import FusedAdam, optim
+from adam_gpu import FusedAdam, optim, step_signature
 from adam_gpu.backends import tensor_table
 
 OPTIONS = dict(lr=1e-2, weight_decay=0.1)
@@ -328,4 +328,60 @@ def test_a_table_of_new_grads_made_during_a_capture_is_kept(backend, monkeypatch
     (table,) = tensor_table._captured.values()
     rows = table.host[: tensor_table.POINTERS_PER_TENSOR * len(twins.params)].view(len(twins.params), -1)
     assert rows[:, 1].tolist() == [p.grad.data_ptr() for p in twins.params]
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize(
+    ("make_bad", "error", "match"),
+    [
+        (
+            lambda state: state.update(exp_avg=torch.nested.nested_tensor([state["exp_avg"].clone()])),
+            TypeError,
+            "state 1 is a nested tensor",
+        ),
+        (
+            lambda state: setattr(state["exp_avg"], "data", state["exp_avg"].data.view(torch.int32)),
+            TypeError,
+            "state 1 has dtype torch.int32",
+        ),
+    ],  # fmt: skip
+    ids=["nested", "int32-view"],
+)
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_a_state_tensor_made_unfit_after_cached_steps_is_refused(backend, make_bad, error, match):
+    """A nested tensor put in the state (torch's TensorGuards, the reused step's check, would abort the process
+    on one) and a moment reinterpreted in place as int32 (same object and address, another dtype)."""
+    twins = Twins("adamw", backend, match)
+    twins.step(2)
+    ours = optimizer_tensors(twins.ours)
+    unfit = "group 0 param 1 exp_avg"
+    before = snapshot({name: value for name, value in ours.items() if name != unfit})
+    make_bad(twins.ours.state[twins.params[1]])
+    with pytest.raises(error, match=match):
+        twins.ours.step()
+    ours = optimizer_tensors(twins.ours)
+    assert_unchanged(before, {name: value for name, value in ours.items() if name != unfit})
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_without_torchs_tensor_guards_every_step_takes_the_full_checks(backend, full_checks, monkeypatch):
+    """TensorGuards is torch's own, not public API: where a torch lacks it, nothing is reused, all still right."""
+    monkeypatch.setattr(step_signature, "_tensor_guards_type", lambda: None)
+    twins = Twins("adamw", backend, "no guards")
+    twins.step(2)
+    twins.step(2, in_place=False)
+    assert full_checks == [2, 2, 2, 2]
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_param_frozen_after_cached_steps_still_steps_with_its_grad(backend):
+    """requires_grad_(False) on a param that keeps its grad (which TensorGuards may or may not see, depending on
+    grad mode): torch.optim steps it, and so do we."""
+    twins = Twins("adamw", backend, "frozen")
+    twins.step(2)
+    for param in (twins.params[0], twins.expected[0]):
+        param.requires_grad_(False)
+    twins.step(2)
     twins.assert_match()

@@ -125,16 +125,16 @@ def _with_grads(launch: _Launch, grads: Sequence[torch.Tensor], device: torch.de
     if pointers == launch.grad_pointers:
         _keep_if_captured(launch.key, launch.table, device)
         return launch.table
-    table = launch.variants.get(pointers)
+    # (A table captured in a graph may have left the variants; it is found again in _captured.)
+    table = launch.variants.get(pointers) or (_captured.get((launch.key, pointers)) if _captured else None)
     if table is None:
         host = launch.table.host.clone()
         host[1 : POINTERS_PER_TENSOR * len(pointers) : POINTERS_PER_TENSOR] = torch.tensor(pointers, dtype=torch.int64)
         table = _upload(host, launch.table.n_tensors, launch.table.n_chunks, device)
-        launch.variants[pointers] = table
-        if len(launch.variants) > _GRAD_VARIANTS:
-            launch.variants.popitem(last=False)
-    else:
-        launch.variants.move_to_end(pointers)
+    launch.variants[pointers] = table
+    launch.variants.move_to_end(pointers)
+    if len(launch.variants) > _GRAD_VARIANTS:
+        launch.variants.popitem(last=False)
     _keep_if_captured((launch.key, pointers), table, device)
     return table
 
