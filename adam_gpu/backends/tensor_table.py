@@ -6,8 +6,9 @@ or lean remainder when there is one, and the absmax of 8-bit exp_avg and exp_avg
 [T] and ``chunk_offsets`` [T + 1] (the first chunk of each tensor; a chunk is ``chunk`` consecutive
 elements of one tensor). A program (Triton) or a block iteration (CUDA C) takes one chunk and finds
 its tensor by binary search in ``chunk_offsets``.
-Tables are cached by the tensors' addresses and sizes, so a training loop builds them once; they are
-rebuilt only when a storage moves (a new grad tensor after ``zero_grad(set_to_none=True)``, say).
+Tables are cached by the tensors' addresses and sizes, so a training loop builds them once. New grad tensors
+(``zero_grad()`` frees them, backward makes new ones) get a copy of the kept table with their addresses put in
+(0.06 ms for 1000 tensors, where building a table from its rows takes 0.7): see launch_groups.
 
 Under CUDA graph capture (a whole training step captured, grads allocated inside it) a table may be built
 while capturing: its host-to-device copy is then a node of the graph that re-reads the host tensor at every
