@@ -213,6 +213,7 @@ class FusedAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._forget_removed_groups()
         plans = [self._plan(group) for group in self.param_groups]
         clip_coefficient = self._clip_coefficient([plan for plan in plans if plan is not None])
         launches = {index: self._prepare(plan, clip_coefficient) for index, plan in enumerate(plans) if plan}
@@ -228,6 +229,14 @@ class FusedAdam(Optimizer):
                     )
                 raise
         return loss
+
+    def _forget_removed_groups(self) -> None:
+        """Drop what was kept for param groups no longer in ``param_groups``: a _Prepared holds its group's
+        params and state tensors (adam_gpu.step_signature), which would otherwise stay in memory. (A kept group
+        stays alive with its _Prepared, so no new group can have its id.)"""
+        removed = self._prepared.keys() - {id(group) for group in self.param_groups}
+        for key in removed:
+            del self._prepared[key]
 
     def _clip_coefficient(self, plans: list[_GroupPlan]) -> torch.Tensor | None:
         """``min(1, max_grad_norm / (norm + 1e-6))`` of all grads together, as torch.nn.utils.clip_grad_norm_

@@ -7,6 +7,8 @@ torch.optim's for-loop implementation, as in test_optimizer_api.py."""
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from collections import OrderedDict
 
 import pytest
@@ -384,4 +386,23 @@ def test_a_param_frozen_after_cached_steps_still_steps_with_its_grad(backend):
     for param in (twins.params[0], twins.expected[0]):
         param.requires_grad_(False)
     twins.step(2)
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_removed_group_is_forgotten_with_its_tensors(backend):
+    """What a reused step keeps of a group holds its params and state: once the group leaves param_groups, the
+    next step lets them go (a weak reference to a param of the removed group dies)."""
+    twins = Twins("adamw", backend, "removed group")
+    extra = random_tensor(twins.generator, 6)
+    twins.ours.add_param_group({"params": [extra]})
+    extra.grad = random_tensor(twins.generator, 6)
+    twins.step(2)
+    gone = weakref.ref(extra)
+    twins.ours.param_groups.pop()
+    twins.ours.state.pop(extra)
+    del extra
+    twins.step(2)
+    gc.collect()
+    assert gone() is None, "the removed group's param is still held"
     twins.assert_match()
