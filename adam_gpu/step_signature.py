@@ -63,14 +63,14 @@ def _split(tensors: StepTensors) -> tuple[list, list[torch.Tensor], list[torch.T
 
 def signature(tensors: StepTensors, steps: Sequence[torch.Tensor]) -> StepSignature | None:
     """The signature of tensors that have just passed the full checks, with their step counts; None for
-    DTensors (their sharding is checked every step) or where torch has no TensorGuards."""
+    DTensors (their sharding is checked every step), nested tensors, or where torch has no TensorGuards."""
     guards_type = _tensor_guards_type()
     if guards_type is None:
         return None
     masks, kept, grads = _split(tensors)
-    dtensor = dtensor_type()
-    if dtensor is not None and any(isinstance(t, dtensor) for t in chain(kept, grads)):
-        return None
+    dtensor = dtensor_type() or ()
+    if any(t.is_nested or isinstance(t, dtensor) for t in chain(kept, grads)):
+        return None  # (a nested tensor the checks let through, an 8-bit absmax say: TensorGuards would abort)
     try:
         guards = guards_type(*kept, *grads, dynamic_dims_sizes=None, dynamic_dims_strides=None)
     except (TypeError, RuntimeError):  # (another signature in another torch: no reuse)

@@ -36,8 +36,10 @@ class StepTensors:
     exp_avg_absmaxes: Sequence[torch.Tensor | None] = field(default_factory=list)
     exp_avg_sq_absmaxes: Sequence[torch.Tensor | None] = field(default_factory=list)
     # Where a backend may keep what it derives from these tensors' addresses, dtypes, shapes and layouts (the
-    # tensor tables); a caller passes the same dict again only with tensors alike in all of these, as
-    # FusedAdam does while a group's tensors are unchanged. None: derive everything anew.
+    # tensor tables); a caller passes the same dict again only with tensors alike in all of these, but for the
+    # grads, which may be other tensors of the same dtypes and shapes (their addresses and contiguity are read
+    # every step), as FusedAdam does while a group's params and state are unchanged (adam_gpu.step_signature).
+    # None: derive everything anew.
     memo: dict | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
@@ -158,7 +160,8 @@ def check_moment(param: torch.Tensor, moment: object, index: int, absmax: object
         )
     if moment.dtype == torch.uint8:  # 8-bit codes: their blocks' absmax must come with them
         blocks = -(-moment.numel() // QUANT_BLOCK)
-        if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.numel() != blocks:
+        fits = isinstance(absmax, torch.Tensor) and absmax.dtype == torch.float32 and not absmax.is_nested
+        if not fits or absmax.numel() != blocks or absmax.layout != torch.strided:
             raise ValueError(f"8-bit optimizer state {index} needs an fp32 absmax of {blocks} blocks, got {absmax!r}")
         return
     if moment.is_complex() or not moment.is_floating_point() or moment.layout != torch.strided:

@@ -123,6 +123,41 @@ def test_fused_adamw_with_8bit_moments_trains_and_round_trips_its_state(backend)
     assert all(torch.equal(p, q) for p, q in zip(params, twins, strict=True)), "a reloaded optimizer steps alike"
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize(
+    "make_bad",
+    [
+        lambda absmax: torch.nested.nested_tensor([absmax.clone()]),
+        lambda absmax: absmax.to_sparse(),
+        lambda absmax: absmax[:-1].clone(),
+        lambda absmax: absmax.double(),
+    ],
+    ids=["nested", "sparse", "short", "float64"],
+)
+def test_an_unfit_absmax_put_in_the_state_after_steps_is_refused(backend, make_bad):
+    """After steps that the reused step serves, an absmax that is not a dense fp32 tensor of one value per
+    block is refused by name, and nothing is written (a nested one would abort the process in torch's
+    TensorGuards, were it given one)."""
+    if not has_feature(backend, EIGHT_BIT):
+        pytest.skip(f"the {backend} backend has no 8-bit moments yet")
+    generator = seeded_generator("8bit unfit absmax", backend)
+    param = torch.randn(70, 90, generator=generator).to(DEVICE).requires_grad_()
+    optimizer = FusedAdamW([param], lr=1e-2, state_dtype="8bit", backend=backend)
+    for _ in range(2):
+        param.grad = torch.randn(param.shape, generator=generator).to(DEVICE)
+        optimizer.step()
+    state = optimizer.state[param]
+    before = {key: value.clone() for key, value in state.items()}, param.detach().clone()
+    state["exp_avg_sq_absmax"] = make_bad(state["exp_avg_sq_absmax"])
+    with pytest.raises(ValueError, match=r"8-bit optimizer state 0 needs an fp32 absmax of 25 blocks"):
+        optimizer.step()
+    assert torch.equal(param.detach(), before[1])
+    for key, value in before[0].items():
+        if key != "exp_avg_sq_absmax":
+            assert torch.equal(state[key], value), key
+
+
 def test_8bit_moments_refuse_amsgrad_and_torch_optim_refuses_them():
     with pytest.raises(ValueError, match="amsgrad with 8-bit moments is not supported"):
         FusedAdamW([torch.zeros(5000, device=DEVICE)], state_dtype="8bit", amsgrad=True)

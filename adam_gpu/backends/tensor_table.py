@@ -166,11 +166,11 @@ def launch_groups(
     memo_key = ("launch tables", chunk, hp.amsgrad, device_steps is not None)
     memo = tensors.memo if one_step else None
     with contextlib.ExitStack() as stack:
-        launches = memo.get(memo_key) if memo is not None else None
-        if launches is not None and all(map(torch.Tensor.is_contiguous, tensors.grads)):
+        kept = memo.get(memo_key) if memo is not None else None
+        if kept is not None and all(map(torch.Tensor.is_contiguous, tensors.grads)):
             # The same launches, all for this step's count.
             step = step_values[0] if step_values else None
-            launches = [(launch, step, _with_grads(launch, tensors.grads, tensors.device)) for launch in launches]
+            launches = [(launch, step, _with_grads(launch, tensors.grads, tensors.device)) for launch in kept]
         else:
             built, contiguous = _launch_tables(tensors, step_values, hp, chunk, device_steps, stack)
             if memo is not None and contiguous:
