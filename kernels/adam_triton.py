@@ -3,8 +3,10 @@
 Each program takes one chunk (CHUNK consecutive elements of one tensor), finds its tensor in the
 launch's table (adam_gpu/backends/tensor_table.py) by binary search, loads param, grad, exp_avg,
 exp_avg_sq (and max_exp_avg_sq) BLOCK elements at a time, does the whole step in fp32 and stores param
-and moments back in their storage dtypes. Hyper-parameters are runtime arguments (a scheduled lr never
-recompiles); only storage types and structural options are compile-time constants.
+and moments back in their storage dtypes. A whole chunk of a tensor whose addresses are all 16-byte
+aligned takes the vector path (16 bytes a thread per access for fp32); any other chunk the scalar path.
+Hyper-parameters are runtime arguments (a scheduled lr never recompiles); only storage types and structural
+options are compile-time constants.
 """
 
 import triton
@@ -23,10 +25,12 @@ LEAN_MASTER: tl.constexpr = tl.constexpr(2)
 # (adam_gpu/quantization.py is the specification). BLOCK and CHUNK are multiples of it.
 QUANT_BLOCK: tl.constexpr = tl.constexpr(256)
 
-# Elements a program updates per loop iteration on a GPU: 4 warps x 8 elements a thread; no spills on
-# sm_80/sm_90 (ahead-of-time compile, 2026-11-25). Not yet tuned on a GPU: the benchmark (issue 5) decides.
-BLOCK = 1024
-# Elements per program (one chunk of one tensor) on a GPU: 4 iterations of BLOCK, so a 2^20-element
+# Elements a program updates per loop iteration on a GPU: 4 warps x 4 elements a thread, one 16-byte access
+# per fp32 tensor in the vector path (8 bytes for 16-bit). 56-101 registers and no spills on sm_80/sm_90, where
+# 1024 (8 a thread) took 130-174 once the accesses were vectorized (ahead-of-time compile, triton 3.9,
+# 2026-11-26). Not yet tuned on a GPU: the benchmark's sweep (issue 5) decides.
+BLOCK = 512
+# Elements per program (one chunk of one tensor) on a GPU: 8 iterations of BLOCK, so a 2^20-element
 # tensor still spreads over 256 programs. Not yet measured against other sizes.
 CHUNK = 4096
 # Under TRITON_INTERPRET=1 a program costs about 1.5 ms whatever its size: 1e6 elements take 0.16 s at
@@ -161,14 +165,24 @@ def _tensor_of_chunk(chunk, chunk_offsets, n_tensors):
 
 
 @triton.jit
-def adam_step_kernel(
-    pointers,
-    numels,
-    chunk_offsets,
-    n_tensors,
-    device_scalars,
+def _table_pointer(row, column, TYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """The address in ``row[column]`` as a pointer to TYPE; with ALIGNED, declared 16-byte aligned (the caller
+    has checked that it is)."""
+    pointer = tl.load(row + column).to(tl.pointer_type(TYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def _update_chunk(
+    row,
+    chunk_start,
+    bound,
+    n_elements,
     signed_map,
     unsigned_map,
+    grad_multiplier,
     one_minus_beta1,
     one_minus_beta2,
     eps,
@@ -176,9 +190,6 @@ def adam_step_kernel(
     param_decay,
     step_size,
     bias_correction2_sqrt,
-    decoupled_weight_decay,
-    ln_beta1,
-    ln_beta2,
     PARAM_TYPE: tl.constexpr,
     STATE_TYPE: tl.constexpr,
     WEIGHT_DECAY: tl.constexpr,
@@ -186,56 +197,35 @@ def adam_step_kernel(
     MAXIMIZE: tl.constexpr,
     MASTER: tl.constexpr,
     QUANTIZED: tl.constexpr,
-    DEVICE_STEP: tl.constexpr,
     GRAD_SCALING: tl.constexpr,
+    ALIGNED: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """p -= step_size * m / (sqrt(v) / sqrt(1 - beta2**t) + eps), with step_size = lr / (1 - beta1**t).
-
-    The scalars are ``adam_gpu.hyperparameters.StepScalars``, formed in float64 on the host. With
-    DEVICE_STEP (capturable), lr is ``device_scalars[0]`` and each tensor's step count is read from the
-    table, and the kernel forms step_size, bias_correction2_sqrt and param_decay itself. With
-    GRAD_SCALING, grads are multiplied by ``device_scalars[1]`` (AMP unscaling and the clip coefficient)
-    and nothing is written when ``device_scalars[2]`` (found_inf) is not zero.
-    """
-    chunk = tl.program_id(0).to(tl.int64)
-    tensor = _tensor_of_chunk(chunk, chunk_offsets, n_tensors).to(tl.int64)
-    n_elements = tl.load(numels + tensor)
-    chunk_start = (chunk - tl.load(chunk_offsets + tensor)) * CHUNK
-    row = pointers + tensor * 9
-    param_ptr = tl.load(row).to(tl.pointer_type(PARAM_TYPE))
-    grad_ptr = tl.load(row + 1).to(tl.pointer_type(PARAM_TYPE))
-    exp_avg_ptr = tl.load(row + 2).to(tl.pointer_type(STATE_TYPE))
-    exp_avg_sq_ptr = tl.load(row + 3).to(tl.pointer_type(STATE_TYPE))
+    """One Adam step of the CHUNK elements from ``chunk_start`` of the tensor in table ``row`` (of
+    ``n_elements``), BLOCK at a time, those below ``bound`` only. ALIGNED: every address in the row is 16-byte
+    aligned and ``bound`` a multiple of CHUNK, which lets Triton load and store 16 bytes a thread at a time
+    (it must know both the addresses' alignment and that the mask is the same over each 16 bytes).
+    ``grad_multiplier`` is unused without GRAD_SCALING."""
+    param_ptr = _table_pointer(row, 0, PARAM_TYPE, ALIGNED)
+    grad_ptr = _table_pointer(row, 1, PARAM_TYPE, ALIGNED)
+    exp_avg_ptr = _table_pointer(row, 2, STATE_TYPE, ALIGNED)
+    exp_avg_sq_ptr = _table_pointer(row, 3, STATE_TYPE, ALIGNED)
+    max_exp_avg_sq_ptr = _table_pointer(row, 4, STATE_TYPE, ALIGNED)
+    if MASTER == FP32_MASTER:
+        master_ptr = _table_pointer(row, 6, tl.float32, ALIGNED)
+    elif MASTER == LEAN_MASTER:
+        master_ptr = _table_pointer(row, 6, tl.int16, ALIGNED)
     if QUANTIZED:
         exp_avg_absmax_ptr = tl.load(row + 7).to(tl.pointer_type(tl.float32))
         exp_avg_sq_absmax_ptr = tl.load(row + 8).to(tl.pointer_type(tl.float32))
-    max_exp_avg_sq_ptr = tl.load(row + 4).to(tl.pointer_type(STATE_TYPE))
-    if MASTER == FP32_MASTER:
-        master_ptr = tl.load(row + 6).to(tl.pointer_type(tl.float32))
-    elif MASTER == LEAN_MASTER:
-        remainder_ptr = tl.load(row + 6).to(tl.pointer_type(tl.int16))
-    if DEVICE_STEP:
-        lr = tl.load(device_scalars)
-        step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
-        step_size = tl.div_rn(lr, _one_minus_exp(step * ln_beta1))
-        bias_correction2_sqrt = tl.sqrt_rn(_one_minus_exp(step * ln_beta2))
-        param_decay = 1.0 - lr * decoupled_weight_decay
-    if GRAD_SCALING:
-        grad_multiplier = tl.load(device_scalars + 1)
-        # found_inf: no element is written. (A scalar bool in the mask would be simpler, but Triton's
-        # interpreter cannot AND a scalar bool with a block of them.)
-        n_elements = n_elements * (tl.load(device_scalars + 2) == 0.0).to(tl.int64)
-
     for block_start in range(0, CHUNK, BLOCK):
         offsets = chunk_start + block_start + tl.arange(0, BLOCK)
-        mask = offsets < n_elements
-
+        mask = offsets < bound
         if MASTER == FP32_MASTER:
             param = tl.load(master_ptr + offsets, mask=mask)
         elif MASTER == LEAN_MASTER:
-            param = _load_lean_master(param_ptr, remainder_ptr, offsets, mask)
+            param = _load_lean_master(param_ptr, master_ptr, offsets, mask)
         else:
             param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
         grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
@@ -279,7 +269,7 @@ def adam_step_kernel(
         if MASTER == FP32_MASTER:
             tl.store(master_ptr + offsets, param, mask=mask)
         if MASTER == LEAN_MASTER:
-            _store_lean_master(param_ptr, remainder_ptr, offsets, param, mask)
+            _store_lean_master(param_ptr, master_ptr, offsets, param, mask)
         else:
             _store_rounded(param_ptr, offsets, param, mask)
         if QUANTIZED:
@@ -293,3 +283,81 @@ def adam_step_kernel(
         else:
             _store_rounded(exp_avg_ptr, offsets, exp_avg, mask)
             _store_rounded(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)
+
+
+@triton.jit
+def adam_step_kernel(
+    pointers,
+    numels,
+    chunk_offsets,
+    n_tensors,
+    device_scalars,
+    signed_map,
+    unsigned_map,
+    one_minus_beta1,
+    one_minus_beta2,
+    eps,
+    l2_weight_decay,
+    param_decay,
+    step_size,
+    bias_correction2_sqrt,
+    decoupled_weight_decay,
+    ln_beta1,
+    ln_beta2,
+    PARAM_TYPE: tl.constexpr,
+    STATE_TYPE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    MASTER: tl.constexpr,
+    QUANTIZED: tl.constexpr,
+    DEVICE_STEP: tl.constexpr,
+    GRAD_SCALING: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """p -= step_size * m / (sqrt(v) / sqrt(1 - beta2**t) + eps), with step_size = lr / (1 - beta1**t).
+
+    The scalars are ``adam_gpu.hyperparameters.StepScalars``, formed in float64 on the host. With
+    DEVICE_STEP (capturable), lr is ``device_scalars[0]`` and each tensor's step count is read from the
+    table, and the kernel forms step_size, bias_correction2_sqrt and param_decay itself. With
+    GRAD_SCALING, grads are multiplied by ``device_scalars[1]`` (AMP unscaling and the clip coefficient)
+    and nothing is written when ``device_scalars[2]`` (found_inf) is not zero.
+    """
+    chunk = tl.program_id(0).to(tl.int64)
+    tensor = _tensor_of_chunk(chunk, chunk_offsets, n_tensors).to(tl.int64)
+    n_elements = tl.load(numels + tensor)
+    chunk_start = (chunk - tl.load(chunk_offsets + tensor)) * CHUNK
+    row = pointers + tensor * 9
+    if DEVICE_STEP:
+        lr = tl.load(device_scalars)
+        step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
+        step_size = tl.div_rn(lr, _one_minus_exp(step * ln_beta1))
+        bias_correction2_sqrt = tl.sqrt_rn(_one_minus_exp(step * ln_beta2))
+        param_decay = 1.0 - lr * decoupled_weight_decay
+    grad_multiplier = 1.0  # (unused without GRAD_SCALING)
+    if GRAD_SCALING:
+        grad_multiplier = tl.load(device_scalars + 1)
+        # found_inf: no element is written. (A scalar bool in the mask would be simpler, but Triton's
+        # interpreter cannot AND a scalar bool with a block of them.)
+        n_elements = n_elements * (tl.load(device_scalars + 2) == 0.0).to(tl.int64)
+
+    # A whole chunk of a tensor whose addresses are 16-byte aligned is masked against its own end, a multiple of
+    # CHUNK, and its pointers declared aligned: Triton then vectorizes. Any other chunk is masked against the
+    # tensor's end: scalar accesses. (Each call is compiled on its own: the hints stay in their branch.)
+    addresses = tl.load(row) | tl.load(row + 1) | tl.load(row + 2) | tl.load(row + 3) | tl.load(row + 4)
+    addresses = addresses | tl.load(row + 6)  # (0 where there is no master)
+    if (chunk_start + CHUNK <= n_elements) & (addresses % 16 == 0):
+        _update_chunk(
+            row, chunk_start, chunk_start + CHUNK, n_elements, signed_map, unsigned_map, grad_multiplier,
+            one_minus_beta1, one_minus_beta2, eps, l2_weight_decay, param_decay, step_size, bias_correction2_sqrt,
+            PARAM_TYPE, STATE_TYPE, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER, QUANTIZED, GRAD_SCALING, True, CHUNK,
+            BLOCK,
+        )  # fmt: skip
+    else:
+        _update_chunk(
+            row, chunk_start, n_elements, n_elements, signed_map, unsigned_map, grad_multiplier,
+            one_minus_beta1, one_minus_beta2, eps, l2_weight_decay, param_decay, step_size, bias_correction2_sqrt,
+            PARAM_TYPE, STATE_TYPE, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER, QUANTIZED, GRAD_SCALING, False, CHUNK,
+            BLOCK,
+        )  # fmt: skip

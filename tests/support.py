@@ -39,6 +39,7 @@ STEP_POLICIES = [*POLICIES, (torch.float32, torch.bfloat16)]
 # Measurements for the end of the pytest log, by section title (see conftest.pytest_terminal_summary).
 REPORT: dict[str, list[str]] = {}
 GUARD = 5  # elements of poison on each side of every tensor; odd, so views are also misaligned
+ALIGNED_GUARD = 8  # 16 or 32 bytes of 16- or 32-bit elements: the view as aligned as its buffer
 POISON = float("nan")
 
 
@@ -70,13 +71,14 @@ def seeded_generator(*key: object) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(text.encode()))
 
 
-def guarded(values: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``values`` in ``dtype`` on DEVICE as a view inside a buffer poisoned with NaN on both sides.
+def guarded(values: torch.Tensor, dtype: torch.dtype, guard: int = GUARD) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` in ``dtype`` on DEVICE as a view inside a buffer poisoned with NaN on both sides, ``guard``
+    elements each (GUARD: the view misaligned; ALIGNED_GUARD: 16-byte aligned, as a fresh tensor is).
 
     Returns ``(view, buffer)``; ``guards_intact(buffer)`` later proves nothing was written outside.
     """
-    buffer = torch.full((values.numel() + 2 * GUARD,), POISON, dtype=dtype, device=DEVICE)
-    view = buffer[GUARD : GUARD + values.numel()].view(values.shape)
+    buffer = torch.full((values.numel() + 2 * guard,), POISON, dtype=dtype, device=DEVICE)
+    view = buffer[guard : guard + values.numel()].view(values.shape)
     view.copy_(values)
     return view, buffer
 

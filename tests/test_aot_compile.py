@@ -78,6 +78,7 @@ RESOURCE_USAGE = re.compile(
 # The hardware limit per thread on sm_80 and sm_90; more than this and ptxas spills.
 MAX_REGISTERS = 255
 MAX_STACK_BYTES = 8  # two registers spilled by ptxas's occupancy heuristic (see the test)
+SCALAR_PATH_SHARED_BYTES = 1024  # layout conversions of the kernel's scalar path (see the test)
 
 
 def compile_variants(variants: list[Variant], out_dir: Path) -> list[dict[str, object]]:
@@ -197,6 +198,10 @@ def test_kernel_compiles_without_spills(
     # the GPU, which the interpreter (exact numpy) never shows. (ex2.approx stays: 1 - exp(x) for x <= -1/2.)
     approximate = sorted(set(re.findall(r"\b(?:div|sqrt|rcp|rsqrt)\.(?:approx|full)[.\w]*", ptx)))
     assert not approximate, f"{variant.id}: approximate division or square root in the PTX: {approximate}"
+    # Whole chunks of 16-byte aligned tensors load and store 8 or 16 bytes a thread (kernels/adam_triton.py:
+    # the pointers declared aligned, the mask provably constant): without them every access is 2 or 4 bytes.
+    for access in ("ld", "st"):
+        assert re.search(rf"\b{access}\.global\.v[24]\.b32\b", ptx), f"{variant.id}: no vector {access}.global"
 
     usage = _resource_usage(_cuobjdump(), out_dir / f"{variant.id}.cubin")
     summary = f"{variant.id}: REG={usage['REG']} STACK={usage['STACK']} LOCAL={usage['LOCAL']} SHARED={usage['SHARED']}"
@@ -217,7 +222,9 @@ def test_kernel_compiles_without_spills(
         # 8-bit moments: the block-wise absmax is a reduction across warps (measured: 1 KB).
         assert usage["SHARED"] <= 4096, f"the absmax reduction should need at most 4 KB: {summary}"
     else:
-        assert usage["SHARED"] == 0, f"an elementwise step needs no shared memory: {summary}"
+        # The scalar path (a chunk ending inside its tensor, or a misaligned tensor) stores one element a thread
+        # from values computed four a thread: Triton converts through shared memory (1 KB, sm_90, triton 3.9).
+        assert usage["SHARED"] <= SCALAR_PATH_SHARED_BYTES, f"an elementwise step needs no more: {summary}"
     assert usage["REG"] <= MAX_REGISTERS, summary
 
 

@@ -8,7 +8,9 @@ from collections import OrderedDict
 import pytest
 import torch
 from support import (
+    ALIGNED_GUARD,
     DEVICE,
+    GUARD,
     StepCase,
     assert_close_relative,
     assert_correctly_rounded,
@@ -79,22 +81,25 @@ def _policy_cases(backend: str, generator: torch.Generator):
 
 
 @pytest.mark.parametrize("backend", backend_params())
-def test_many_tensors_of_mixed_policies_in_one_call(backend, launches):
-    cases = list(_policy_cases(backend, seeded_generator("multi", backend)))
+@pytest.mark.parametrize("guard", [GUARD, ALIGNED_GUARD], ids=["misaligned", "aligned"])
+def test_many_tensors_of_mixed_policies_in_one_call(backend, guard, launches):
+    """Misaligned views take the kernels' scalar path; aligned ones take the vector path in whole chunks (the
+    Triton kernel's, chunk by chunk; the CUDA C kernel's, tensor by tensor), the scalar path at their ends."""
+    cases = list(_policy_cases(backend, seeded_generator("multi", backend, guard)))
     params, grads, moments, steps, buffers = [], [], ([], [], []), [], []
     for index, (param_dtype, state_dtype, case) in enumerate(cases):
-        param, buffer = guarded(case.param, param_dtype)
+        param, buffer = guarded(case.param, param_dtype, guard)
         if index % 5 == 4 and case.param.numel() % 2 == 0:  # some params are non-contiguous views
             wide = torch.full((case.param.numel(), 2), float("nan"), dtype=param_dtype, device=DEVICE)
             param = wide[:, 0]
             param.copy_(case.param)
             buffer = None
-        grad, grad_buffer = guarded(case.grad, param_dtype)
+        grad, grad_buffer = guarded(case.grad, param_dtype, guard)
         params.append(param)
         grads.append(grad)
         buffers += [b for b in (buffer, grad_buffer) if b is not None]
         for moment, values in zip(moments, (case.exp_avg, case.exp_avg_sq, case.max_exp_avg_sq), strict=True):
-            view, moment_buffer = guarded(values, state_dtype)
+            view, moment_buffer = guarded(values, state_dtype, guard)
             moment.append(view)
             buffers.append(moment_buffer)
         steps.append(torch.tensor(float(case.step - 1)))
