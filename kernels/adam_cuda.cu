@@ -214,6 +214,13 @@ __device__ __forceinline__ void step_quantized_block(P* param, const P* grad, un
   }
 }
 
+// Tells the compiler that `ptr` (an address read from the tensor table, which it cannot trace) is in global
+// memory. Only for addresses that are: a wrong assumption is undefined behaviour.
+template <typename T>
+__device__ __forceinline__ void assume_global(const T* ptr) {
+  __builtin_assume(__isGlobal(ptr));
+}
+
 // N consecutive elements, aligned so that one pack is one (or, for fp32 moments beside 16-bit params,
 // two) 16-byte memory transactions.
 template <typename T, int N>
@@ -312,7 +319,9 @@ __global__ void adam_step(const long long* __restrict__ pointers, const long lon
                   bias_correction2_sqrt, grad_scaling ? device_scalars[1] : 1.0f};
     if (device_step) {
       const float lr = device_scalars[0];
-      const float step = *reinterpret_cast<const float*>(row[5]);
+      const float* step_count = reinterpret_cast<const float*>(row[5]);
+      assume_global(step_count);
+      const float step = *step_count;
       // 1 - beta^step as -expm1(step ln beta): 1 - exp(...) cancels in fp32 (StepScalars).
       s.step_size = lr / -expm1f(step * ln_beta1);
       s.bias_correction2_sqrt = sqrtf(-expm1f(step * ln_beta2));
@@ -324,15 +333,27 @@ __global__ void adam_step(const long long* __restrict__ pointers, const long lon
     S* exp_avg_sq = reinterpret_cast<S*>(row[3]);
     S* max_exp_avg_sq = reinterpret_cast<S*>(row[4]);
     void* master = reinterpret_cast<void*>(row[6]);
+    // The table's addresses are torch's device allocations: global memory. Said so, loads and stores are
+    // ld.global/st.global (LDG/STG) rather than generic ones, which first test the address space.
+    assume_global(param);
+    assume_global(grad);
+    assume_global(exp_avg);
+    assume_global(exp_avg_sq);
+    assume_global(max_exp_avg_sq);  // (exp_avg_sq again without amsgrad: never 0)
+    if constexpr (MASTER != kNoMaster) assume_global(master);
     const long long start = (chunk - chunk_offsets[tensor]) * chunk_size;
     const long long stop = start + chunk_size < numels[tensor] ? start + chunk_size : numels[tensor];
     if constexpr (IsCode<S>::value) {
       // A warp per quantization block (blockDim.x is a multiple of 32); chunk_size is a multiple of
       // kQuantBlock, so blocks never straddle chunks.
       const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+      float* exp_avg_absmax = reinterpret_cast<float*>(row[7]);
+      float* exp_avg_sq_absmax = reinterpret_cast<float*>(row[8]);
+      assume_global(exp_avg_absmax);
+      assume_global(exp_avg_sq_absmax);
       for (long long block = start / kQuantBlock + warp; block * kQuantBlock < stop; block += warps) {
         step_quantized_block<P, WEIGHT_DECAY, MAXIMIZE, MASTER>(
-            param, grad, exp_avg, exp_avg_sq, reinterpret_cast<float*>(row[7]), reinterpret_cast<float*>(row[8]),
+            param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax,
             master, signed_map, unsigned_map, block, numels[tensor], lane, s);
       }
     } else {

@@ -9,6 +9,7 @@ without warnings, every name expression resolves, and no specialization spills o
 from __future__ import annotations
 
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -81,3 +82,25 @@ def test_no_specialization_spills(compiled):
         f"sm_{arch:<4} {policy:<28} {min(counts)}-{max(counts)} registers"
         for policy, counts in sorted(registers_by_policy.items())
     ]
+
+
+def _entries(ptx: str) -> dict[str, str]:
+    """The PTX of each kernel entry, by its mangled name."""
+    parts = re.split(r"^\.(?:weak|visible) \.entry ", ptx, flags=re.MULTILINE)[1:]
+    return {part.split("(", 1)[0]: part for part in parts}
+
+
+def test_memory_accesses_are_global_and_vectorized(compiled):
+    """Addresses come from the tensor table, which the compiler cannot trace: without assume_global it emits
+    generic loads and stores (ld.f32, which first test the address space). The elementwise specializations
+    load and store 16-byte packs (ld.global.v4) where aligned; 8-bit moments go a warp per block, one element
+    a lane (coalesced, scalar)."""
+    arch, names, program = compiled
+    entries = _entries(program.ptx)
+    for name in names:
+        ptx = entries[program.lowered_names[name]]
+        generic = sorted(set(re.findall(r"\b(?:ld|st)\.(?!global|param|shared|local|const)[\w.]+", ptx)))
+        assert not generic, f"{name} on sm_{arch}: generic memory accesses {generic}"
+        if "unsigned char" not in name:
+            for access in ("ld", "st"):
+                assert re.search(rf"\b{access}\.global\.v[24]\.", ptx), f"{name} on sm_{arch}: no vector {access}"
