@@ -142,19 +142,30 @@ struct IsCode<unsigned char> {
   static constexpr bool value = true;
 };
 
-// The map entry nearest to x (the lower one on a tie): the last entry <= x, or the next one if closer.
+// The map entry nearest to x (the lower one on a tie). The maps are small float formats scaled so that their
+// largest value is 1 (adam_gpu/quantization.py: a sign, 4 exponent and 3 mantissa bits for exp_avg; 5 and 3 for
+// exp_avg_sq): the bits of |x| * 1.875 give the last entry <= x, off by one only within a few ulps of an entry,
+// where the nearer of it and the next is that entry anyway. So two independent map reads, where a binary search
+// over the 256 entries took 8 dependent ones and two more. The same code as that search for every fp32 x in
+// [-1.0001, 1.0001] (all 2^31, checked in numpy, 2026-11-26); tests/test_quantization.py checks this function at
+// every decision point.
+template <bool SIGNED>
 __device__ __forceinline__ unsigned char nearest_code(float x, const float* code_map) {
-  int low = 0, high = 255;
-  while (low < high) {
-    const int middle = (low + high + 1) / 2;
-    if (code_map[middle] <= x) {
-      low = middle;
-    } else {
-      high = middle - 1;
-    }
-  }
-  const int upper = low < 255 ? low + 1 : 255;
-  return static_cast<unsigned char>((code_map[upper] - x) < (x - code_map[low]) ? upper : low);
+  // Exponent bias 15 or 31: smallest normal 2^-14 or 2^-30, subnormal step that / 8.
+  constexpr float kSmallestNormal = SIGNED ? 6.103515625e-05f : 9.313225746154785e-10f;
+  constexpr float kPerSubnormalStep = SIGNED ? 131072.0f : 8589934592.0f;  // 2^17, 2^33
+  constexpr int kExponentOffset = SIGNED ? (127 - 15) << 3 : (127 - 31) << 3;  // fp32's bias to the format's
+  constexpr int kLargest = SIGNED ? 127 : 255;
+  const float magnitude = fabsf(x) * 1.875f;  // on the format's own scale: largest (1 + 7/8) * 2^0
+  // Exponent and top 3 mantissa bits of a normal are its code; a subnormal's is its multiple of the step (the
+  // magnitude capped first, so the conversion never overflows).
+  const int normal = static_cast<int>(__float_as_uint(magnitude) >> 20) - kExponentOffset;
+  const int subnormal = static_cast<int>(fminf(magnitude, kSmallestNormal) * kPerSubnormalStep);
+  int code = magnitude >= kSmallestNormal ? normal : subnormal;
+  code = code < 0 ? 0 : (code > kLargest ? kLargest : code);
+  if (SIGNED) code = x >= 0.0f ? 128 + code : 126 - code;  // 128 + k holds +m[k], 127 - k holds -m[k]
+  const int low = code < 0 ? 0 : (code > 254 ? 254 : code);
+  return static_cast<unsigned char>((code_map[low + 1] - x) < (x - code_map[low]) ? low + 1 : low);
 }
 
 // One quantization block by one warp, every element read and written once. Lane l holds elements
@@ -204,8 +215,8 @@ __device__ __forceinline__ void step_quantized_block(P* param, const P* grad, un
   for (int k = 0; k < kPerLane; ++k) {
     const long long i = first + k * kWarp;
     if (i < n_elements) {
-      exp_avg[i] = nearest_code(m[k] / m_divisor, signed_map);
-      exp_avg_sq[i] = nearest_code(v[k] / v_divisor, unsigned_map);
+      exp_avg[i] = nearest_code<true>(m[k] / m_divisor, signed_map);
+      exp_avg_sq[i] = nearest_code<false>(v[k] / v_divisor, unsigned_map);
     }
   }
   if (lane == 0) {  // quantization.py: a block holding a non-finite moment gets absmax NaN

@@ -108,19 +108,37 @@ def _store_lean_master(param_ptr, remainder_ptr, offsets, value, mask):
 
 
 @triton.jit
-def _nearest_code(value, code_map):
-    """Index of the map entry nearest to ``value`` (the lower one on a tie): a binary search for the last
-    entry <= value over the 256 ascending entries, then the closer of it and the next."""
-    low = tl.zeros(value.shape, tl.int32)
-    high = tl.full(value.shape, 255, tl.int32)
-    for _ in range(8):
-        middle = (low + high + 1) // 2
-        below = tl.load(code_map + middle) <= value
-        low = tl.where(below, middle, low)
-        high = tl.where(below, high, middle - 1)
-    upper = tl.minimum(low + 1, 255)
-    nearer_upper = (tl.load(code_map + upper) - value) < (value - tl.load(code_map + low))
-    return tl.where(nearer_upper, upper, low)
+def _nearest_code(value, code_map, SIGNED: tl.constexpr):
+    """Index of the map entry nearest to ``value`` (the lower one on a tie).
+
+    The maps are small float formats scaled so that their largest value is 1 (adam_gpu/quantization.py: a sign,
+    4 exponent and 3 mantissa bits for exp_avg; 5 and 3 for exp_avg_sq): the bits of |value| * 1.875 give the last
+    entry <= value, off by one only within a few ulps of an entry, where the nearer of it and the next is that
+    entry anyway. So two independent map reads, where a binary search over the 256 entries took 8 dependent ones
+    and two more. The same code as that search for every fp32 value in [-1.0001, 1.0001] (all 2^31 of them,
+    checked in numpy, 2026-11-26); tests/test_quantization.py checks this function at every decision point.
+    """
+    magnitude = tl.abs(value) * 1.875  # on the format's own scale: largest value (1 + 7/8) * 2^0
+    if SIGNED:  # exponent bias 15: smallest normal 2^-14, subnormal step 2^-14 / 8
+        smallest_normal = 6.103515625e-05
+        per_subnormal_step = 131072.0  # 2^17
+        exponent_offset = 896  # (127 - 15) << 3: fp32's exponent bias to the format's, in codes
+        largest = 127
+    else:  # exponent bias 31
+        smallest_normal = 9.313225746154785e-10  # 2^-30
+        per_subnormal_step = 8589934592.0  # 2^33
+        exponent_offset = 768  # (127 - 31) << 3
+        largest = 255
+    # Exponent and top 3 mantissa bits of the fp32 value are the code of a normal; a subnormal's is its multiple
+    # of the subnormal step (the magnitude is capped first, so the conversion never overflows).
+    normal = (magnitude.to(tl.int32, bitcast=True) >> 20) - exponent_offset
+    subnormal = (tl.minimum(magnitude, smallest_normal) * per_subnormal_step).to(tl.int32)
+    code = tl.minimum(tl.maximum(tl.where(magnitude >= smallest_normal, normal, subnormal), 0), largest)
+    if SIGNED:  # entries 128 + k hold +m[k], 127 - k hold -m[k]: the last one <= a negative value is near 126 - k
+        code = tl.where(value >= 0, 128 + code, 126 - code)
+    low = tl.minimum(tl.maximum(code, 0), 254)
+    nearer_upper = (tl.load(code_map + low + 1) - value) < (value - tl.load(code_map + low))
+    return tl.where(nearer_upper, low + 1, low)
 
 
 @triton.jit
@@ -131,7 +149,9 @@ def _load_quantized(codes_ptr, absmax_ptr, code_map, offsets, mask):
 
 
 @triton.jit
-def _store_quantized(codes_ptr, absmax_ptr, code_map, offsets, value, mask, first, n_elements, BLOCK: tl.constexpr):
+def _store_quantized(
+    codes_ptr, absmax_ptr, code_map, offsets, value, mask, first, n_elements, SIGNED: tl.constexpr, BLOCK: tl.constexpr
+):
     """Quantize BLOCK values (BLOCK / QUANT_BLOCK whole blocks starting at element ``first``): one absmax
     per block of the values inside the tensor (NaN for a block with a non-finite value), and each value's
     nearest code."""
@@ -145,7 +165,7 @@ def _store_quantized(codes_ptr, absmax_ptr, code_map, offsets, value, mask, firs
     # One IEEE reciprocal per block, then a product per value (an all-zero block: zeros).
     reciprocal = tl.div_rn(1.0, tl.where(block_absmax > 0, block_absmax, 1.0))
     normalized = value * tl.reshape(tl.broadcast_to(reciprocal[:, None], (blocks_per_row, QUANT_BLOCK)), (BLOCK,))
-    tl.store(codes_ptr + offsets, _nearest_code(normalized, code_map).to(tl.uint8), mask=mask)
+    tl.store(codes_ptr + offsets, _nearest_code(normalized, code_map, SIGNED).to(tl.uint8), mask=mask)
     blocks = first // QUANT_BLOCK + tl.arange(0, blocks_per_row)
     stored_absmax = tl.where(block_absmax == float("inf"), float("nan"), block_absmax)
     tl.store(absmax_ptr + blocks, stored_absmax, mask=blocks * QUANT_BLOCK < n_elements)
@@ -275,11 +295,12 @@ def _update_chunk(
         if QUANTIZED:
             first = chunk_start + block_start
             _store_quantized(
-                exp_avg_ptr, exp_avg_absmax_ptr, signed_map, offsets, exp_avg, mask, first, n_elements, BLOCK
+                exp_avg_ptr, exp_avg_absmax_ptr, signed_map, offsets, exp_avg, mask, first, n_elements, True, BLOCK
             )
             _store_quantized(
-                exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, unsigned_map, offsets, exp_avg_sq, mask, first, n_elements, BLOCK
-            )
+                exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, unsigned_map, offsets, exp_avg_sq, mask, first, n_elements,
+                False, BLOCK,
+            )  # fmt: skip
         else:
             _store_rounded(exp_avg_ptr, offsets, exp_avg, mask)
             _store_rounded(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)

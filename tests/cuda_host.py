@@ -76,6 +76,16 @@ static void run_grid(Kernel kernel, bool cooperative, unsigned grid, unsigned bl
   }}
 }}
 """
+# The kernel's nearest-code rule alone, over an array (tests/test_quantization.py).
+_DRIVER_NEAREST_CODES = """
+extern "C" void nearest_codes(const float* values, unsigned char* codes, long long n, int is_signed,
+                              const float* code_map) {
+  for (long long i = 0; i < n; ++i) {
+    codes[i] = is_signed ? adam_gpu::nearest_code<true>(values[i], code_map)
+                         : adam_gpu::nearest_code<false>(values[i], code_map);
+  }
+}
+"""
 _DRIVER_ENTRY = """
 extern "C" void launch_{index}(unsigned grid, unsigned block, const long long* pointers, const long long* numels,
                               const long long* chunk_offsets, const float* device_scalars, const float* signed_map,
@@ -89,12 +99,17 @@ extern "C" void launch_{index}(unsigned grid, unsigned block, const long long* p
 
 @functools.cache
 def _library() -> dict[str, ctypes._CFuncPtr]:
-    """Build every specialization into one shared library (once per process); name expression -> entry."""
+    """Build every specialization into one shared library (once per process); name expression -> entry (and
+    NEAREST_CODES -> the nearest-code probe)."""
     names = cuda_source.all_name_expressions()
     build = Path(tempfile.mkdtemp(prefix="adam-gpu-host-"))
-    driver = _DRIVER_HEAD.format(source=cuda_source.source_path()) + "".join(
-        _DRIVER_ENTRY.format(index=index, name=name, cooperative=str(_shuffles(name)).lower())
-        for index, name in enumerate(names)
+    driver = (
+        _DRIVER_HEAD.format(source=cuda_source.source_path())
+        + _DRIVER_NEAREST_CODES
+        + "".join(
+            _DRIVER_ENTRY.format(index=index, name=name, cooperative=str(_shuffles(name)).lower())
+            for index, name in enumerate(names)
+        )
     )
     (build / "driver.cpp").write_text(driver)
     command = [
@@ -127,7 +142,27 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
         ]
         entry.restype = None
         entries[name] = entry
+    library.nearest_codes.argtypes = [
+        ctypes.c_void_p,  # values
+        ctypes.c_void_p,  # codes
+        ctypes.c_longlong,
+        ctypes.c_int,  # signed
+        ctypes.c_void_p,  # the code map
+    ]
+    library.nearest_codes.restype = None
+    entries[NEAREST_CODES] = library.nearest_codes
     return entries
+
+
+NEAREST_CODES = "nearest_codes"  # (the entry of _library() that is not a kernel specialization)
+
+
+def nearest_codes(values: torch.Tensor, code_map: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The CUDA C kernel's nearest_code of each fp32 value against the fp32 ``code_map`` (uint8)."""
+    values, code_map = values.float().contiguous(), code_map.float().contiguous()
+    codes = torch.empty(values.shape, dtype=torch.uint8)
+    _library()[NEAREST_CODES](values.data_ptr(), codes.data_ptr(), values.numel(), int(signed), code_map.data_ptr())
+    return codes
 
 
 FEATURES = frozenset({EIGHT_BIT})
