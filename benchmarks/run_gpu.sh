@@ -118,7 +118,7 @@ if selected tests; then
   gpu_tests="tests/test_gpu.py tests/test_step.py tests/test_multi_tensor.py tests/test_amp_capturable_clipping.py
     tests/test_master_weights.py tests/test_8bit.py tests/test_training.py tests/test_optimizer_api.py
     tests/test_bad_input.py tests/test_reference.py tests/test_faults.py tests/test_determinism.py
-    tests/test_checkpoint.py tests/test_capture.py tests/test_properties.py"
+    tests/test_checkpoint.py tests/test_capture.py tests/test_quantization.py tests/test_properties.py"
   parallel=()
   if python -c "import xdist" 2>/dev/null; then
     workers=$(($(nproc) / 2)); workers=$((workers > 8 ? 8 : workers < 1 ? 1 : workers))

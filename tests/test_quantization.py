@@ -8,7 +8,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from support import seeded_generator
+from support import DEVICE, seeded_generator
 
 from adam_gpu.kernels import adam_triton
 from adam_gpu.quantization import BLOCK, dequantize, quantize, signed_map, unsigned_map
@@ -96,12 +96,13 @@ def _nearest_codes_probe(values, codes, code_map, n, SIGNED: tl.constexpr, BLOCK
 
 
 def _triton_codes(values: torch.Tensor, code_map: torch.Tensor, signed: bool) -> torch.Tensor:
-    codes = torch.full(values.shape, 77, dtype=torch.uint8)  # poisoned: every element is written
-    block = 65536
+    """The Triton kernel's nearest codes, on DEVICE: compiled for the GPU there, else interpreted."""
+    codes = torch.full(values.shape, 77, dtype=torch.uint8, device=DEVICE)  # poisoned: every element is written
+    block = 65536 if DEVICE.type == "cpu" else 1024
     _nearest_codes_probe[(triton.cdiv(values.numel(), block),)](
-        values, codes, code_map.float().contiguous(), values.numel(), signed, block
+        values.to(DEVICE), codes, code_map.float().contiguous().to(DEVICE), values.numel(), signed, block
     )
-    return codes
+    return codes.cpu()
 
 
 def _cuda_host_codes(values: torch.Tensor, code_map: torch.Tensor, signed: bool) -> torch.Tensor:
@@ -114,9 +115,10 @@ def _cuda_host_codes(values: torch.Tensor, code_map: torch.Tensor, signed: bool)
 @pytest.mark.parametrize("kernel", [_triton_codes, _cuda_host_codes], ids=["triton", "cuda-host"])
 @pytest.mark.parametrize("name", ["signed", "unsigned"])
 def test_the_kernels_nearest_code_is_the_binary_search(kernel, name):
-    """Each kernel's nearest_code (kernels/adam_triton.py under the interpreter, kernels/adam_cuda.cu built for
-    the host) picks the same code as the binary search for every value where a decision is made (about 10,000)
-    and 400,000 random ones. (NaN, whose code is unspecified, is not among them.)"""
+    """Each kernel's nearest_code (kernels/adam_triton.py compiled for the GPU, or under the interpreter on a
+    CPU; kernels/adam_cuda.cu built for the host) picks the same code as the binary search for every value
+    where a decision is made (about 10,000) and 400,000 random ones. (NaN, whose code is unspecified, is not
+    among them.)"""
     code_map = (signed_map() if name == "signed" else unsigned_map()).float()
     values = _hard_values(code_map, name == "signed", seeded_generator("nearest code", name))
     expected = _searched_codes(values, code_map)
