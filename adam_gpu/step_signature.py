@@ -6,20 +6,22 @@ alike in address, dtype, device, layout, shape and strides, and grads alike in a
 them and reuses its tensor tables. What a step reads to know it:
 
 - which optional tensors are missing (each list's None mask);
-- that every tensor but the grads is the same object (a tensor object keeps its kind of TensorImpl);
+- that every tensor but the grads is the same object, held by a weak reference: a tensor the user drops (state
+  cleared or moved to the CPU, a group frozen) is freed, and a dead reference never matches;
 - their addresses and those of the step counts (``param.data = ...`` moves a tensor but keeps the object);
 - torch's ``TensorGuards`` over all of them, grads included: the C++ check torch.compile runs on a compiled
   graph's inputs (type, dtype, device, dispatch keys, which tell dense from sparse, requires_grad, sizes and
   strides). For 1000 params (4000 tensors) it takes 0.2 ms where reading the same in Python took 1.9 ms.
 
 TensorGuards aborts the process on a tensor whose TensorImpl has no strides (a non-jagged nested tensor). It is
-given the objects it was built from (same TensorImpl) and grads, which torch keeps dense or sparse (the grad
-setter refuses nested tensors; sparse ones fail the check cleanly). Where torch has no TensorGuards (it is
-torch's own, not public API), ``signature`` is None: every step takes the full checks.
+given the objects it was built from (none nested: ``signature`` refuses them) and grads, which torch keeps dense
+or sparse (the grad setter refuses nested tensors; sparse ones fail the check cleanly). Where torch has no
+TensorGuards (it is torch's own, not public API), ``signature`` is None: every step takes the full checks.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -44,7 +46,7 @@ class StepSignature:
     """What a full check passed (see the module docstring)."""
 
     masks: list  # per list of StepTensors.lists(): its length, or its None mask where some are None
-    kept: list[torch.Tensor]  # every tensor but the grads, in the lists' order
+    kept: list[weakref.ref]  # every tensor but the grads, in the lists' order (weakly: see the module docstring)
     addresses: list[int]  # the data_ptr of each of ``kept``, then of each step count
     guards: Any  # torch's TensorGuards over ``kept`` and then the grads
 
@@ -75,7 +77,7 @@ def signature(tensors: StepTensors, steps: Sequence[torch.Tensor]) -> StepSignat
         guards = guards_type(*kept, *grads, dynamic_dims_sizes=None, dynamic_dims_strides=None)
     except (TypeError, RuntimeError):  # (another signature in another torch: no reuse)
         return None
-    return StepSignature(masks, kept, list(map(_data_ptr, chain(kept, steps))), guards)
+    return StepSignature(masks, list(map(weakref.ref, kept)), list(map(_data_ptr, chain(kept, steps))), guards)
 
 
 def matches(expected: StepSignature, tensors: StepTensors, steps: Sequence[torch.Tensor]) -> bool:
@@ -86,7 +88,7 @@ def matches(expected: StepSignature, tensors: StepTensors, steps: Sequence[torch
     masks, kept, grads = _split(tensors)
     return (
         masks == expected.masks
-        and all(map(is_, kept, expected.kept))
+        and all(map(is_, kept, [alive() for alive in expected.kept]))  # (0.12 ms for 3000 tensors)
         and list(map(_data_ptr, chain(kept, steps))) == expected.addresses
         and expected.guards.check(*kept, *grads)
     )

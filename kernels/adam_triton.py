@@ -223,8 +223,9 @@ def _update_chunk(
     BLOCK: tl.constexpr,
 ):
     """One Adam step of the CHUNK elements from ``chunk_start`` of the tensor in table ``row`` (of
-    ``n_elements``), BLOCK at a time, those below ``bound`` only. ALIGNED: every address in the row is 16-byte
-    aligned and ``bound`` a multiple of CHUNK, which lets Triton load and store 16 bytes a thread at a time
+    ``n_elements``), BLOCK at a time, those below ``bound`` only. ALIGNED: every address the chunk is read and
+    written through (param, grad, moments, max_exp_avg_sq, master) is 16-byte aligned and ``bound`` a multiple
+    of CHUNK, which lets Triton load and store 16 bytes a thread at a time
     (it must know both the addresses' alignment and that the mask is the same over each 16 bytes).
     ``grad_multiplier`` is unused without GRAD_SCALING."""
     param_ptr = _table_pointer(row, 0, PARAM_TYPE, ALIGNED)

@@ -114,3 +114,28 @@ def test_a_table_built_during_a_capture_outlives_the_cache(backend, capture, mon
         param.grad = grad
     optimizer.step()
     assert len(uploads) == tensor_table._GRAD_VARIANTS + 2, "the captured tensors' table was found, not rebuilt"
+
+
+@pytest.mark.parametrize("backend", [b for b in backend_params() if b.values[0] in ("triton", "cupy", "cuda-host")])
+def test_a_table_made_while_capturing_is_written_by_the_first_step_outside_it(backend, capture, monkeypatch):
+    """A table made while capturing has only a graph node to fill its device copy (at the first replay). The
+    first step outside a capture that uses it writes it (tensor_table._unwritten; test_gpu.py checks the
+    values on a GPU), and only that one."""
+    monkeypatch.setattr(tensor_table, "_captured", {})
+    monkeypatch.setattr(tensor_table, "_unwritten", {})
+    optimizer, params, generator = _warmed_up(backend, capturable=True)
+    capture(True)
+    new_grads(generator, params)  # allocated "inside the capture"
+    optimizer.step()
+    (table,) = tensor_table._captured.values()
+    assert tensor_table._unwritten == {id(table): table}
+    writes = []
+    write = tensor_table._write_if_unwritten
+    monkeypatch.setattr(tensor_table, "_write_if_unwritten", lambda t: writes.append(t) or write(t))
+    capture(False)
+    for grad in (p.grad for p in params):  # filled in place, then an eager step on them
+        grad.copy_(torch.randn(grad.shape, generator=generator))
+    optimizer.step()
+    assert writes == [table] and not tensor_table._unwritten
+    optimizer.step()
+    assert writes == [table], "a written table is not written again"

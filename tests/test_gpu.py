@@ -230,3 +230,44 @@ def test_a_whole_training_step_captured_with_its_grads_replays_as_eager_steps(ba
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"):
             assert_close_relative(graphed_state[key], eager_state[key], f"{key} {index}", rtol=1e-5)
     assert float(graphed_optimizer.state[next(graphed.parameters())]["step"]) == 3 + 5
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_an_eager_step_on_the_captured_grads_before_any_replay_is_right(backend):
+    """A tensor table made while capturing is written on the device only by the graph's replays. An eager
+    step() that uses it first (the captured grads filled in place, no replay yet) must write it itself, or the
+    kernel would follow unwritten addresses."""
+    generator = seeded_generator("gpu-eager-before-replay", backend)
+    torch.manual_seed(99)
+    graphed_model = torch.nn.Sequential(torch.nn.Linear(32, 129), torch.nn.Linear(129, 7)).cuda()
+    eager_params = [p.detach().clone().requires_grad_() for p in graphed_model.parameters()]
+    graphed = FusedAdamW(graphed_model.parameters(), lr=1e-2, capturable=True, backend=backend)
+    eager = FusedAdamW(eager_params, lr=1e-2, capturable=True, backend=backend)
+    x, y = torch.randn(16, 32, generator=generator).cuda(), torch.randint(0, 7, (16,), generator=generator).cuda()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: state and compiled kernels (both optimizers alike)
+        for _ in range(2):
+            for p, q in zip(graphed_model.parameters(), eager_params, strict=True):
+                p.grad = torch.randn(p.shape, generator=generator).cuda()
+                q.grad = p.grad.clone()
+            graphed.step()
+            eager.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    graphed.zero_grad(set_to_none=True)  # the grads are allocated inside the capture
+    with torch.cuda.graph(graph):
+        torch.nn.functional.cross_entropy(graphed_model(x), y).backward()
+        graphed.step()
+
+    for p, q in zip(graphed_model.parameters(), eager_params, strict=True):  # no replay: fill the grads here
+        p.grad.copy_(torch.randn(p.shape, generator=generator).cuda())
+        q.grad = p.grad.clone()
+    graphed.step()
+    eager.step()
+    torch.cuda.synchronize()
+    for index, (p, q) in enumerate(zip(graphed_model.parameters(), eager_params, strict=True)):
+        assert_close_relative(p, q, f"param {index}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_close_relative(graphed.state[p][key], eager.state[q][key], f"{key} {index}")

@@ -121,6 +121,8 @@ def test_grads_cycling_through_more_storages_than_tables_kept_step_as_torch(back
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_a_new_non_contiguous_grad_after_cached_steps_is_used(backend):
+    """(Its strides differ from the last grad's: TensorGuards sends the step to the full checks, and the kernels
+    get a contiguous stand-in, written back.)"""
     twins = Twins("adamw", backend, "strided grad")
     twins.step(2)
     grad = random_tensor(twins.generator, 5, 3).t()  # (3, 5), column-major
@@ -406,3 +408,28 @@ def test_a_removed_group_is_forgotten_with_its_tensors(backend):
     gc.collect()
     assert gone() is None, "the removed group's param is still held"
     twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("drop", ["state cleared", "moment replaced", "group frozen"])
+def test_state_the_user_drops_is_freed(backend, drop):
+    """What a reused step keeps of its tensors holds none of them: a moment the user drops is freed at once (a
+    state cleared for a reset, a moment moved elsewhere, the state of a frozen group whose other groups still
+    step), not when its group next takes a full check: its memory is what the user meant to free."""
+    twins = Twins("adamw", backend, "drop", drop)
+    frozen = random_tensor(twins.generator, 6)
+    twins.ours.add_param_group({"params": [frozen]})
+    frozen.grad = random_tensor(twins.generator, 6)
+    twins.step(2)
+    param = frozen if drop == "group frozen" else twins.params[0]
+    gone = weakref.ref(twins.ours.state[param]["exp_avg"])
+    if drop == "state cleared":
+        twins.ours.state[param].clear()
+    elif drop == "moment replaced":
+        twins.ours.state[param]["exp_avg"] = twins.ours.state[param]["exp_avg"].clone()
+    else:
+        frozen.grad = None
+        del twins.ours.state[frozen]
+        twins.ours.step()  # (the frozen group has no grad: it is not stepped)
+    gc.collect()
+    assert gone() is None, f"{drop}: the dropped moment is still held"

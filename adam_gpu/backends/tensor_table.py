@@ -62,6 +62,10 @@ class LaunchGroup:
 
 _tables: OrderedDict[tuple, TensorTable] = OrderedDict()
 _captured: dict[tuple, TensorTable] = {}  # tables a CUDA graph reads: never evicted
+# Tables made while capturing, by id: their host-to-device copy is a node of the graph, so their device copy
+# holds nothing until the graph's first replay. A step outside any capture that uses one before then (an
+# eager step on the captured grads) writes it itself (_write_if_unwritten); replays write the same values.
+_unwritten: dict[int, TensorTable] = {}
 # Tables of other grads kept per memoized launch (_with_grads): a training loop's backward gets its new grads
 # from the caching allocator, which mostly hands out the addresses the last step freed.
 _GRAD_VARIANTS = 4
@@ -87,7 +91,7 @@ class _Launch:
 def _upload(host: torch.Tensor, count: int, n_chunks: int, device: torch.device) -> TensorTable:
     """The table whose pointers, numels and chunk offsets are ``host``, copied to ``device``."""
     on_device = host.to(device, non_blocking=True) if device.type == "cuda" else host
-    return TensorTable(
+    table = TensorTable(
         pointers=on_device[: POINTERS_PER_TENSOR * count].view(count, POINTERS_PER_TENSOR),
         numels=on_device[POINTERS_PER_TENSOR * count : POINTERS_PER_TENSOR * count + count],
         chunk_offsets=on_device[POINTERS_PER_TENSOR * count + count :],
@@ -95,6 +99,19 @@ def _upload(host: torch.Tensor, count: int, n_chunks: int, device: torch.device)
         n_chunks=n_chunks,
         host=host,
     )
+    if is_capturing(device):
+        _unwritten[id(table)] = table  # (kept in _captured too: its id stays its own)
+    return table
+
+
+def _write_if_unwritten(table: TensorTable) -> None:
+    """Copy a table made while capturing to the device now, if no replay may have done it (see _unwritten)."""
+    if _unwritten.pop(id(table), None) is None:
+        return
+    count = table.n_tensors
+    table.pointers.view(-1).copy_(table.host[: POINTERS_PER_TENSOR * count], non_blocking=True)
+    table.numels.copy_(table.host[POINTERS_PER_TENSOR * count : POINTERS_PER_TENSOR * count + count], non_blocking=True)
+    table.chunk_offsets.copy_(table.host[POINTERS_PER_TENSOR * count + count :], non_blocking=True)
 
 
 def _table(
@@ -176,6 +193,9 @@ def launch_groups(
             if memo is not None and contiguous:
                 memo[memo_key] = built
             launches = [(launch, launch.step, launch.table) for launch in built]
+        if _unwritten and not is_capturing(tensors.device):
+            for _, _, table in launches:
+                _write_if_unwritten(table)
         yield [
             LaunchGroup(
                 launch.param_dtype,
