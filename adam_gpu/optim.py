@@ -231,9 +231,9 @@ class FusedAdam(Optimizer):
         return loss
 
     def _forget_removed_groups(self) -> None:
-        """Drop what was kept for param groups no longer in ``param_groups``: a _Prepared holds its group's
-        params and state tensors (adam_gpu.step_signature), which would otherwise stay in memory. (A kept group
-        stays alive with its _Prepared, so no new group can have its id.)"""
+        """Drop what was kept for param groups no longer in ``param_groups``: a _Prepared holds its group (and so
+        the group's params) and its tensor tables, which would otherwise stay in memory. (A kept group stays
+        alive with its _Prepared, so no new group can have its id.)"""
         removed = self._prepared.keys() - {id(group) for group in self.param_groups}
         for key in removed:
             del self._prepared[key]
