@@ -254,9 +254,10 @@ def small_params(generator: torch.Generator, dtype: torch.dtype = torch.float32)
     return [random_tensor(generator, *shape, dtype=dtype) for shape in SMALL_SHAPES]
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, object]:
+def optimizer_tensors(optimizer: torch.optim.Optimizer, but: str | None = None) -> dict[str, object]:
     """Every param, grad and state entry (``step`` included) of ``optimizer`` by where it lives, e.g.
-    ``"group 1 param 0 exp_avg"``, plus the number of params with state. Take a ``snapshot`` of it."""
+    ``"group 1 param 0 exp_avg"``, plus the number of params with state; all but the entry named ``but`` (one a
+    test made unfit). Take a ``snapshot`` of it."""
     found: dict[str, object] = {"params with state": len(optimizer.state)}
     for group_index, group in enumerate(optimizer.param_groups):
         for param_index, param in enumerate(group["params"]):
@@ -265,6 +266,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, object]:
             found[f"{where} grad"] = param.grad
             for key, value in optimizer.state.get(param, {}).items():
                 found[f"{where} {key}"] = value
+    found.pop(but, None)
     return found
 
 
