@@ -46,9 +46,14 @@ def device_values(
     found_inf: torch.Tensor | None = None,
     clip_coefficient: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Assemble ``DeviceInputs.values`` with device ops only (no host synchronization)."""
+    """Assemble ``DeviceInputs.values`` with device ops only: no host synchronization, and nothing a CUDA graph
+    would copy from host memory. (``values[LR] = 1e-3`` makes the number a CPU tensor when ``values`` is on a GPU
+    and copies it, which torch refuses while capturing; ``fill_`` passes it as a kernel argument.)"""
     values = torch.zeros(3, dtype=torch.float32, device=device)
-    values[LR] = lr if isinstance(lr, torch.Tensor) else float(lr)
+    if isinstance(lr, torch.Tensor):
+        values[LR] = lr
+    else:
+        values[LR].fill_(float(lr))
     multiplier = torch.ones((), dtype=torch.float32, device=device)
     if grad_scale is not None:
         multiplier = multiplier / grad_scale.to(device=device, dtype=torch.float32)

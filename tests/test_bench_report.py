@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from adam_gpu.bench import report
-from adam_gpu.bench.records import NOT_INSTALLED, UNSUPPORTED, Record, Run
+from adam_gpu.bench.records import GRAPH_FAILED, NOT_INSTALLED, UNSUPPORTED, Record, Run
 
 COPY_GBPS = 3000.0
 BYTES_PER_PARAM = {"fp32": 28.0, "bf16": 14.0, "bf16+fp32-moments": 22.0}  # read p, g, m, v + write p, m, v
@@ -234,6 +234,14 @@ def test_records_not_measured_show_status_and_reason(run: Run) -> None:
     assert apex["GB/s"] == "—"
     fused = _row(markdown, "gpt2-124m", "torch fused", "bf16+fp32-moments")
     assert fused["median ms (p20–p80)"] == "*unsupported: torch keeps moments in the param dtype*"
+
+
+def test_a_step_that_could_not_be_captured_keeps_its_eager_numbers(run: Run) -> None:
+    record = _find(run, "torch foreach", "gpt2-124m", "fp32")
+    record.graph_median_ms, record.reason = None, f"{GRAPH_FAILED}: RuntimeError: no copies while capturing"
+    row = _row(report.markdown_table(run), "gpt2-124m", "torch foreach", "fp32")
+    assert row["CUDA-graph ms"] == f"*{GRAPH_FAILED}: RuntimeError: no copies while capturing*"
+    assert row["median ms (p20–p80)"].startswith("4.40 (") and row["host ms"] == "1.48"
 
 
 def _target(rows: list[dict], name_start: str, case: str, policy: str) -> dict:

@@ -23,9 +23,11 @@ from support import (
     small_params,
     snapshot,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from adam_gpu import FusedAdamW, optim
 from adam_gpu.backends import tensor_table
+from adam_gpu.device_inputs import device_values
 
 
 @pytest.fixture
@@ -103,7 +105,7 @@ def test_a_table_built_during_a_capture_outlives_the_cache(backend, capture, mon
 
     capture(False)
     uploads, alive = [], []  # (grads kept alive: a freed grad's address may come back for the next)
-    monkeypatch.setattr(tensor_table, "_upload", lambda *args: uploads.append(args) or upload(*args))
+    monkeypatch.setattr(tensor_table, "_upload", lambda *args, **kw: uploads.append(args) or upload(*args, **kw))
     for _ in range(tensor_table._GRAD_VARIANTS + 2):  # more grads than a launch keeps tables for
         new_grads(generator, params)
         alive.append([p.grad for p in params])
@@ -139,3 +141,60 @@ def test_a_table_made_while_capturing_is_written_by_the_first_step_outside_it(ba
     assert writes == [table] and not tensor_table._unwritten
     optimizer.step()
     assert writes == [table], "a written table is not written again"
+
+
+class _NoHostToDeviceCopies(TorchDispatchMode):
+    """Fails any op that would copy host memory onto another device: a captured graph cannot (torch refuses
+    pageable memory while capturing). Run on the meta device, which stands for the GPU here."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        devices = {t.device.type for t in tensors}
+        if "cpu" in devices and len(devices) > 1:
+            raise AssertionError(f"{func} copies between {sorted(devices)}")
+        return func(*args, **(kwargs or {}))
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.called = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.called.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("lr", [1e-3, "tensor"])
+def test_the_device_inputs_are_assembled_without_reading_host_memory(lr):
+    """A captured step with a float lr: on a GPU, ``values[0] = 1e-3`` makes the number a CPU tensor and copies
+    it (``lift_fresh`` then ``copy_`` here), which torch refuses while capturing. The numbers must reach the
+    device as kernel arguments (fill_), and tensors from the device."""
+    for device in (torch.device("meta"), torch.device(DEVICE)):
+        scalars = [torch.ones((), device=device) for _ in range(3)]
+        lr_value = torch.tensor(1e-3, device=device) if lr == "tensor" else lr
+        with _NoHostToDeviceCopies(), _Ops() as ops:
+            values = device_values(lr_value, device, *scalars)
+        assert torch.ops.aten.lift_fresh.default not in ops.called, ops.called
+        if device.type != "meta":
+            assert values.tolist() == pytest.approx([1e-3, 1.0, 1.0])
+
+
+def test_a_table_made_while_capturing_reads_no_host_memory_and_holds_its_values(capture):
+    """While capturing, a table's values go to the device as kernel arguments (tensor_table._written_by_kernels),
+    from zeros or from a table that differs in a few values (new grads), exactly (64-bit addresses)."""
+    generator = seeded_generator("table while capturing")
+    count, n_chunks = 37, 50
+    host = torch.randint(1, 2**48, (count * (tensor_table.POINTERS_PER_TENSOR + 1) + count + 1,), generator=generator)
+    capture(True)
+    for device in (torch.device("meta"), torch.device("cpu")):
+        with _NoHostToDeviceCopies() if device.type == "meta" else torch.no_grad():
+            table = tensor_table._upload(host, count, n_chunks, device)
+            other = host.clone()
+            other[1 : tensor_table.POINTERS_PER_TENSOR * count : tensor_table.POINTERS_PER_TENSOR] += 2**20 + 7
+            variant = tensor_table._upload(other, count, n_chunks, device, like=table)
+        if device.type == "cpu":
+            for made, values in ((table, host), (variant, other)):
+                assert made.host is values
+                on_device = torch.cat([made.pointers.flatten(), made.numels, made.chunk_offsets])
+                assert on_device.data_ptr() != values.data_ptr() and torch.equal(on_device, values)

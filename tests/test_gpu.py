@@ -247,8 +247,9 @@ def test_an_eager_step_on_the_captured_grads_before_any_replay_is_right(backend)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: state and compiled kernels (both optimizers alike)
+    with torch.cuda.stream(side):  # warm-up: state, compiled kernels, cuBLAS (both optimizers alike)
         for _ in range(2):
+            torch.nn.functional.cross_entropy(graphed_model(x), y).backward()  # (grads replaced below)
             for p, q in zip(graphed_model.parameters(), eager_params, strict=True):
                 p.grad = torch.randn(p.shape, generator=generator).cuda()
                 q.grad = p.grad.clone()

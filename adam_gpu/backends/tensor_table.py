@@ -11,9 +11,10 @@ Tables are cached by the tensors' addresses and sizes, so a training loop builds
 (0.06 ms for 1000 tensors, where building a table from its rows takes 0.7): see launch_groups.
 
 Under CUDA graph capture (a whole training step captured, grads allocated inside it) a table may be built
-while capturing: its host-to-device copy is then a node of the graph that re-reads the host tensor at every
-replay. So each table keeps its host tensor, and a table built or used during a capture is never evicted
-(the graph reads it for as long as the graph exists; a few KB a table).
+while capturing: its values are then written by kernels of the graph that carry them as arguments
+(_written_by_kernels), so its device copy holds them only once the graph has been replayed (or an eager step
+wrote it from the host tensor each table keeps: _write_if_unwritten). A table built or used during a capture
+is never evicted (the graph reads it for as long as the graph exists; a few KB a table).
 """
 
 from __future__ import annotations
@@ -88,9 +89,15 @@ class _Launch:
     variants: OrderedDict[tuple[int, ...], TensorTable] = field(default_factory=OrderedDict)
 
 
-def _upload(host: torch.Tensor, count: int, n_chunks: int, device: torch.device) -> TensorTable:
-    """The table whose pointers, numels and chunk offsets are ``host``, copied to ``device``."""
-    on_device = host.to(device, non_blocking=True) if device.type == "cuda" else host
+def _upload(
+    host: torch.Tensor, count: int, n_chunks: int, device: torch.device, like: TensorTable | None = None
+) -> TensorTable:
+    """The table whose pointers, numels and chunk offsets are ``host``, copied to ``device``; while capturing,
+    written by kernels from ``like`` (a table that differs from it in a few values) or from zeros."""
+    if is_capturing(device):
+        on_device = _written_by_kernels(host, device, like)
+    else:
+        on_device = host.to(device, non_blocking=True) if device.type == "cuda" else host
     table = TensorTable(
         pointers=on_device[: POINTERS_PER_TENSOR * count].view(count, POINTERS_PER_TENSOR),
         numels=on_device[POINTERS_PER_TENSOR * count : POINTERS_PER_TENSOR * count + count],
@@ -102,6 +109,25 @@ def _upload(host: torch.Tensor, count: int, n_chunks: int, device: torch.device)
     if is_capturing(device):
         _unwritten[id(table)] = table  # (kept in _captured too: its id stays its own)
     return table
+
+
+def _written_by_kernels(host: torch.Tensor, device: torch.device, like: TensorTable | None) -> torch.Tensor:
+    """``host`` on ``device`` without reading host memory on the device: a graph may not copy from pageable
+    memory (torch refuses it while capturing), nor allocate pinned memory (global capture mode forbids it).
+    The values that differ from ``like``'s (a table on the device; else from zeros) are added by
+    ``_foreach_add_``, which passes its scalars as kernel arguments: nodes of the graph that hold the values,
+    one launch per 96 or so of them (a table with new grads: one value per tensor)."""
+    if like is None or id(like) in _unwritten:  # (an unwritten table holds its values only after a replay)
+        on_device = torch.zeros(host.shape, dtype=host.dtype, device=device)
+        difference = host
+    else:
+        on_device = torch.cat([like.pointers.flatten(), like.numels, like.chunk_offsets])
+        difference = host - like.host
+    changed = difference.nonzero().flatten().tolist()
+    if changed:
+        elements = on_device.unbind()
+        torch._foreach_add_([elements[index] for index in changed], difference[changed].tolist())
+    return on_device
 
 
 def _write_if_unwritten(table: TensorTable) -> None:
@@ -148,7 +174,7 @@ def _with_grads(launch: _Launch, grads: Sequence[torch.Tensor], device: torch.de
     if table is None:
         host = launch.table.host.clone()
         host[1 : POINTERS_PER_TENSOR * len(pointers) : POINTERS_PER_TENSOR] = torch.tensor(pointers, dtype=torch.int64)
-        table = _upload(host, launch.table.n_tensors, launch.table.n_chunks, device)
+        table = _upload(host, launch.table.n_tensors, launch.table.n_chunks, device, like=launch.table)
     launch.variants[pointers] = table
     launch.variants.move_to_end(pointers)
     if len(launch.variants) > _GRAD_VARIANTS:

@@ -4,6 +4,7 @@ nothing is downloaded), many small tensors; and the precision policies they are 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -124,7 +125,7 @@ def model_cases() -> list[Case]:
     return [gpt2_124m(), llama_3_2_1b(), resnet_50(), many_small()]
 
 
-def plan(quick: bool, device_type: str) -> list[tuple[Case, Policy]]:
+def plan(quick: bool, device_type: str, only: Collection[str] | None = None) -> list[tuple[Case, Policy]]:
     """The (case, policy) pairs of a run. Flat tensors in fp32 and bf16, 2^12 to 2^30 elements (the
     runner drops what does not fit in memory); every model list in every policy (the master-weight
     policies, which only adam-gpu offers, for the model lists). ``quick`` keeps a
@@ -132,7 +133,7 @@ def plan(quick: bool, device_type: str) -> list[tuple[Case, Policy]]:
 
     Ordered by what the targets are read from, so that a run stopped by its time limit keeps them: fp32 on
     every case first (model lists, then flat tensors from the largest down), then bf16, then the other
-    policies on the model lists, the 8-bit one first."""
+    policies on the model lists, the 8-bit one first. ``only``: these case names alone (a rerun of some)."""
     if quick:
         flats = [flat(n) for n in (12, 16, 20)]
         models = [many_small(100, 4096)]
@@ -143,4 +144,11 @@ def plan(quick: bool, device_type: str) -> list[tuple[Case, Policy]]:
             models = [case for case in models if case.name != "llama-3.2-1b"]
     pairs = [(case, POLICIES[name]) for name in ("fp32", "bf16") for case in (*models, *flats)]
     others = sorted(set(POLICIES) - {"fp32", "bf16"}, key=lambda name: (name != "bf16+8bit-moments", name))
-    return pairs + [(case, POLICIES[name]) for name in others for case in models]
+    pairs += [(case, POLICIES[name]) for name in others for case in models]
+    if only is None:
+        return pairs
+    unknown = set(only) - {case.name for case, _ in pairs}
+    if unknown:
+        known = ", ".join(dict.fromkeys(case.name for case, _ in pairs))
+        raise ValueError(f"unknown case {', '.join(sorted(unknown))}: the cases of this plan are {known}")
+    return [(case, policy) for case, policy in pairs if case.name in only]

@@ -27,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="output folder (default: bench-results/<date>-<device>)")
     parser.add_argument("--report", type=Path, metavar="JSON", help="only redraw the table and plot from a JSON")
     parser.add_argument(
+        "--cases",
+        nargs="+",
+        metavar="CASE",
+        help="measure these cases only (e.g. gpt2-124m 'flat 2^26'), every policy of each",
+    )
+    parser.add_argument(
         "--time-limit",
         type=float,
         metavar="SECONDS",
@@ -85,7 +91,11 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
     out = args.out or Path("bench-results") / f"{datetime.date.today()}-{slug(device_name(device))}"
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{RESULTS_STEM}.json"
-    total = len(plan(args.quick, device.type)) * len(contenders())
+    try:
+        pairs = plan(args.quick, device.type, args.cases)
+    except ValueError as error:
+        raise SystemExit(f"adam-gpu bench: {error}") from None
+    total = len(pairs) * len(contenders())
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("benchmarking", total=total)
 
@@ -93,7 +103,7 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
             progress.update(task, advance=1, description=description)
 
         save = lambda partial: partial.to_json(json_path)  # noqa: E731
-        run = benchmark(device, args.quick, advance, checkpoint=save, time_limit_s=args.time_limit)
+        run = benchmark(device, args.quick, advance, checkpoint=save, time_limit_s=args.time_limit, only=args.cases)
     run.to_json(json_path)
     written = report.write_reports(run, out, RESULTS_STEM)
     console.print(summary(run))

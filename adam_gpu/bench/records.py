@@ -12,6 +12,7 @@ OK = "ok"
 NOT_INSTALLED = "not installed"
 UNSUPPORTED = "unsupported"
 ERROR = "error"
+GRAPH_FAILED = "CUDA graph failed"  # starts the reason of an OK record whose step could not be captured
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Record:
     numel: int
     tensors: int
     status: str = OK  # OK, NOT_INSTALLED, UNSUPPORTED, or "error: ..."
-    reason: str = ""
+    reason: str = ""  # why not measured; for an OK record, why it has no CUDA-graph time (GRAPH_FAILED: ...)
     median_ms: float | None = None
     p20_ms: float | None = None
     p80_ms: float | None = None

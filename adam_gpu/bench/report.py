@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adam_gpu.bench.records import OK, Record, Run
+from adam_gpu.bench.records import GRAPH_FAILED, OK, Record, Run
 
 DASH = "—"
 ADAM_GPU_FAMILY = "adam-gpu"
@@ -170,7 +170,7 @@ def _row(record: Record) -> list[str]:
     return [
         *head,
         median,
-        format_ms(record.graph_median_ms),
+        f"*{record.reason}*" if record.reason.startswith(GRAPH_FAILED) else format_ms(record.graph_median_ms),
         format_ms(record.host_ms),
         format_gbps(record.gbps),
         format_pct(record.pct_copy),

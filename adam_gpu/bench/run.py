@@ -8,7 +8,7 @@ import gc
 import math
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -16,7 +16,7 @@ from adam_gpu import __version__
 from adam_gpu.bench import timing
 from adam_gpu.bench.cases import Case, Policy, plan
 from adam_gpu.bench.contenders import Contender, adam_gpu_unavailable, contenders
-from adam_gpu.bench.records import ERROR, OK, Record, Run
+from adam_gpu.bench.records import ERROR, GRAPH_FAILED, OK, Record, Run
 from adam_gpu.versions import package_version
 
 # Input sets rotated from step to step so that, together, they overflow the L2 cache (50 MB on H100).
@@ -117,9 +117,12 @@ def _measure(
     with torch.no_grad():
         _time_eager(record, [contender.make(params, policy, False) for params in sets], device, quick)
         if device.type == "cuda" and launch_bound and contender.graphable:
-            graphed = contender.make(sets[0], policy, True)
-            graphed.step()
-            record.graph_median_ms = timing.time_graph(graphed.step, quick).median_ms
+            try:
+                graphed = contender.make(sets[0], policy, True)
+                graphed.step()
+                record.graph_median_ms = timing.time_graph(graphed.step, quick).median_ms
+            except Exception as error:  # the eager numbers stand; the record says why the graph has none
+                record.reason = f"{GRAPH_FAILED}: {type(error).__name__}: {error}"
     record.bytes_per_param = policy.bytes_per_param()
     return record
 
@@ -162,15 +165,16 @@ def benchmark(
     progress: Callable[[str], None] = lambda description: None,
     checkpoint: Callable[[Run], None] = lambda run: None,
     time_limit_s: float | None = None,
+    only: Collection[str] | None = None,
 ) -> Run:
     """Measure every contender on every (case, policy) of the plan. ``progress`` is told before each
     measurement; ``checkpoint`` gets the run so far after each (case, policy), so that a run killed
     from outside keeps what it measured. With ``time_limit_s`` no (case, policy) starts after that many
     seconds but the first (the plan puts the headline cases first); those left are listed in
-    ``run.not_measured``."""
+    ``run.not_measured``. ``only``: the plan's pairs of these cases alone (cases.plan)."""
     started = time.monotonic()
     run = Run(environment(device, quick), timing.copy_bandwidth_gbps(device, quick), time_limit_s=time_limit_s)
-    pairs = plan(quick, device.type)
+    pairs = plan(quick, device.type, only)
     for position, (case, policy) in enumerate(pairs):
         if position and time_limit_s is not None and time.monotonic() - started > time_limit_s:
             run.not_measured = [f"{case.name}, {policy.name}" for case, policy in pairs[position:]]
