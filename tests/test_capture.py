@@ -123,6 +123,9 @@ def test_a_table_made_while_capturing_is_written_by_the_first_step_outside_it(ba
     """A table made while capturing has only a graph node to fill its device copy (at the first replay). The
     first step outside a capture that uses it writes it (tensor_table._unwritten; test_gpu.py checks the
     values on a GPU), and only that one."""
+    # (A table with the same addresses left by an earlier test would be found, and is written: on a GPU the
+    # caching allocator hands out the same addresses again.)
+    monkeypatch.setattr(tensor_table, "_tables", OrderedDict())
     monkeypatch.setattr(tensor_table, "_captured", {})
     monkeypatch.setattr(tensor_table, "_unwritten", {})
     optimizer, params, generator = _warmed_up(backend, capturable=True)
