@@ -15,7 +15,7 @@ from rich.table import Table
 from adam_gpu import __version__, dispatch
 from adam_gpu.bench import command as bench_command
 from adam_gpu.bench import tune_command
-from adam_gpu.step_tensors import KERNEL_DTYPES
+from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES
 from adam_gpu.versions import package_version
 
 
@@ -29,6 +29,27 @@ def _device_name(device: torch.device) -> str:
         major, minor = torch.cuda.get_device_capability(device)
         return f"{device}: {torch.cuda.get_device_name(device)} (sm_{major}{minor})"
     return f"cpu: {platform.processor() or platform.machine()}"
+
+
+# A step of each kind backend="auto" orders apart (dispatch.AUTO_ORDER): its param dtypes and features.
+_STEP_KINDS = {
+    "fp32": ({torch.float32}, ()),
+    "16-bit": ({torch.bfloat16, torch.float16}, ()),
+    "8-bit moments": ({torch.bfloat16}, (EIGHT_BIT,)),
+}
+
+
+def _auto_picks(device: torch.device) -> str:
+    """What backend="auto" picks on ``device`` for each kind of step, or the one name where they agree."""
+    picks = {}
+    for kind, (dtypes, features) in _STEP_KINDS.items():
+        try:
+            picks[kind], _ = dispatch.resolve(dispatch.AUTO, device, dtypes, features)
+        except dispatch.BackendUnavailableError:
+            picks[kind] = "none"
+    if len(set(picks.values())) == 1:
+        return next(iter(picks.values()))
+    return ", ".join(f"{kind}: {name}" for kind, name in picks.items())
 
 
 def info(console: Console) -> None:
@@ -48,10 +69,7 @@ def info(console: Console) -> None:
     table.add_column("auto picks")
     for device in _devices():
         reasons = {name: dispatch.unavailable_reason(name, device, KERNEL_DTYPES) for name in dispatch.BACKENDS}
-        try:
-            picked, _ = dispatch.resolve(dispatch.AUTO, device, KERNEL_DTYPES)
-        except dispatch.BackendUnavailableError:
-            picked = "none"
+        picked = _auto_picks(device)
         cells = ["[green]available[/]" if reason is None else f"[red]no[/]: {reason}" for reason in reasons.values()]
         table.add_row(_device_name(device), *cells, picked)
     console.print(table)

@@ -15,6 +15,8 @@ from types import ModuleType
 
 import torch
 
+from adam_gpu.step_tensors import EIGHT_BIT
+
 AUTO = "auto"
 # Replaces backend="auto" everywhere when set, e.g. ADAM_GPU_BACKEND=torch to rule out the kernels.
 BACKEND_ENV_VAR = "ADAM_GPU_BACKEND"
@@ -44,10 +46,34 @@ BACKENDS: dict[str, Backend] = {
     )
 }
 
-# Tried in this order by backend="auto"; a device type not listed gets the default order.
-# CUDA: triton before cupy until the benchmark has measured them side by side (issue 5).
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cupy", "torch")}
+# What backend="auto" tries, in order, by device type and the kind of step (step_kind); a pair not listed gets
+# the default order. CUDA, measured side by side (benchmarks/results/2026-11-26-h200, before the launch
+# configurations were tuned): triton leads fp32 params (GPT-2 124M 0.861 ms a step vs cupy's 0.922, Llama-3.2-1B
+# 8.36 vs 8.94) and 8-bit moments (0.904 vs 1.41, 8.70 vs 13.7); cupy leads 16-bit params (0.637 vs 0.843, 4.72
+# vs 5.72, ResNet-50 as a CUDA graph 0.113 vs 0.148; the tuned triton still trailed it on one bf16 tensor of
+# 2^28 elements, 1.04 ms vs 0.98).
+FP32_PARAMS, SIXTEEN_BIT_PARAMS, EIGHT_BIT_MOMENTS = "fp32 params", "16-bit params", EIGHT_BIT
+AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
+    ("cuda", FP32_PARAMS): ("triton", "cupy", "torch"),
+    ("cuda", SIXTEEN_BIT_PARAMS): ("cupy", "triton", "torch"),
+    ("cuda", EIGHT_BIT_MOMENTS): ("triton", "cupy", "torch"),
+}
 DEFAULT_AUTO_ORDER: tuple[str, ...] = ("torch",)
+_SIXTEEN_BIT = frozenset({torch.float16, torch.bfloat16})
+
+
+def step_kind(dtypes: Iterable[torch.dtype], features: Iterable[str] = ()) -> str:
+    """What AUTO_ORDER is keyed by: 8-bit moments (the step needs that feature), else whether every param is
+    16-bit."""
+    if EIGHT_BIT_MOMENTS in set(features):
+        return EIGHT_BIT_MOMENTS
+    dtypes = set(dtypes)
+    return SIXTEEN_BIT_PARAMS if dtypes and dtypes <= _SIXTEEN_BIT else FP32_PARAMS
+
+
+def auto_order(device: torch.device, dtypes: Iterable[torch.dtype], features: Iterable[str] = ()) -> tuple[str, ...]:
+    """The backends backend="auto" tries for such a step, in order."""
+    return AUTO_ORDER.get((torch.device(device).type, step_kind(dtypes, features)), DEFAULT_AUTO_ORDER)
 
 
 def check_backend_name(name: str) -> None:
@@ -101,8 +127,7 @@ def resolve(
         if reason is not None:
             raise BackendUnavailableError(f"backend {requested} unavailable: {reason}")
         return requested, BACKENDS[requested].load()
-    order = AUTO_ORDER.get(torch.device(device).type, DEFAULT_AUTO_ORDER)
-    for name in order:
+    for name in auto_order(device, dtypes, features):
         if unavailable_reason(name, device, dtypes, features) is None:
             return name, BACKENDS[name].load()
     raise BackendUnavailableError(f"no backend can update {sorted(map(str, dtypes))} tensors on {device}")

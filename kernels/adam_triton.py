@@ -25,14 +25,15 @@ LEAN_MASTER: tl.constexpr = tl.constexpr(2)
 # (adam_gpu/quantization.py is the specification). BLOCK and CHUNK are multiples of it.
 QUANT_BLOCK: tl.constexpr = tl.constexpr(256)
 
-# Elements a program updates per loop iteration on a GPU: 4 warps x 4 elements a thread, one 16-byte access
-# per fp32 tensor in the vector path (8 bytes for 16-bit). 56-101 registers and no spills on sm_80/sm_90, where
-# 1024 (8 a thread) took 130-174 once the accesses were vectorized (ahead-of-time compile, triton 3.9,
-# 2026-11-26). Not yet tuned on a GPU: the benchmark's sweep (issue 5) decides.
-BLOCK = 512
-# Elements per program (one chunk of one tensor) on a GPU: 8 iterations of BLOCK, so a 2^20-element
-# tensor still spreads over 256 programs. Not yet measured against other sizes.
-CHUNK = 4096
+# Elements a program updates per loop iteration on a GPU, and per program (one chunk of one tensor), with
+# backends/triton.py's NUM_WARPS (8): 4 elements a thread, one 16-byte access per fp32 tensor in the vector path
+# (8 bytes for 16-bit). Best of 15 launch configurations (adam-gpu tune, NVIDIA H200, 2026-11-26), flat 2^28:
+# fp32 1.77 ms (99.8 % of copy bandwidth), bf16 1.04 ms, where the former 4096/512/4 warps took 1.82 and 1.21.
+BLOCK = 1024
+CHUNK = 2048
+# 8-bit moments keep 512 elements an iteration with 4 warps (QUANTIZED_NUM_WARPS): 1.89 ms at chunk 2048, where
+# 1024 with 8 warps took 2.13 (same sweep). A multiple of QUANT_BLOCK that divides CHUNK.
+QUANTIZED_BLOCK = 512
 # Under TRITON_INTERPRET=1 a program costs about 1.5 ms whatever its size: 1e6 elements take 0.16 s at
 # 16384 and 1.4 s at 1024 (measured on the CI machine), so the interpreter gets large blocks and chunks.
 INTERPRETER_BLOCK = 16384

@@ -83,7 +83,7 @@ def test_a_backend_without_8bit_moments_says_so_and_auto_passes_it_over(monkeypa
     monkeypatch.setitem(sys.modules, "featureless", featureless)
     monkeypatch.setitem(dispatch.BACKENDS, "featureless", dispatch.Backend("featureless", "featureless", None))
     monkeypatch.setattr(dispatch, "DEFAULT_AUTO_ORDER", ("featureless", "torch"))
-    monkeypatch.setattr(dispatch, "AUTO_ORDER", {"cuda": ("featureless", "torch")})
+    monkeypatch.setattr(dispatch, "AUTO_ORDER", dict.fromkeys(dispatch.AUTO_ORDER, ("featureless", "torch")))
     case = StepCase.draw(4096, seeded_generator("8bit-missing"))
     moments = [quantize(case.exp_avg, signed_map()), quantize(case.exp_avg_sq, unsigned_map())]
     moments = [(codes.to(DEVICE), absmax.to(DEVICE)) for codes, absmax in moments]

@@ -86,10 +86,12 @@ def compile_variants(variants: list[Variant], out_dir: Path) -> list[dict[str, o
 
     Runs in the subprocess (TRITON_INTERPRET=0): imports triton and the kernel module only here.
     """
+    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
 
+    from adam_gpu.backends.triton import default_launch_config
     from adam_gpu.kernels import adam_triton
 
     kernel = adam_triton.adam_step_kernel
@@ -118,9 +120,10 @@ def compile_variants(variants: list[Variant], out_dir: Path) -> list[dict[str, o
             "QUANTIZED": moment_dtype == "u8",
             "DEVICE_STEP": device_scalars,
             "GRAD_SCALING": device_scalars,
-            "CHUNK": adam_triton.CHUNK,
-            "BLOCK": adam_triton.BLOCK,
         }
+        # The launch configuration a step on a GPU uses for this variant (block and warps differ for 8-bit).
+        config = default_launch_config(torch.device("cuda"), quantized=constexprs["QUANTIZED"])
+        constexprs |= {"CHUNK": config.chunk, "BLOCK": config.block}
         signature |= dict.fromkeys(constexprs, "constexpr")
         # As a launch specializes them: every pointer argument (the table, device scalars, code maps: torch
         # allocations) 16-byte aligned, which lets Triton vectorize the table loads (more registers than without).
@@ -132,6 +135,7 @@ def compile_variants(variants: list[Variant], out_dir: Path) -> list[dict[str, o
             compiled = triton.compile(
                 triton.compiler.ASTSource(kernel, signature, constexprs, attrs),
                 target=GPUTarget("cuda", variant.arch, 32),
+                options={"num_warps": config.num_warps},
             )
         except Exception as error:  # reported per variant, so one broken variant does not hide the others
             record["error"] = f"{type(error).__name__}: {error}"

@@ -24,6 +24,7 @@ from support import (
 )
 
 from adam_gpu import FusedAdam, FusedAdamW, dispatch
+from adam_gpu.step_tensors import EIGHT_BIT
 
 # The group options only adam-gpu has: torch.optim keeps them in a loaded state_dict and ignores them.
 ADAM_GPU_GROUP_KEYS = {"state_dtype", "master_weights"}
@@ -148,8 +149,26 @@ def test_selected_backends_records_each_group(backend, monkeypatch):
     optimizer.step()
     expected = backend
     if backend == "auto":
-        expected = "torch" if DEVICE.type == "cpu" else dispatch.AUTO_ORDER[DEVICE.type][0]
+        expected = "torch" if DEVICE.type == "cpu" else dispatch.auto_order(DEVICE, {p.dtype for p in with_grads})[0]
     assert optimizer.selected_backends == [expected, None]
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "features", "first"),
+    [
+        ({torch.float32}, (), "triton"),
+        ({torch.bfloat16}, (), "cupy"),
+        ({torch.float16, torch.bfloat16}, (), "cupy"),
+        ({torch.float32, torch.bfloat16}, (), "triton"),  # any fp32 param: the fp32 order
+        ({torch.bfloat16}, (EIGHT_BIT,), "triton"),
+    ],
+)
+def test_auto_orders_the_cuda_backends_by_the_kind_of_step(dtypes, features, first):
+    """On CUDA, auto tries first the backend the benchmark measured fastest for such a step (dispatch.AUTO_ORDER),
+    then every other; elsewhere the torch backend."""
+    order = dispatch.auto_order(torch.device("cuda"), dtypes, features)
+    assert order[0] == first and sorted(order) == ["cupy", "torch", "triton"]
+    assert dispatch.auto_order(torch.device("cpu"), dtypes, features) == ("torch",)
 
 
 def test_backend_env_var_overrides_auto(monkeypatch):

@@ -130,6 +130,46 @@ def test_an_override_holds_inside_its_block_only_and_nests():
     )
 
 
+def test_eight_bit_launches_default_to_their_own_block_and_warps_over_the_same_chunks():
+    """On a GPU the sweep found 8-bit moments faster at 512 elements an iteration with 4 warps, the others at
+    1024 with 8: each launch takes its kind's default, over the chunks the step's tables share; an override
+    applies to every launch."""
+    kernels = triton_backend._kernels()
+    plain = triton_backend.default_launch_config(CUDA)
+    eight_bit = triton_backend.default_launch_config(CUDA, quantized=True)
+    assert plain == triton_backend.LaunchConfig(kernels.CHUNK, kernels.BLOCK, triton_backend.NUM_WARPS)
+    assert eight_bit == triton_backend.LaunchConfig(
+        kernels.CHUNK, kernels.QUANTIZED_BLOCK, triton_backend.QUANTIZED_NUM_WARPS
+    )
+    assert eight_bit.block % 256 == 0
+    override = triton_backend.LaunchConfig(8192, 2048, 8)
+    with triton_backend.launch_config(override):
+        assert triton_backend.current_launch_config(CUDA, quantized=True) == override
+    assert triton_backend.default_launch_config(CPU, quantized=True) == triton_backend.default_launch_config(CPU)
+
+
+def test_the_sweep_captures_launch_bound_cases_with_capturable_optimizers(monkeypatch):
+    """The sweep times a launch-bound case as CUDA-graph replays: its optimizer must be capturable (the first
+    GPU sweep built them with capturable=False, and every such case was refused). Here the capture is told to
+    the optimizer (optim.is_capturing), which refuses a step that is not capturable."""
+    from adam_gpu import optim
+    from adam_gpu.bench import timing
+
+    def captured(step, quick=False, repeat_ms=None):
+        monkeypatch.setattr(optim, "is_capturing", lambda device: True)
+        try:
+            step()
+        finally:
+            monkeypatch.setattr(optim, "is_capturing", lambda device: False)
+        return timing.Timing(1.0, 1.0, 1.0)
+
+    monkeypatch.setattr(tune, "graph_timed", lambda case, device: case.tensors > 1)
+    monkeypatch.setattr(timing, "time_graph", captured)
+    run = tune.sweep(CPU, quick=True, backends=["triton"])
+    graphed = [r for r in run.records if r.tensors > 1]
+    assert graphed and all(r.status == OK and r.graph_median_ms == 1.0 for r in graphed), [r.reason for r in graphed]
+
+
 @pytest.mark.parametrize(
     "values", [dict(chunk=1024, block=2048), dict(chunk=3000, block=1000), dict(chunk=4096, block=1024, num_warps=3)]
 )

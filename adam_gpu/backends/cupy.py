@@ -20,11 +20,12 @@ from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 
 # Threads per block (a multiple of 32: 8-bit moments take a warp per quantization block), resident blocks
 # per SM the grid-stride loop over chunks is sized for (2048 threads per SM on sm_80/sm_90), and elements
-# per chunk (4 passes of 256 threads x 8 bf16 params).
-# Not yet tuned on a GPU: `adam-gpu tune` decides (benchmarks/run_gpu.sh runs it).
+# per chunk (8 passes of 256 threads x 8 bf16 params). Best of 35 launch configurations (adam-gpu tune, NVIDIA
+# H200, 2026-11-26), flat 2^28: fp32 1.90 ms, bf16 0.977, bf16 + 8-bit moments 2.89, where the former
+# 8192/256/8 took 1.94, 1.03 and 2.96 (the sweep's launch-bound cases were not measured: see issue 6's note).
 THREADS_PER_BLOCK = 256
-BLOCKS_PER_SM = 8
-CHUNK = 8192
+BLOCKS_PER_SM = 16
+CHUNK = 16384
 
 
 @dataclass(frozen=True)

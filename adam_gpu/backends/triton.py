@@ -36,9 +36,11 @@ TRITON_TYPES = {
 }
 
 
-# Warps per program on a GPU (the interpreter ignores it). 4 is Triton's default, what every launch got before
-# this was a knob. Not yet tuned on a GPU: `adam-gpu tune` decides (benchmarks/run_gpu.sh runs it).
-NUM_WARPS = 4
+# Warps per program on a GPU (the interpreter ignores it), with the kernel module's BLOCK and CHUNK: best of 15
+# launch configurations (adam-gpu tune, NVIDIA H200, 2026-11-26). Launches of 8-bit moments keep 4 warps with
+# their QUANTIZED_BLOCK (kernels/adam_triton.py says what was measured).
+NUM_WARPS = 8
+QUANTIZED_NUM_WARPS = 4
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class LaunchConfig:
     """How the kernel is launched: ``chunk`` elements per program (one chunk of one tensor: the grid is the
     group's chunk count), ``block`` elements per loop iteration of a program (a power of two that divides
     ``chunk``; a multiple of 256 for 8-bit moments), ``num_warps`` warps per program (a power of two).
-    The defaults are the kernel module's CHUNK and BLOCK (INTERPRETER_CHUNK/BLOCK on the CPU) and NUM_WARPS."""
+    The defaults are the kernel module's CHUNK and BLOCK (INTERPRETER_CHUNK/BLOCK on the CPU) and NUM_WARPS; for
+    launches of 8-bit moments on a GPU, its QUANTIZED_BLOCK and QUANTIZED_NUM_WARPS."""
 
     chunk: int
     block: int
@@ -77,13 +80,16 @@ def runs_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_launch_config(device: torch.device, largest: int | None = None) -> LaunchConfig:
-    """The kernel module's constants: large blocks and chunks under the CPU interpreter, where a program costs
-    the same whatever its size. There, a step whose ``largest`` tensor fits one block gets a single block of
-    the next power of two (at least QUANT_BLOCK) as its chunk: masked lanes cost the interpreter as much as
-    live ones (a 4096-element MLP took 16x the time at 65536/16384)."""
+def default_launch_config(device: torch.device, largest: int | None = None, quantized: bool = False) -> LaunchConfig:
+    """The kernel module's constants (``quantized``: for a launch of 8-bit moments; the chunk is the same, as
+    one step's launches share their tables' chunking): large blocks and chunks under the CPU interpreter, where
+    a program costs the same whatever its size. There, a step whose ``largest`` tensor fits one block gets a
+    single block of the next power of two (at least QUANT_BLOCK) as its chunk: masked lanes cost the interpreter
+    as much as live ones (a 4096-element MLP took 16x the time at 65536/16384)."""
     kernels = _kernels()
     if device.type != "cpu":
+        if quantized:
+            return LaunchConfig(kernels.CHUNK, kernels.QUANTIZED_BLOCK, QUANTIZED_NUM_WARPS)
         return LaunchConfig(kernels.CHUNK, kernels.BLOCK)
     if largest is not None and largest <= kernels.INTERPRETER_BLOCK:
         block = max(QUANT_BLOCK, triton.next_power_of_2(largest))
@@ -91,10 +97,10 @@ def default_launch_config(device: torch.device, largest: int | None = None) -> L
     return LaunchConfig(kernels.INTERPRETER_CHUNK, kernels.INTERPRETER_BLOCK)
 
 
-def current_launch_config(device: torch.device, largest: int | None = None) -> LaunchConfig:
-    """What a launch on ``device`` uses now: the active ``launch_config(...)``, else the defaults (for a step
-    whose largest tensor has ``largest`` elements)."""
-    return launch_config.get() or default_launch_config(device, largest)
+def current_launch_config(device: torch.device, largest: int | None = None, quantized: bool = False) -> LaunchConfig:
+    """What a launch on ``device`` uses now: the active ``launch_config(...)`` (for every launch), else the
+    defaults (for a step whose largest tensor has ``largest`` elements; ``quantized``: of 8-bit moments)."""
+    return launch_config.get() or default_launch_config(device, largest, quantized)
 
 
 FEATURES = frozenset({EIGHT_BIT})
@@ -135,14 +141,16 @@ def adam_step(
     kernels = _kernels()
     device = tensors.device
     on_cpu = device.type == "cpu"
-    config = current_launch_config(device, _largest_numel(tensors) if on_cpu else None)
+    largest = _largest_numel(tensors) if on_cpu else None
+    chunk = current_launch_config(device, largest).chunk
     device_guard = contextlib.nullcontext() if on_cpu else torch.cuda.device(device)
     device_steps = device_inputs.steps if device_inputs else None
     values = device_inputs.values if device_inputs else unused_values(device)
-    with device_guard, tensor_table.launch_groups(tensors, steps, hp, config.chunk, device_steps) as launches:
+    with device_guard, tensor_table.launch_groups(tensors, steps, hp, chunk, device_steps) as launches:
         for launch in launches:
             table = launch.table
             quantized = launch.state_dtype == torch.uint8
+            config = current_launch_config(device, largest, quantized)
             if quantized and config.block % QUANT_BLOCK:
                 raise ValueError(f"8-bit moments need a block that is a multiple of {QUANT_BLOCK}, got {config}")
             kernels.adam_step_kernel[(table.n_chunks,)](

@@ -95,6 +95,11 @@ def launch_bound(case: Case) -> bool:
     return case.tensors > 1 or case.numel <= LAUNCH_BOUND_NUMEL
 
 
+def graph_timed(case: Case, device: torch.device) -> bool:
+    """Whether the case's steps are timed as CUDA-graph replays (so its optimizer must be capturable)."""
+    return device.type == "cuda" and launch_bound(case)
+
+
 @dataclass
 class TuneRecord(Record):
     """One backend stepping one (case, policy) in one launch configuration.
@@ -190,7 +195,7 @@ def _measure(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         record.first_step_s = time.perf_counter() - start
-        if device.type == "cuda" and launch_bound(case):
+        if graph_timed(case, device):
             # Only the replay is ranked: the eager time of a launch-bound step is the host's, which no
             # configuration changes (timing it too cost 0.25 s a case and configuration).
             record.graph_median_ms = timing.time_graph(optimizer.step, quick, REPEAT_MS).median_ms
@@ -259,7 +264,7 @@ def _sweep_backend(
     optimizers = {}
     for case, policy in backend.pairs:
         try:
-            optimizer = backend.contender.make(inputs[(case, policy)], policy, False)
+            optimizer = backend.contender.make(inputs[(case, policy)], policy, graph_timed(case, device))
             with torch.no_grad():
                 optimizer.step()  # creates the state, in the default configuration: no config times an allocation
         except Exception as error:  # the pair is left out, its record says why
