@@ -18,7 +18,8 @@
 # OUTDIR receives at most 8 files (what the device tool brings back), refreshed after every phase:
 # summary.md (GPU, phase statuses, failed tests, the benchmark's targets, the sweep's winners; also printed
 # last), tests.log, results.json, results.md, results.png, tune.json, tune.md, and logs.tar.gz (info.log,
-# wheels.log where wheels were installed, tests.xml, bench.log, tune.log). Commit them under benchmarks/results/<date>-<gpu>/.
+# profile.log (host time of eager steps, by function), wheels.log where wheels were installed, tests.xml,
+# bench.log, tune.log). Commit them under benchmarks/results/<date>-<gpu>/.
 set -uo pipefail
 out="$(mkdir -p "${1:?usage: benchmarks/run_gpu.sh OUTDIR [tests] [bench] [tune]}" && cd "$1" && pwd)"
 shift
@@ -69,7 +70,7 @@ publish() {
   for file in tests.log results.json results.md results.png tune.json tune.md; do
     [ -f "$work/$file" ] && cp "$work/$file" "$out/"
   done
-  tar -czf "$out/logs.tar.gz" -C "$work" $(cd "$work" && ls info.log wheels.log tests.xml bench.log tune.log 2>/dev/null)
+  tar -czf "$out/logs.tar.gz" -C "$work" $(cd "$work" && ls info.log profile.log wheels.log tests.xml bench.log tune.log 2>/dev/null)
   {
     echo "# GPU run, $(date -u +%Y-%m-%d)"
     echo
@@ -78,6 +79,10 @@ publish() {
     echo '```'
     echo
     for phase in "${phases[@]}"; do echo "- $phase: ${status[$phase]:-not run}"; done
+    if [ -f "$work/profile.log" ]; then
+      echo; echo "## Host time of eager steps (profile.log in logs.tar.gz)"; echo
+      grep -E "ms a step|: exit " "$work/profile.log" | sed 's/^/- /'
+    fi
     if [ -f "$work/tests.log" ]; then
       echo; echo "## Tests"; echo; echo '```'
       grep -E '^(FAILED|ERROR) ' "$work/tests.log" | cut -c1-300 | head -60
@@ -108,6 +113,15 @@ publish() {
     ('apex', 'transformer_engine', 'bitsandbytes', 'torchao')})"
 } >"$work/info.log" 2>&1
 cat "$work/info.log"
+# Where eager steps spend their host time (benchmarks/profile_step.py): ResNet-50's list took 1.08 ms a step on
+# the first H200 run against 0.35 on a CPU with the launch stubbed. At most 90 s, before the phases' shares.
+for profiled in "resnet-50 triton" "resnet-50 cupy" "gpt2-124m triton" "1000x4096 triton"; do
+  read -r case backend <<<"$profiled"
+  timeout 90 python "$repo/benchmarks/profile_step.py" --case "$case" --backend "$backend" \
+    --steps "${RUN_GPU_PROFILE_STEPS:-200}" --top 25 >>"$work/profile.log" 2>&1 || echo "($profiled: exit $?)" >>"$work/profile.log"
+  [ $SECONDS -gt 90 ] && break
+done
+grep -E "ms a step" "$work/profile.log"
 publish
 
 if selected tests; then

@@ -31,3 +31,16 @@ def test_quick_run_times_every_contender_and_restores_the_kernel():
     before = param.detach().clone()
     FusedAdamW([param], lr=1e-2, backend="triton").step()
     assert not torch.equal(param.detach(), before)
+
+
+profile_step = import_script("benchmarks/profile_step.py")
+
+
+def test_the_step_profile_times_and_lists_where_the_host_time_goes():
+    kernel_before = triton_backend._kernels().adam_step_kernel
+    report = profile_step.main(["--case", "1000x4096", "--steps", "2", "--top", "5", "--device", "cpu"])
+    assert report.startswith("1000x4096 (1000 tensors, 4,096,000 elements), fp32, backend triton, cpu: host ")
+    assert "ms a step (median of 2)" in report
+    assert report.count("Ordered by: internal time") == 1 and report.count("Ordered by: cumulative time") == 1
+    assert "optim.py" in report, "the optimizer's own functions are listed"
+    assert triton_backend._kernels().adam_step_kernel is kernel_before

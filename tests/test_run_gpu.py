@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 
 def _run_gpu(out: Path, *phases: str, **env: str) -> subprocess.CompletedProcess:
     quick = "--quick --device cpu"  # a CPU has no GPU to benchmark: the pipeline in seconds
-    environment = os.environ | {"TRITON_INTERPRET": "1", "RUN_GPU_BENCH_ARGS": quick, "RUN_GPU_TUNE_ARGS": quick}
+    environment = os.environ | {"TRITON_INTERPRET": "1", "RUN_GPU_BENCH_ARGS": quick, "RUN_GPU_TUNE_ARGS": quick,
+                                "RUN_GPU_PROFILE_STEPS": "2"}  # fmt: skip
     return subprocess.run(["bash", str(SCRIPT), str(out), *phases], env=environment | env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
 
@@ -43,7 +44,8 @@ def test_every_phase_leaves_the_8_files_the_device_tool_brings_back(whole_run):
     assert {path.name for path in out.iterdir()} == RETURNED
     with tarfile.open(out / "logs.tar.gz") as logs:
         # (wheels.log where the checkout has wheels in .whl/ for baselines the GPU image lacks)
-        assert set(logs.getnames()) - {"wheels.log"} == {"info.log", "tests.xml", "bench.log", "tune.log"}
+        names = {"info.log", "profile.log", "tests.xml", "bench.log", "tune.log"}
+        assert set(logs.getnames()) - {"wheels.log"} == names
     run, sweep = Run.from_json(out / "results.json"), TuneRun.from_json(out / "tune.json")
     assert run.records and sweep.records and sweep.plan["triton"]
     summary = (out / "summary.md").read_text()
@@ -52,6 +54,9 @@ def test_every_phase_leaves_the_8_files_the_device_tool_brings_back(whole_run):
         assert f"- {phase}: exit 0" in summary
     assert re.search(r"\d+ passed", summary) and "## Targets" in summary and "triton: best overall" in summary
     assert re.search(r"\n\d+ needs a CUDA device", summary), "skips are counted by reason"
+    # The host-time profiles: on a CPU the Triton launch is stubbed and cupy cannot run.
+    assert re.search(r"- resnet-50 \(161 tensors.*backend triton, cpu: host [\d.]+ ms a step", summary), summary
+    assert "- (resnet-50 cupy: exit 1)" in summary
 
 
 def test_phases_share_the_budget(whole_run):
