@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -55,8 +56,10 @@ def test_quick_run_measures_the_torch_backend_against_torch_optim(quick_run):
     for record in run.records:
         if record.status != OK:
             assert record.reason, f"{record.contender} on {record.case}: a record that was not measured says why"
+            assert record.seconds is None
             continue
         assert 0 < record.p20_ms <= record.median_ms <= record.p80_ms
+        assert record.seconds > record.median_ms * 1e-3, "the time its measurement took, for planning runs"
         assert record.bytes_per_param == POLICIES[record.policy].bytes_per_param()
         expected_gbps = record.numel * record.bytes_per_param / (record.median_ms * 1e-3) / 1e9
         assert record.gbps == pytest.approx(expected_gbps)
@@ -178,3 +181,15 @@ def test_state_bytes_count_what_a_tensor_subclass_wraps():
     optimizer = torch.optim.AdamW([torch.zeros(100, requires_grad=True)])
     optimizer.state[0] = {"step": torch.tensor(1.0), "exp_avg": wrapped, "exp_avg_sq": torch.zeros(100)}
     assert state_bytes_per_param(optimizer, 100) == 2 * 4 + 4
+
+
+def test_host_time_takes_fewer_samples_of_a_slow_step():
+    from adam_gpu.bench import timing
+
+    calls = []
+    assert timing.time_host(lambda: calls.append(1), torch.device("cpu")) >= 0
+    assert len(calls) == timing.HOST_STEPS
+    calls.clear()
+    slow_s = 1.2 * timing.HOST_MS / timing.HOST_MIN_STEPS / 1e3
+    assert timing.time_host(lambda: calls.append(time.sleep(slow_s)), torch.device("cpu")) >= slow_s * 1e3
+    assert len(calls) == timing.HOST_MIN_STEPS

@@ -45,6 +45,7 @@ class Record:
     pct_copy: float | None = None
     speedup_vs_torch_fused: float | None = None
     speedup_vs_torch_foreach: float | None = None
+    seconds: float | None = None  # wall time spent measuring it (setup, timing, capture): for planning runs
 
 
 @dataclass

@@ -193,7 +193,9 @@ def benchmark(
                 records.append(_skipped(contender, case, policy, *why_not))
                 continue
             try:
+                measuring = time.monotonic()
                 records.append(_measure(contender, sets, case, policy, device, quick))
+                records[-1].seconds = time.monotonic() - measuring
             except Exception as error:  # one failing contender must not end the run: its record says why
                 records.append(_skipped(contender, case, policy, f"{ERROR}: {type(error).__name__}", str(error)))
             finally:
