@@ -3,8 +3,9 @@ tensor tables that a capture is under way (``is_capturing``); tests/test_gpu.py 
 
 A captured step must read everything that changes from the device and create nothing a replay would redo
 (new moments would be zeroed again at every replay): otherwise step() refuses before writing anything.
-A tensor table built during a capture (the whole training step captured, grads allocated inside it) is
-copied from its host tensor at every replay: it keeps that host tensor and is never evicted.
+A tensor table built during a capture (the whole training step captured, grads allocated inside it) is written
+on the device by kernels of the graph, at every replay; it keeps its host tensor (an eager step before any
+replay writes the table from it) and is never evicted.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def test_a_table_built_during_a_capture_outlives_the_cache(backend, capture, mon
     (key, table), *others = tensor_table._captured.items()
     assert not others, "one table for the group"
     on_device = torch.cat([table.pointers.flatten(), table.numels, table.chunk_offsets]).cpu()
-    assert torch.equal(table.host, on_device), "the host copy a replay re-reads is the table"
+    assert torch.equal(table.host, on_device), "the values the graph writes are the table's"
     assert key not in tensor_table._tables
 
     capture(False)
@@ -183,21 +184,29 @@ def test_the_device_inputs_are_assembled_without_reading_host_memory(lr):
             assert values.tolist() == pytest.approx([1e-3, 1.0, 1.0])
 
 
-def test_a_table_made_while_capturing_reads_no_host_memory_and_holds_its_values(capture):
+def test_a_table_made_while_capturing_reads_no_host_memory_and_holds_its_values(capture, monkeypatch):
     """While capturing, a table's values go to the device as kernel arguments (tensor_table._written_by_kernels),
-    from zeros or from a table that differs in a few values (new grads), exactly (64-bit addresses)."""
+    exactly (64-bit addresses): from zeros, or (new grads) from a written table that differs in a few values,
+    which the new one then holds (the graph reads it at every replay); an unwritten one is not copied from."""
+    monkeypatch.setattr(tensor_table, "_unwritten", {})
     generator = seeded_generator("table while capturing")
     count, n_chunks = 37, 50
     host = torch.randint(1, 2**48, (count * (tensor_table.POINTERS_PER_TENSOR + 1) + count + 1,), generator=generator)
+    other = host.clone()
+    other[1 : tensor_table.POINTERS_PER_TENSOR * count : tensor_table.POINTERS_PER_TENSOR] += 2**20 + 7
     capture(True)
     for device in (torch.device("meta"), torch.device("cpu")):
         with _NoHostToDeviceCopies() if device.type == "meta" else torch.no_grad():
             table = tensor_table._upload(host, count, n_chunks, device)
-            other = host.clone()
-            other[1 : tensor_table.POINTERS_PER_TENSOR * count : tensor_table.POINTERS_PER_TENSOR] += 2**20 + 7
+            from_unwritten = tensor_table._upload(other, count, n_chunks, device, like=table)
+            if device.type == "cpu":
+                tensor_table._write_if_unwritten(table)  # an eager step (or a replay) has written it
+            else:
+                tensor_table._unwritten.clear()
             variant = tensor_table._upload(other, count, n_chunks, device, like=table)
+        assert table.source is None and from_unwritten.source is None and variant.source is table
         if device.type == "cpu":
-            for made, values in ((table, host), (variant, other)):
+            for made, values in ((table, host), (from_unwritten, other), (variant, other)):
                 assert made.host is values
                 on_device = torch.cat([made.pointers.flatten(), made.numels, made.chunk_offsets])
                 assert on_device.data_ptr() != values.data_ptr() and torch.equal(on_device, values)

@@ -46,7 +46,12 @@ class TensorTable:
     chunk_offsets: torch.Tensor  # int64 [T + 1]
     n_tensors: int
     n_chunks: int
-    host: torch.Tensor  # pointers, numels and chunk offsets on the host: what a captured graph copies from
+    host: (
+        torch.Tensor
+    )  # pointers, numels and chunk offsets on the host (an eager step writes an unwritten table from it)
+    # The table whose device copy a graph that made this one (while capturing) reads at every replay: held here,
+    # so that it lives as long as this one does (it may leave the cache and its launch's memo).
+    source: TensorTable | None = None
 
 
 @dataclass(frozen=True)
@@ -63,8 +68,8 @@ class LaunchGroup:
 
 _tables: OrderedDict[tuple, TensorTable] = OrderedDict()
 _captured: dict[tuple, TensorTable] = {}  # tables a CUDA graph reads: never evicted
-# Tables made while capturing, by id: their host-to-device copy is a node of the graph, so their device copy
-# holds nothing until the graph's first replay. A step outside any capture that uses one before then (an
+# Tables made while capturing, by id: kernels of the graph write their values (_written_by_kernels), so their
+# device copy holds nothing until the graph's first replay. A step outside any capture that uses one before then (an
 # eager step on the captured grads) writes it itself (_write_if_unwritten); replays write the same values.
 _unwritten: dict[int, TensorTable] = {}
 # Tables of other grads kept per memoized launch (_with_grads): a training loop's backward gets its new grads
@@ -94,8 +99,9 @@ def _upload(
 ) -> TensorTable:
     """The table whose pointers, numels and chunk offsets are ``host``, copied to ``device``; while capturing,
     written by kernels from ``like`` (a table that differs from it in a few values) or from zeros."""
+    source = None
     if is_capturing(device):
-        on_device = _written_by_kernels(host, device, like)
+        on_device, source = _written_by_kernels(host, device, like)
     else:
         on_device = host.to(device, non_blocking=True) if device.type == "cuda" else host
     table = TensorTable(
@@ -105,20 +111,23 @@ def _upload(
         n_tensors=count,
         n_chunks=n_chunks,
         host=host,
+        source=source,
     )
     if is_capturing(device):
         _unwritten[id(table)] = table  # (kept in _captured too: its id stays its own)
     return table
 
 
-def _written_by_kernels(host: torch.Tensor, device: torch.device, like: TensorTable | None) -> torch.Tensor:
-    """``host`` on ``device`` without reading host memory on the device: a graph may not copy from pageable
-    memory (torch refuses it while capturing), nor allocate pinned memory (global capture mode forbids it).
-    The values that differ from ``like``'s (a table on the device; else from zeros) are added by
-    ``_foreach_add_``, which passes its scalars as kernel arguments: nodes of the graph that hold the values,
-    one launch per 96 or so of them (a table with new grads: one value per tensor)."""
+def _written_by_kernels(
+    host: torch.Tensor, device: torch.device, like: TensorTable | None
+) -> tuple[torch.Tensor, TensorTable | None]:
+    """``host`` on ``device`` without reading host memory on the device, and the table it is copied from on the
+    device (None: from zeros). A graph may not copy from pageable memory (torch refuses it while capturing), nor
+    allocate pinned memory (global capture mode forbids it). The values that differ from ``like``'s (a table on
+    the device; else from zeros) are added by ``_foreach_add_``, which passes its scalars as kernel arguments:
+    nodes of the graph that hold the values, one launch per 96 or so of them (new grads: one value a tensor)."""
     if like is None or id(like) in _unwritten:  # (an unwritten table holds its values only after a replay)
-        on_device = torch.zeros(host.shape, dtype=host.dtype, device=device)
+        on_device, like = torch.zeros(host.shape, dtype=host.dtype, device=device), None
         difference = host
     else:
         on_device = torch.cat([like.pointers.flatten(), like.numels, like.chunk_offsets])
@@ -127,7 +136,7 @@ def _written_by_kernels(host: torch.Tensor, device: torch.device, like: TensorTa
     if changed:
         elements = on_device.unbind()
         torch._foreach_add_([elements[index] for index in changed], difference[changed].tolist())
-    return on_device
+    return on_device, like
 
 
 def _write_if_unwritten(table: TensorTable) -> None:

@@ -17,7 +17,7 @@ WARMUP_MS = 25
 REPEAT_MS = 100
 QUICK_REPEAT_MS = 20
 HOST_STEPS = 20  # step() calls whose CPU time is the host-time sample, at most
-HOST_MIN_STEPS, HOST_MS = 5, 250  # ... and at least: more than HOST_MS spent ends the sample (a 245 ms step)
+HOST_MIN_STEPS, HOST_MS = 5, 250  # ... and at least; more than HOST_MS spent ends the sample (see time_host)
 
 
 @dataclass(frozen=True)
