@@ -221,6 +221,7 @@ def test_quick_sweep_writes_a_json_and_table_that_agree(tmp_path):
     markdown = (tmp_path / "tune.md").read_text()
     assert run.environment["device_type"] == "cpu" and run.copy_gbps > 0 and run.elapsed_s > 0
     assert "Not a GPU measurement" in markdown
+    assert tune_report.DEFAULTS_NOT_SWEPT["triton"] in markdown, "the 8-bit launches' own defaults are named"
 
     # cupy cannot run on the CPU: every pair says why, and nothing was planned.
     cupy = [r for r in run.records if r.backend == "cupy"]

@@ -32,6 +32,13 @@ CONSTANTS: dict[str, dict[str, tuple[str, str]]] = {
     },
 }
 
+# What a backend's defaults hold beyond the swept fields: said under its winner.
+DEFAULTS_NOT_SWEPT: dict[str, str] = {
+    "triton": "Every configuration is measured on every launch alike, but by default launches of 8-bit moments "
+    "take their own block and warps over the shared chunk (`kernels/adam_triton.py`: QUANTIZED_BLOCK; "
+    "`adam_gpu/backends/triton.py`: QUANTIZED_NUM_WARPS): read the 8-bit column per configuration for those.",
+}
+
 Pair = tuple[str, str]  # (case, policy)
 ConfigKey = tuple[tuple[str, int], ...]
 
@@ -153,6 +160,8 @@ def _best_overall(run: TuneRun, backend: str, ranked: list[Ranked]) -> list[str]
         f"Copy into {_copy_into(backend, winner.config)}, with the comment: "
         f"`best of {measured} launch configurations (adam-gpu tune, {env.get('device')}, {env.get('date')})`.",
     ]
+    if backend in DEFAULTS_NOT_SWEPT:
+        lines += ["", DEFAULTS_NOT_SWEPT[backend]]
     if measured < planned:
         lines += ["", f"Only {measured} of the {planned} planned configurations were measured."]
     return lines
