@@ -277,6 +277,20 @@ def test_targets_from_known_numbers(run: Run) -> None:
     assert foreach["value"] == pytest.approx(4.0) and not foreach["met"]
 
 
+def test_targets_show_the_speedup_as_cuda_graphs_beside_the_eager_one(run: Run) -> None:
+    """Where both sides were captured (launch-bound cases), the row also gives the speed-up between replays;
+    the eager speed-up alone decides whether the target is met."""
+    fused = _find(run, "torch fused", "gpt2-124m", "fp32")
+    _find(run, "adam-gpu triton", "gpt2-124m", "fp32").graph_median_ms = fused.graph_median_ms / 1.6
+    rows = report.targets(run)
+    gpt2 = _target(rows, "model parameter lists", "gpt2-124m", "fp32")
+    assert gpt2["graph_value"] == pytest.approx(1.6) and gpt2["value"] == pytest.approx(1.1) and not gpt2["met"]
+    foreach = _target(rows, "1000 x 4096 tensors: speed-up vs torch foreach", "1000x4096", "fp32")
+    assert foreach["graph_value"] == pytest.approx(foreach["value"]), "the fixture's graphs are 0.9x every median"
+    assert all(r["graph_value"] is None for r in rows if r["case"].startswith("flat")), "one tensor: no graph"
+    assert "| adam-gpu cupy | 1.10x | ≥ 1.15x | **no** | 1.60x |" in report.targets_markdown(run)
+
+
 def test_targets_without_large_flat_cases_are_missing(run: Run) -> None:
     run.records = [r for r in run.records if r.case not in ("flat 2^24", "flat 2^26")]
     rows = [r for r in report.targets(run) if r["target"].startswith("large fp32 flat tensors")]
