@@ -42,14 +42,18 @@ def capture(monkeypatch):
     return set_capturing
 
 
-def _warmed_up(backend: str, **options) -> tuple[FusedAdamW, list[torch.Tensor], torch.Generator]:
+def _warmed_up(backend: str, **options) -> tuple[FusedAdamW, list[torch.Tensor], torch.Generator, list]:
+    """An optimizer after one step, with new grads; and the grads of that step, to keep alive: on a GPU the
+    caching allocator hands freed addresses out again, and new grads at the stepped ones' addresses would find
+    that step's (written) table instead of making one."""
     generator = seeded_generator("capture", backend, *options)
     params = [p.to(DEVICE).requires_grad_() for p in small_params(generator)]
     optimizer = FusedAdamW(params, lr=1e-2, backend=backend, **options)
     new_grads(generator, params)
     optimizer.step()
+    stepped_grads = [p.grad for p in params]
     new_grads(generator, params)
-    return optimizer, params, generator
+    return optimizer, params, generator, stepped_grads
 
 
 @pytest.mark.parametrize(
@@ -61,7 +65,7 @@ def _warmed_up(backend: str, **options) -> tuple[FusedAdamW, list[torch.Tensor],
     ids=["host-step-counts", "lr-elsewhere"],
 )
 def test_a_capture_that_would_freeze_host_values_is_refused_untouched(capture, options, lr, message):
-    optimizer, _, _ = _warmed_up("torch", **options)
+    optimizer, *_ = _warmed_up("torch", **options)
     capture(True)
     if lr is not None:
         optimizer.param_groups[0]["lr"] = lr
@@ -91,7 +95,7 @@ def test_a_table_built_during_a_capture_outlives_the_cache(backend, capture, mon
     monkeypatch.setattr(tensor_table, "_tables", OrderedDict())
     monkeypatch.setattr(tensor_table, "_captured", {})
     upload = tensor_table._upload
-    optimizer, params, generator = _warmed_up(backend, capturable=True)
+    optimizer, params, generator, _stepped_grads = _warmed_up(backend, capturable=True)
     assert not tensor_table._captured, "an eager step keeps its tables in the evictable cache"
 
     capture(True)
@@ -125,11 +129,11 @@ def test_a_table_made_while_capturing_is_written_by_the_first_step_outside_it(ba
     first step outside a capture that uses it writes it (tensor_table._unwritten; test_gpu.py checks the
     values on a GPU), and only that one."""
     # (A table with the same addresses left by an earlier test would be found, and is written: on a GPU the
-    # caching allocator hands out the same addresses again.)
+    # caching allocator hands out the same addresses again. _warmed_up keeps its own step's grads.)
     monkeypatch.setattr(tensor_table, "_tables", OrderedDict())
     monkeypatch.setattr(tensor_table, "_captured", {})
     monkeypatch.setattr(tensor_table, "_unwritten", {})
-    optimizer, params, generator = _warmed_up(backend, capturable=True)
+    optimizer, params, generator, _stepped_grads = _warmed_up(backend, capturable=True)
     capture(True)
     new_grads(generator, params)  # allocated "inside the capture"
     optimizer.step()

@@ -58,8 +58,9 @@ TRAJECTORY_STEPS = 20
 @pytest.mark.parametrize("policy", POLICIES, ids=policy_id)
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["", "amsgrad"])
 def test_twenty_steps_within_2x_torch_error(backend, policy, amsgrad):
-    """Errors compound over steps: after 20 steps of fresh random gradients, FusedAdamW's params and
-    moments are as close to the float64 trajectory as torch.optim.AdamW's own (within 2x), every dtype."""
+    """Errors compound over steps: after 20 steps of fresh random gradients, FusedAdamW's fp32 params and
+    moments are within 1e-6 relative of the float64 trajectory, and its 16-bit ones as close to it as
+    torch.optim.AdamW's own (within 2x)."""
     param_dtype, state_dtype = policy
     generator = seeded_generator("trajectory", backend, policy, amsgrad)
     start = torch.randn(4097, generator=generator, dtype=torch.float64).to(param_dtype).double()
@@ -89,6 +90,9 @@ def test_twenty_steps_within_2x_torch_error(backend, policy, amsgrad):
         expected = getattr(reference, name)
         actual, *torch_values = (param if name == "param" else state[name] for param, state in (ours, *by_torch))
         if actual.dtype == torch.float32:  # fp32 params, or the fp32 moments of state_dtype=torch.float32
+            # Held to the float64 trajectory itself: torch's own error is no yardstick there (on CUDA its fused
+            # AdamW forms the moments in double, about half the for-loop's error, which 2x would not cover).
             assert_close_relative(actual, expected, name, start if name == "param" else None)
+            continue
         torch_own = torch_error(torch_values, expected)
         assert max_abs_error(actual, expected) <= 2 * torch_own, f"{name}: error beyond 2x torch's own"
