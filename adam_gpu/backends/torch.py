@@ -1,21 +1,16 @@
-"""Pure PyTorch backend: runs on any device, math in fp32 (or float64).
+"""Pure PyTorch backend built on ``torch._foreach_*``: runs on any device, math in fp32 (or float64).
 
-It is the CPU fallback and the backend for float64 params. Where torch's own fused Adam/AdamW kernels compute
-what it would (``_torch_fused_fits``) it calls them: one pass over memory per dtype, in fp32 math. Elsewhere
-(master weights, moments in another dtype than the params, 8-bit moments, grad scaling) it is built on
-``torch._foreach_*``: low-precision tensors are upcast to fp32 working copies and
-rounded back once at the end, so its numbers match the kernels' fp32 math. Master weights are the working
-values where a param has them (an fp32 copy, or the lean bf16 + remainder).
+It is the CPU fallback and the backend for float64 params. Low-precision tensors are upcast to fp32
+working copies and rounded back once at the end, so its numbers match the kernels' fp32 math. Master
+weights are the working values where a param has them (an fp32 copy, or the lean bf16 + remainder).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 
-from adam_gpu.backends.layout import contiguous_stand_ins
 from adam_gpu.device_inputs import FOUND_INF, GRAD_MULTIPLIER, LR, DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
@@ -23,15 +18,6 @@ from adam_gpu.quantization import code_maps_on
 from adam_gpu.step_tensors import EIGHT_BIT, StepTensors
 
 FEATURES = frozenset({EIGHT_BIT})
-
-try:
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    # Device types torch's fused Adam/AdamW kernels run on (its own list; none where torch has no such list).
-    _FUSED_DEVICE_TYPES = frozenset(_get_fused_kernels_supported_devices())
-except ImportError:
-    _FUSED_DEVICE_TYPES = frozenset()
-_FUSED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -150,78 +136,9 @@ def _store_params(tensors: StepTensors, values: Sequence[torch.Tensor], keep: to
         store(param, value)
 
 
-def _torch_fused_fits(tensors: StepTensors, device_inputs: DeviceInputs | None) -> bool:
-    """Whether torch's fused Adam/AdamW computes this step as the foreach path would: every moment in its
-    param's dtype (a kind those kernels store), no master weights or 8-bit moments, and no grad scaling (they
-    write the unscaled grads back; a step here leaves the grads as they are). Kept in ``tensors.memo``."""
-    if device_inputs is not None and device_inputs.grad_scaling:
-        return False
-    memo = tensors.memo if tensors.memo is not None else {}
-    if "torch fused fits" not in memo:
-        memo["torch fused fits"] = (
-            tensors.device.type in _FUSED_DEVICE_TYPES
-            and not any(master is not None for master in tensors.masters)
-            and not tensors.features
-            and all(
-                param.dtype in _FUSED_DTYPES and all(t.dtype == param.dtype for t in moments if t is not None)
-                for param, *moments in zip(
-                    tensors.params, tensors.exp_avgs, tensors.exp_avg_sqs,
-                    tensors.max_exp_avg_sqs or [None] * len(tensors), strict=True,
-                )
-            )
-        )  # fmt: skip
-    return memo["torch fused fits"]
-
-
-def _torch_fused_step(
-    tensors: StepTensors, steps: list[float] | None, hp: AdamHyperparameters, device_inputs: DeviceInputs | None
-) -> None:
-    """The step by ``torch._fused_adamw_`` (decoupled weight decay) or ``torch._fused_adam_``, one call per
-    param dtype, on contiguous stand-ins of non-contiguous tensors (those kernels index memory directly; the
-    stand-ins are written back), so a strided param steps exactly as a contiguous one. They read each
-    tensor's (already incremented) step count from a tensor: the device's step counts in capturable mode,
-    else one new tensor per distinct count."""
-    fused = torch._fused_adamw_ if hp.decoupled else torch._fused_adam_
-    if device_inputs is not None and device_inputs.steps is not None:
-        lr, state_steps = device_inputs.values[LR], list(device_inputs.steps)
-    else:
-        lr = device_inputs.values[LR] if device_inputs is not None else hp.lr
-        # torch's CUDA kernel reads step counts on the device, its CPU kernel on the host: filled, not copied.
-        counts = {value: torch.full((), value, dtype=torch.float32, device=tensors.device) for value in set(steps)}
-        state_steps = [counts[value] for value in steps]
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for index, param in enumerate(tensors.params):
-        by_dtype.setdefault(param.dtype, []).append(index)
-    grads = [grad if grad.is_contiguous() else grad.contiguous() for grad in tensors.grads]  # (read only)
-    with contextlib.ExitStack() as written_back:
-        params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
-            written_back.enter_context(contiguous_stand_ins(written))
-            for written in (tensors.params, tensors.exp_avgs, tensors.exp_avg_sqs, tensors.max_exp_avg_sqs)
-        )
-        for indices in by_dtype.values():
-            fused(
-                [params[i] for i in indices],
-                [grads[i] for i in indices],
-                [exp_avgs[i] for i in indices],
-                [exp_avg_sqs[i] for i in indices],
-                [max_exp_avg_sqs[i] for i in indices] if hp.amsgrad else [],
-                [state_steps[i] for i in indices],
-                lr=lr,
-                beta1=hp.beta1,
-                beta2=hp.beta2,
-                weight_decay=hp.weight_decay,
-                eps=hp.eps,
-                amsgrad=hp.amsgrad,
-                maximize=hp.maximize,
-            )
-
-
 def adam_step(
     tensors: StepTensors, steps: list[float] | None, hp: AdamHyperparameters, device_inputs: DeviceInputs | None = None
 ) -> None:
-    if _torch_fused_fits(tensors, device_inputs):
-        _torch_fused_step(tensors, steps, hp, device_inputs)
-        return
     if device_inputs is not None:
         _adam_step_device_inputs(tensors, steps, hp, device_inputs)
         return
