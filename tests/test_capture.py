@@ -153,23 +153,19 @@ def test_a_table_made_while_capturing_is_written_by_the_first_step_outside_it(ba
 
 class _NoHostToDeviceCopies(TorchDispatchMode):
     """Fails any op that would copy host memory onto another device: a captured graph cannot (torch refuses
-    pageable memory while capturing). Run on the meta device, which stands for the GPU here."""
+    pageable memory while capturing). Run on the meta device, which stands for the GPU here. ``called``: the ops
+    seen, in order."""
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        devices = {t.device.type for t in tensors}
-        if "cpu" in devices and len(devices) > 1:
-            raise AssertionError(f"{func} copies between {sorted(devices)}")
-        return func(*args, **(kwargs or {}))
-
-
-class _Ops(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.called = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.called.append(func)
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        devices = {t.device.type for t in tensors}
+        if "cpu" in devices and len(devices) > 1:
+            raise AssertionError(f"{func} copies between {sorted(devices)}")
         return func(*args, **(kwargs or {}))
 
 
@@ -181,7 +177,7 @@ def test_the_device_inputs_are_assembled_without_reading_host_memory(lr):
     for device in (torch.device("meta"), torch.device(DEVICE)):
         scalars = [torch.ones((), device=device) for _ in range(3)]
         lr_value = torch.tensor(1e-3, device=device) if lr == "tensor" else lr
-        with _NoHostToDeviceCopies(), _Ops() as ops:
+        with _NoHostToDeviceCopies() as ops:
             values = device_values(lr_value, device, *scalars)
         assert torch.ops.aten.lift_fresh.default not in ops.called, ops.called
         if device.type != "meta":

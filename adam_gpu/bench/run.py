@@ -64,6 +64,12 @@ def environment(device: torch.device, quick: bool) -> dict[str, object]:
     }
 
 
+def launch_bound(case: Case) -> bool:
+    """Also timed as CUDA-graph replays (several tensors, or a small one): the eager time of such a step is
+    mostly the host's."""
+    return case.tensors > 1 or case.numel <= LAUNCH_BOUND_NUMEL
+
+
 def input_sets(case: Case, policy: Policy, device: torch.device) -> list[list[torch.Tensor]] | str:
     """Random params with random grads (never zeros), as many sets as the L2 rotation wants and memory
     allows; or why the case does not fit."""
@@ -113,10 +119,9 @@ def _measure(
     contender: Contender, sets: list[list[torch.Tensor]], case: Case, policy: Policy, device: torch.device, quick: bool
 ) -> Record:
     record = Record(contender.name, contender.family, case.name, policy.name, case.numel, case.tensors)
-    launch_bound = case.tensors > 1 or case.numel <= LAUNCH_BOUND_NUMEL
     with torch.no_grad():
         _time_eager(record, [contender.make(params, policy, False) for params in sets], device, quick)
-        if device.type == "cuda" and launch_bound and contender.graphable:
+        if device.type == "cuda" and launch_bound(case) and contender.graphable:
             try:
                 graphed = contender.make(sets[0], policy, True)
                 graphed.step()

@@ -32,7 +32,7 @@ from adam_gpu.bench import timing
 from adam_gpu.bench.cases import POLICIES, Case, Policy, flat, gpt2_124m, many_small
 from adam_gpu.bench.contenders import Contender, adam_gpu_unavailable, contenders
 from adam_gpu.bench.records import ERROR, UNSUPPORTED, Record, Run
-from adam_gpu.bench.run import LAUNCH_BOUND_NUMEL, environment, input_sets
+from adam_gpu.bench.run import environment, input_sets, launch_bound
 
 # The backends with a launch configuration, in the order they are swept: cupy's grid needs no compiles and
 # finishes early; the time it leaves goes to Triton's, which compiles every configuration.
@@ -89,14 +89,9 @@ def tune_plan(quick: bool) -> list[tuple[Case, Policy]]:
     ]
 
 
-def launch_bound(case: Case) -> bool:
-    """Also timed as CUDA-graph replays, by the benchmark's rule (several tensors, or a small one): the eager
-    time of such a step holds the host's work, which no launch configuration changes."""
-    return case.tensors > 1 or case.numel <= LAUNCH_BOUND_NUMEL
-
-
 def graph_timed(case: Case, device: torch.device) -> bool:
-    """Whether the case's steps are timed as CUDA-graph replays (so its optimizer must be capturable)."""
+    """Whether the case's steps are timed as CUDA-graph replays (so its optimizer must be capturable): only the
+    replay is ranked, as the eager time of a launch-bound step is the host's, which no configuration changes."""
     return device.type == "cuda" and launch_bound(case)
 
 
