@@ -5,6 +5,7 @@
 #   benchmarks/run_gpu.sh OUTDIR [tests] [bench] [tune]      (no phase named: all three, in that order)
 #   RUN_GPU_BUDGET_S=540 (default): seconds for the whole script
 #   RUN_GPU_TESTS: the test files to run instead of the GPU list below
+#   RUN_GPU_PROFILE_S=90 (default): seconds for the host-time profiles run with the bench (0: none)
 #   RUN_GPU_BENCH_ARGS, RUN_GPU_TUNE_ARGS: more options for adam-gpu bench / tune (on a CPU, to check this
 #   script: RUN_GPU_BENCH_ARGS="--quick --device cpu" RUN_GPU_TUNE_ARGS="--quick --device cpu" TRITON_INTERPRET=1)
 #
@@ -117,7 +118,7 @@ cat "$work/info.log"
 # 1.08 ms a step on the first H200 run against 0.35 on a CPU with the launch stubbed. 90 s at most in all.
 if selected bench; then
   for profiled in "resnet-50 triton" "resnet-50 cupy" "gpt2-124m triton" "1000x4096 triton"; do
-    left=$((90 - SECONDS))
+    left=$((${RUN_GPU_PROFILE_S:-90} - SECONDS))
     [ $left -lt 10 ] && break
     read -r case backend <<<"$profiled"
     timeout $left python "$repo/benchmarks/profile_step.py" --case "$case" --backend "$backend" \

@@ -149,13 +149,18 @@ def test_plan_puts_the_headline_pairs_first():
     assert pairs[28] == ("gpt2-124m", "bf16+8bit-moments")
 
 
-def test_a_run_of_some_cases_keeps_their_pairs_in_order_and_refuses_unknown_names():
+def test_a_run_of_some_cases_or_policies_keeps_their_pairs_in_order_and_refuses_unknown_names():
     pairs = plan(False, "cuda")
     only = ["resnet-50", "flat 2^20"]
     assert plan(False, "cuda", only) == [(case, policy) for case, policy in pairs if case.name in only]
     assert len(plan(False, "cuda", only)) == 2 + len(POLICIES)  # a flat tensor: fp32, bf16; a model list: all
-    with pytest.raises(ValueError, match=r"unknown case gpt-5: the cases of this plan are gpt2-124m, "):
+    with pytest.raises(ValueError, match=r"unknown case gpt-5: the case names of this plan are gpt2-124m, "):
         plan(False, "cuda", ["gpt2-124m", "gpt-5"])
+    policies = ["bf16", "fp32+bf16-moments"]
+    assert plan(False, "cuda", only, policies) == [(c, p) for c, p in pairs if c.name in only and p.name in policies]
+    assert [p.name for _, p in plan(False, "cuda", None, ["fp32+bf16-moments"])] == ["fp32+bf16-moments"] * 4
+    with pytest.raises(ValueError, match=r"unknown policy fp8: the policy names of this plan are fp32, bf16, "):
+        plan(False, "cuda", None, ["fp8"])
 
 
 def test_time_limit_measures_the_first_pair_and_lists_the_rest():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -264,9 +265,8 @@ def test_targets_from_known_numbers(run: Run) -> None:
     assert gpt2["contender"] == "adam-gpu cupy"
     assert gpt2["value"] == pytest.approx(1.1) and not gpt2["met"]
     assert gpt2["target_value"] == 1.15
-    # Measured, but no torch fused baseline to compare with: missing, not met.
-    moments = _target(rows, "model parameter lists", "gpt2-124m", "bf16+fp32-moments")
-    assert moments["value"] is None and not moments["met"] and moments["note"]
+    # A policy torch has not (fp32 moments of bf16 params): no speed-up target over torch applies.
+    assert not [r for r in rows if r["policy"] == "bf16+fp32-moments"], "torch fused cannot run this policy"
     # Never measured: still a row, missing, not met.
     for case in ("llama-3.2-1b", "resnet-50"):
         missing = _target(rows, "model parameter lists", case, report.ANY_POLICY)
@@ -346,3 +346,74 @@ def test_importing_and_plotting_leave_pyplot_alone(tmp_path: Path) -> None:
         "assert 'matplotlib.pyplot' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_speedup_whose_baseline_failed_is_missing_not_met(run: Run) -> None:
+    """A baseline that could run the policy but whose measurement failed leaves the target missing, not met (and
+    not dropped, as a policy the baseline does not have is)."""
+    fused = _find(run, "torch fused", "gpt2-124m", "fp32")
+    fused.status, fused.median_ms = "error: RuntimeError: out of memory", None
+    for record in run.records:
+        if record.case == "gpt2-124m" and record.policy == "fp32":
+            record.speedup_vs_torch_fused = None
+    gpt2 = _target(report.targets(run), "model parameter lists", "gpt2-124m", "fp32")
+    assert gpt2["value"] is None and not gpt2["met"] and gpt2["note"]
+
+
+def _split_run(run: Run, later_pairs: set[tuple[str, str]], copy_gbps: float) -> tuple[Run, Run]:
+    """``run`` as a run its time limit stopped before ``later_pairs``, and a rerun of those pairs alone."""
+    later = [r for r in run.records if (r.case, r.policy) in later_pairs]
+    stopped = Run(
+        dict(run.environment),
+        run.copy_gbps,
+        [r for r in run.records if (r.case, r.policy) not in later_pairs],
+        time_limit_s=100.0,
+        not_measured=[f"{case}, {policy}" for case, policy in sorted(later_pairs)],
+    )
+    return stopped, Run(dict(run.environment, date="2026-11-27"), copy_gbps, later)
+
+
+def test_runs_merge_into_one_pair_by_pair(run: Run, tmp_path: Path) -> None:
+    later = {("gpt2-124m", "fp32"), ("1000x4096", "fp32")}
+    stopped, rerun = _split_run(run, later, copy_gbps=2900.0)
+    # The rerun measured one pair the first run had too: its records replace the first run's.
+    again = _find(run, "adam-gpu triton", "flat 2^24", "fp32")
+    rerun.records.append(dataclasses.replace(again, median_ms=again.median_ms * 2))
+    merged = Run.merged([stopped, rerun])
+    assert merged.not_measured == [] and merged.time_limit_s is None
+    key = lambda r: (r.case, r.policy, r.contender)  # noqa: E731
+    kept = [key(r) for r in run.records if (r.case, r.policy) != ("flat 2^24", "fp32")]
+    assert sorted(map(key, merged.records)) == sorted([*kept, key(again)]), "each pair from the last run measuring it"
+    flat_24 = [r for r in merged.records if (r.case, r.policy) == ("flat 2^24", "fp32")]
+    assert [r.median_ms for r in flat_24] == [again.median_ms * 2]
+    assert merged.copy_gbps == COPY_GBPS and merged.environment == run.environment
+    assert merged.merged_from == [
+        {
+            "date": run.environment["date"],
+            "copy_gbps": COPY_GBPS,
+            "pairs": len({(r.case, r.policy) for r in stopped.records}),
+        },
+        {"date": "2026-11-27", "copy_gbps": 2900.0, "pairs": 3},
+    ]
+    header = report.markdown_table(merged)
+    assert "merged from 2 runs" in header and "2900 GB/s (3 pairs)" in header and "stopped by" not in header
+    # A pair no run measured stays listed.
+    assert Run.merged([stopped]).not_measured == stopped.not_measured
+
+
+def test_report_merges_several_jsons_into_out(run: Run, tmp_path: Path) -> None:
+    stopped, rerun = _split_run(run, {("gpt2-124m", "fp32")}, copy_gbps=2900.0)
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for part, path in zip((stopped, rerun), paths, strict=True):
+        part.to_json(path)
+    assert report.main_report(paths, None) == 1, "several JSONs need --out"
+    assert report.main_report(paths, tmp_path / "merged") == 0
+    merged = Run.from_json(tmp_path / "merged" / "results.json")
+    assert len(merged.records) == len(run.records) and len(merged.merged_from) == 2
+    assert "merged from 2 runs" in (tmp_path / "merged" / "results.md").read_text()
+    _assert_png(tmp_path / "merged" / "results.png")
+    rerun.environment["device"] = "NVIDIA H100"
+    rerun.to_json(paths[1])
+    assert report.main_report(paths, tmp_path / "other") == 1, "runs on two devices do not merge"
+    with pytest.raises(ValueError, match="runs differ in device"):
+        Run.merged([stopped, rerun])

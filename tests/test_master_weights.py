@@ -70,7 +70,8 @@ def test_master_follows_the_fp32_trajectory_and_the_param_is_its_rounding(backen
         if master_weights is True:
             assert torch.equal(param.detach(), master.to(dtype)), f"param {index} is not its master rounded"
         else:
-            ulp = torch.nextafter(param.detach().abs(), torch.tensor(float("inf"), dtype=dtype)) - param.abs()
+            magnitude = param.detach().abs()
+            ulp = torch.nextafter(magnitude, torch.full_like(magnitude, float("inf"))) - magnitude
             assert bool(((param.float() - master).abs() <= 0.5 * ulp.float()).all())
 
 

@@ -245,25 +245,34 @@ def test_fp32_state_of_bf16_params_survives_state_dict(backend):
 
 @pytest.mark.parametrize("backend", backend_params())
 def test_state_dict_of_torch_fused_adamw_loads_with_step_on_the_host(backend):
+    """Loaded, the state goes on as torch's for-loop AdamW goes on from it (within 1e-6), and as torch's fused
+    one does, within the fused one's own error: on CUDA it rounds the betas to fp32 (1.3e-5 in a second moment
+    grown from zero at beta2 = 0.999, measured on an H200; see support.TORCH_SAME_STEP_RTOL)."""
     generator = seeded_generator("fused state", backend)
     expected = small_params(generator)
     fused = torch.optim.AdamW(expected, fused=True, **OPTIONS)
     new_grads(generator, expected)
     fused.step()
-    params = _twins(expected)
+    params, for_loop_params = _twins(expected), _twins(expected)
     assert fused.state[expected[0]]["step"].device == expected[0].device
     optimizer = FusedAdamW(params, backend=backend, **OPTIONS)
     optimizer.load_state_dict(_through_bytes(fused.state_dict()))
+    for_loop = torch.optim.AdamW(for_loop_params, foreach=False, **OPTIONS)
+    for_loop.load_state_dict(_through_bytes(fused.state_dict()))
+    for group in for_loop.param_groups:  # (the loaded groups say fused=True: torch would step fused again)
+        group.update(fused=False, foreach=False)
     for index, param in enumerate(params):
         step = optimizer.state[param]["step"]
         assert (step.dtype, step.device, step.shape, float(step)) == (torch.float32, torch.device("cpu"), (), 1.0), (
             f"step of param {index}"
         )
     for _ in range(3):
-        new_grads(generator, params, expected)
-        optimizer.step()
-        fused.step()
-    _assert_same_params_and_state(optimizer, params, fused, expected)
+        new_grads(generator, params, expected, for_loop_params)
+        for stepped in (optimizer, fused, for_loop):
+            stepped.step()
+    _assert_same_params_and_state(optimizer, params, for_loop, for_loop_params)
+    fused_rtol = 1e-6 if DEVICE.type == "cpu" else 1e-4
+    _assert_same_params_and_state(optimizer, params, fused, expected, rtol=fused_rtol)
 
 
 # torch.optim.Optimizer.__getstate__ keeps only defaults, state and param_groups.

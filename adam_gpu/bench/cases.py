@@ -125,7 +125,9 @@ def model_cases() -> list[Case]:
     return [gpt2_124m(), llama_3_2_1b(), resnet_50(), many_small()]
 
 
-def plan(quick: bool, device_type: str, only: Collection[str] | None = None) -> list[tuple[Case, Policy]]:
+def plan(
+    quick: bool, device_type: str, only: Collection[str] | None = None, policies: Collection[str] | None = None
+) -> list[tuple[Case, Policy]]:
     """The (case, policy) pairs of a run. Flat tensors in fp32 and bf16, 2^12 to 2^30 elements (the
     runner drops what does not fit in memory); every model list in every policy (the master-weight
     policies, which only adam-gpu offers, for the model lists). ``quick`` keeps a
@@ -133,7 +135,8 @@ def plan(quick: bool, device_type: str, only: Collection[str] | None = None) -> 
 
     Ordered by what the targets are read from, so that a run stopped by its time limit keeps them: fp32 on
     every case first (model lists, then flat tensors from the largest down), then bf16, then the other
-    policies on the model lists, the 8-bit one first. ``only``: these case names alone (a rerun of some)."""
+    policies on the model lists, the 8-bit one first. ``only``: these case names alone; ``policies``: these
+    policy names alone (a rerun of some pairs)."""
     if quick:
         flats = [flat(n) for n in (12, 16, 20)]
         models = [many_small(100, 4096)]
@@ -145,10 +148,17 @@ def plan(quick: bool, device_type: str, only: Collection[str] | None = None) -> 
     pairs = [(case, POLICIES[name]) for name in ("fp32", "bf16") for case in (*models, *flats)]
     others = sorted(set(POLICIES) - {"fp32", "bf16"}, key=lambda name: (name != "bf16+8bit-moments", name))
     pairs += [(case, POLICIES[name]) for name in others for case in models]
-    if only is None:
-        return pairs
-    unknown = set(only) - {case.name for case, _ in pairs}
-    if unknown:
-        known = ", ".join(dict.fromkeys(case.name for case, _ in pairs))
-        raise ValueError(f"unknown case {', '.join(sorted(unknown))}: the cases of this plan are {known}")
-    return [(case, policy) for case, policy in pairs if case.name in only]
+    for kind, names, name_of in (
+        ("case", only, lambda pair: pair[0].name),
+        ("policy", policies, lambda pair: pair[1].name),
+    ):
+        if names is None:
+            continue
+        known = list(dict.fromkeys(map(name_of, pairs)))
+        unknown = set(names) - set(known)
+        if unknown:
+            raise ValueError(
+                f"unknown {kind} {', '.join(sorted(unknown))}: the {kind} names of this plan are {', '.join(known)}"
+            )
+        pairs = [pair for pair in pairs if name_of(pair) in names]
+    return pairs

@@ -25,12 +25,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a few small cases: checks the pipeline in seconds")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda if present")
     parser.add_argument("--out", type=Path, help="output folder (default: bench-results/<date>-<device>)")
-    parser.add_argument("--report", type=Path, metavar="JSON", help="only redraw the table and plot from a JSON")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="only redraw the table and plot from a JSON; several (one device's run and reruns of the pairs it "
+        "left) are merged into --out",
+    )
     parser.add_argument(
         "--cases",
         nargs="+",
         metavar="CASE",
         help="measure these cases only (e.g. gpt2-124m 'flat 2^26'), every policy of each",
+    )
+    parser.add_argument(
+        "--policies",
+        nargs="+",
+        metavar="POLICY",
+        help="measure these precision policies only (e.g. fp32 bf16+fp32-moments), of every case or of --cases",
     )
     parser.add_argument(
         "--time-limit",
@@ -92,7 +105,7 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{RESULTS_STEM}.json"
     try:
-        pairs = plan(args.quick, device.type, args.cases)
+        pairs = plan(args.quick, device.type, args.cases, args.policies)
     except ValueError as error:
         raise SystemExit(f"adam-gpu bench: {error}") from None
     total = len(pairs) * len(contenders())
@@ -103,7 +116,15 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
             progress.update(task, advance=1, description=description)
 
         save = lambda partial: partial.to_json(json_path)  # noqa: E731
-        run = benchmark(device, args.quick, advance, checkpoint=save, time_limit_s=args.time_limit, only=args.cases)
+        run = benchmark(
+            device,
+            args.quick,
+            advance,
+            checkpoint=save,
+            time_limit_s=args.time_limit,
+            only=args.cases,
+            policies=args.policies,
+        )
     run.to_json(json_path)
     written = report.write_reports(run, out, RESULTS_STEM)
     console.print(summary(run))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -54,7 +55,8 @@ class Run:
     counted), and its records. ``environment`` keys: device, device_type ("cuda"/"cpu"), driver,
     adam_gpu, torch, triton, cupy, python, date, quick. ``time_limit_s``: the limit it ran under (None:
     none); ``elapsed_s``: what it took (None: stopped before the end); ``not_measured``: the "case, policy"
-    pairs the time limit left out. A subclass with its own record type (``adam-gpu tune``'s) sets
+    pairs the time limit left out; ``merged_from``: where ``merged`` made it of several runs, each one's date,
+    copy bandwidth and number of pairs it gave. A subclass with its own record type (``adam-gpu tune``'s) sets
     ``record_type`` and may add fields; the JSON round trip keeps them."""
 
     record_type: ClassVar[type[Record]] = Record
@@ -65,6 +67,7 @@ class Run:
     time_limit_s: float | None = None
     elapsed_s: float | None = None
     not_measured: list[str] = field(default_factory=list)
+    merged_from: list[dict[str, Any]] = field(default_factory=list)  # per run merged in: date, copy_gbps, pairs
 
     def to_json(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1) + "\n")
@@ -77,3 +80,37 @@ class Run:
         # environment and copy_gbps, and a subclass's own fields where the file has them
         run_fields = {f.name: data[f.name] for f in fields(cls) if f.name != "records" and f.name in data}
         return cls(**run_fields, records=records)
+
+    @classmethod
+    def merged(cls, runs: Sequence[Run]) -> Run:
+        """One run of several on one device and software (a run its time limit stopped, and reruns of the pairs
+        it left): each (case, policy) pair's records from the last run that measured it, so that speed-ups stay
+        within one run; each record keeps the % of copy bandwidth of its own run. The environment and copy
+        bandwidth are the first run's; ``merged_from`` lists them all."""
+        if not runs:
+            raise ValueError("no runs to merge")
+        keys = ("device", "device_type", "adam_gpu", "torch", "triton", "cupy", "quick")
+        first = runs[0].environment
+        for run in runs[1:]:
+            differ = [key for key in keys if run.environment.get(key) != first.get(key)]
+            if differ:
+                raise ValueError(f"runs differ in {', '.join(differ)}: only runs on one device and software merge")
+        by_pair: dict[tuple[str, str], list[Record]] = {}
+        parts = []
+        for run in runs:
+            pairs: dict[tuple[str, str], list[Record]] = {}
+            for record in run.records:
+                pairs.setdefault((record.case, record.policy), []).append(record)
+            by_pair.update(pairs)  # (a pair measured again replaces the earlier records, in its first place)
+            date = run.environment.get("date")
+            parts += run.merged_from or [{"date": date, "copy_gbps": run.copy_gbps, "pairs": len(pairs)}]
+        measured = {f"{case}, {policy}" for case, policy in by_pair}
+        left = [pair for run in runs for pair in run.not_measured if pair not in measured]
+        return cls(
+            environment=dict(first),
+            copy_gbps=runs[0].copy_gbps,
+            records=[record for records in by_pair.values() for record in records],
+            time_limit_s=runs[0].time_limit_s if left else None,
+            not_measured=list(dict.fromkeys(left)),
+            merged_from=parts,
+        )

@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adam_gpu.bench.records import GRAPH_FAILED, OK, Record, Run
+from adam_gpu.bench.records import GRAPH_FAILED, OK, UNSUPPORTED, Record, Run
 
 DASH = "—"
 ADAM_GPU_FAMILY = "adam-gpu"
@@ -126,8 +126,20 @@ def environment_lines(run: Run) -> list[str]:
         f"- date: {env.get('date', 'unknown')}",
         f"- device: {env.get('device', 'unknown device')} ({env.get('device_type', 'unknown')}{driver})",
         f"- versions: {versions}, python {env.get('python', 'unknown')}",
-        f"- copy bandwidth measured in this run: **{format_gbps(run.copy_gbps)} GB/s** (read + write counted)",
+        _bandwidth_line(run),
     ]
+
+
+def _bandwidth_line(run: Run) -> str:
+    if len(run.merged_from) < 2:
+        return f"- copy bandwidth measured in this run: **{format_gbps(run.copy_gbps)} GB/s** (read + write counted)"
+    parts = ", ".join(
+        f"{part['date']}: {format_gbps(part['copy_gbps'])} GB/s ({part['pairs']} pairs)" for part in run.merged_from
+    )
+    return (
+        f"- merged from {len(run.merged_from)} runs on this device, each (case, policy) pair from one run; copy "
+        f"bandwidth measured in each (read + write counted), each row's % of it from its own run: {parts}"
+    )
 
 
 def _header(run: Run) -> list[str]:
@@ -212,7 +224,7 @@ class Target:
     minimum: float
     unit: str  # "%" or "x"
     named_cases: tuple[str, ...] = ()  # empty: every flat case of 2^LARGE_FLAT_LOG2 elements or more
-    policy: str | None = None  # None: every policy the case was measured under
+    policy: str | None = None  # None: every policy the case was measured under that the baseline implements
 
 
 MODEL_CASES = ("gpt2-124m", "llama-3.2-1b", "resnet-50")
@@ -253,7 +265,11 @@ def _target_cases(target: Target, run: Run) -> list[str]:
 def _target_policies(target: Target, run: Run, case: str) -> list[str]:
     if target.policy is not None:
         return [target.policy]
-    return _unique(r.policy for r in run.records if r.case == case) or [ANY_POLICY]
+    measured = _unique(r.policy for r in run.records if r.case == case)
+    # A speed-up over a torch optimizer only where torch has the policy (it keeps moments in the param dtype).
+    baseline = SPEEDUP_BASELINES.get(target.field)
+    lacking = {r.policy for r in run.records if r.case == case and r.contender == baseline and r.status == UNSUPPORTED}
+    return [policy for policy in measured if policy not in lacking] or [ANY_POLICY]
 
 
 # The baseline of each speed-up field, by contender name.
@@ -427,17 +443,35 @@ def write_reports(run: Run, directory: Path, stem: str = "results") -> dict[str,
     return paths
 
 
-def main_report(json_path: Path, directory: Path | None = None) -> int:
+def main_report(json_paths: Path | Sequence[Path], directory: Path | None = None) -> int:
     """Re-render the Markdown and the plot of an existing run's JSON; exit status 0, or 1 if it cannot be read.
 
     The files go beside the JSON unless ``directory`` is given, named after it (results.json -> results.md,
-    results.png).
+    results.png). Several JSONs of one device (a run its time limit stopped, and reruns of the pairs it left)
+    are merged (``Run.merged``) into ``directory``, which they need, as results.json, .md and .png.
     """
-    try:
-        run = Run.from_json(json_path)
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        print(f"adam-gpu bench --report: cannot read {json_path}: {error}", file=sys.stderr)
+    json_paths = [json_paths] if isinstance(json_paths, Path) else list(json_paths)
+    if len(json_paths) > 1 and directory is None:
+        print("adam-gpu bench --report: several JSONs are merged into --out DIR: name it", file=sys.stderr)
         return 1
+    runs = []
+    for json_path in json_paths:
+        try:
+            runs.append(Run.from_json(json_path))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            print(f"adam-gpu bench --report: cannot read {json_path}: {error}", file=sys.stderr)
+            return 1
+    if len(runs) == 1:
+        run, json_path = runs[0], json_paths[0]
+    else:
+        try:
+            run = Run.merged(runs)
+        except ValueError as error:
+            print(f"adam-gpu bench --report: cannot merge {', '.join(map(str, json_paths))}: {error}", file=sys.stderr)
+            return 1
+        directory.mkdir(parents=True, exist_ok=True)
+        json_path = directory / "results.json"
+        run.to_json(json_path)
     paths = write_reports(run, json_path.parent if directory is None else directory, stem=json_path.stem)
     for path in paths.values():
         print(f"wrote {path}")

@@ -171,15 +171,16 @@ def benchmark(
     checkpoint: Callable[[Run], None] = lambda run: None,
     time_limit_s: float | None = None,
     only: Collection[str] | None = None,
+    policies: Collection[str] | None = None,
 ) -> Run:
     """Measure every contender on every (case, policy) of the plan. ``progress`` is told before each
     measurement; ``checkpoint`` gets the run so far after each (case, policy), so that a run killed
     from outside keeps what it measured. With ``time_limit_s`` no (case, policy) starts after that many
     seconds but the first (the plan puts the headline cases first); those left are listed in
-    ``run.not_measured``. ``only``: the plan's pairs of these cases alone (cases.plan)."""
+    ``run.not_measured``. ``only``, ``policies``: the plan's pairs of these cases, these policies alone (cases.plan)."""
     started = time.monotonic()
     run = Run(environment(device, quick), timing.copy_bandwidth_gbps(device, quick), time_limit_s=time_limit_s)
-    pairs = plan(quick, device.type, only)
+    pairs = plan(quick, device.type, only, policies)
     for position, (case, policy) in enumerate(pairs):
         if position and time_limit_s is not None and time.monotonic() - started > time_limit_s:
             run.not_measured = [f"{case.name}, {policy.name}" for case, policy in pairs[position:]]
