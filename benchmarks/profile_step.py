@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gc
 import io
 import pstats
 import statistics
@@ -61,11 +62,14 @@ def profile(case_name: str, backend: str, policy_name: str, steps: int, top: int
         for _ in range(3):  # state, compiled kernels, tables
             optimizer.step()
         _synchronize(device)
-        times = []
+        times, thread_times = [], []
+        collections = sum(generation["collections"] for generation in gc.get_stats())
         for _ in range(steps):
-            start = time.perf_counter()
+            start, thread_start = time.perf_counter(), time.thread_time()
             optimizer.step()
             times.append((time.perf_counter() - start) * 1e3)
+            thread_times.append((time.thread_time() - thread_start) * 1e3)
+        collections = sum(generation["collections"] for generation in gc.get_stats()) - collections
         _synchronize(device)
         profiler = cProfile.Profile()
         profiler.enable()
@@ -73,12 +77,26 @@ def profile(case_name: str, backend: str, policy_name: str, steps: int, top: int
             optimizer.step()
         profiler.disable()
         _synchronize(device)
+        # What the steps call below Python (aten ops, and on a GPU the CUDA runtime: launches, copies, syncs).
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as below_python:
+            for _ in range(min(steps, 20)):
+                optimizer.step()
+            _synchronize(device)
     out = io.StringIO()
     what = f"{case.name} ({case.tensors} tensors, {case.numel:,} elements), {policy.name}"
     where = f"backend {optimizer.selected_backends[0]}, {device}"
-    out.write(f"{what}, {where}: host {statistics.median(times):.3f} ms a step (median of {steps})\n")
+    # Wall time against the thread's CPU time: where they differ, the step waited (a lock, the driver, a sync).
+    out.write(
+        f"{what}, {where}: host {statistics.median(times):.3f} ms a step (median of {steps}; the thread's CPU "
+        f"time {statistics.median(thread_times):.3f} ms; {collections} garbage collections in those steps)\n"
+    )
     for order in ("tottime", "cumulative"):
         pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(top)
+    out.write(f"torch.profiler over {min(steps, 20)} steps, by self CPU time:\n")
+    out.write(below_python.key_averages().table(sort_by="self_cpu_time_total", row_limit=top) + "\n")
     return out.getvalue()
 
 

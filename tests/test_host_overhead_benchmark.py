@@ -40,7 +40,8 @@ def test_the_step_profile_times_and_lists_where_the_host_time_goes():
     kernel_before = triton_backend._kernels().adam_step_kernel
     report = profile_step.main(["--case", "1000x4096", "--steps", "2", "--top", "5", "--device", "cpu"])
     assert report.startswith("1000x4096 (1000 tensors, 4,096,000 elements), fp32, backend triton, cpu: host ")
-    assert "ms a step (median of 2)" in report
+    assert "ms a step (median of 2; the thread's CPU time " in report and "garbage collections" in report
     assert report.count("Ordered by: internal time") == 1 and report.count("Ordered by: cumulative time") == 1
+    assert "torch.profiler over 2 steps" in report and "Optimizer.step#FusedAdamW.step" in report
     assert "optim.py" in report, "the optimizer's own functions are listed"
     assert triton_backend._kernels().adam_step_kernel is kernel_before
