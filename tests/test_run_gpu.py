@@ -86,3 +86,31 @@ def test_a_phase_alone_gets_the_whole_budget_and_leaves_its_files(tmp_path):
 def test_an_unknown_phase_is_refused(tmp_path):
     result = _run_gpu(tmp_path, "benchmark")
     assert result.returncode == 2 and "unknown phase 'benchmark': tests, bench, tune" in result.stderr
+
+
+# Test files that stay on CPU CI, and why: the rest of tests/ is run_gpu.sh's GPU list.
+CPU_ONLY = {
+    "test_aot_compile.py": "ahead-of-time compiles of the kernel sources (no device needed)",
+    "test_cuda_compile.py": "NVRTC compiles of the CUDA C source",
+    "test_cupy_launcher.py": "the CuPy launcher with the CUDA runtime faked",
+    "test_packaging.py": "the wheel and the installed layout",
+    "test_cli.py": "adam-gpu info's text",
+    "test_bench.py": "adam-gpu bench --quick on the CPU (the GPU run benchmarks for real)",
+    "test_bench_report.py": "tables and plots from synthetic records",
+    "test_convergence_benchmark.py": "the optimizer comparison's pipeline, on the CPU",
+    "test_host_overhead_benchmark.py": "host-time scripts with the launch stubbed",
+    "test_tune.py": "adam-gpu tune --quick on the CPU (the GPU run sweeps for real)",
+    "test_run_gpu.py": "this script itself",
+    "test_parity.py": "examples/train_parity.py, a CPU training run",
+    "test_distributed.py": "DDP, FSDP2 and ZeRO over gloo, in CPU processes",
+}
+
+
+def test_every_test_file_is_on_the_gpu_list_or_named_cpu_only():
+    """A new test file runs on the lent GPU unless it is named here as CPU-only, with the reason."""
+    listed = re.search(r'gpu_tests="([^"]*)"', SCRIPT.read_text()).group(1).split()
+    gpu = {Path(path).name for path in listed}
+    every = {path.name for path in SCRIPT.parent.parent.joinpath("tests").glob("test_*.py")}
+    assert len(listed) == len(gpu), "a file listed twice"
+    assert not gpu & CPU_ONLY.keys(), "listed for the GPU and named CPU-only"
+    assert every == gpu | CPU_ONLY.keys(), f"on neither list: {sorted(every - gpu - CPU_ONLY.keys())}"
