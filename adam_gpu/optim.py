@@ -8,7 +8,9 @@ classes both ways. Extra arguments: ``backend`` (``"auto"``, ``"triton"``, ``"to
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
@@ -52,10 +54,12 @@ _eager_under_torch_compile = getattr(torch, "_disable_dynamo", torch.compiler.di
 
 @dataclass
 class _Gathered:
-    """A group's tensors as the kernels take them, and its step counts."""
+    """A group's tensors as the kernels take them, and its step counts; for a step that matched its group's
+    _Prepared, the params' dtypes as they were then (TensorGuards saw them unchanged)."""
 
     tensors: StepTensors
     steps: list[torch.Tensor]
+    dtypes: set[torch.dtype] | None = None
 
 
 @dataclass
@@ -70,6 +74,7 @@ class _Prepared:
     options: tuple
     signature: StepSignature
     step_buffer: torch.Tensor | None  # functional.shared_step_buffer of the group's step counts
+    dtypes: set[torch.dtype]  # of the params
     memo: dict = field(default_factory=dict)
 
 
@@ -281,7 +286,8 @@ class FusedAdam(Optimizer):
             raise TypeError("state_dtype='8bit' is not supported for DTensor params (FSDP2): use None or torch.float32")
         eight_bit = group["state_dtype"] == EIGHT_BIT_STATE and any(p.numel() >= SMALL_TENSOR for p in params)
         features = {EIGHT_BIT} if eight_bit else set()
-        name, backend = dispatch.resolve(self.backend, params[0].device, {p.dtype for p in params}, features)
+        dtypes = reused.dtypes if reused is not None else {p.dtype for p in params}
+        name, backend = dispatch.resolve(self.backend, params[0].device, dtypes, features)
         return _GroupPlan(group, params, hp, name, backend, reused)
 
     def _check_tensors(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
@@ -317,12 +323,23 @@ class FusedAdam(Optimizer):
         prepared = self._prepared.get(id(group))
         if prepared is None or prepared.group is not group or prepared.options != _layout_options(group):
             return None
+        states = list(map(self.state.get, params))
+        versions = step_signature.state_versions(states)
+        signature = prepared.signature
         try:
-            gathered = _gather(group, params, list(map(self.state.get, params)))
-            matches = step_signature.matches(prepared.signature, gathered.tensors, gathered.steps)
+            if versions is not None and versions == signature.state_versions:  # the same dicts, unchanged
+                found = step_signature.unchanged(signature, params, list(map(_grad, params)), states)
+                return None if found is None else _Gathered(*found, prepared.dtypes)
+            gathered = _gather(group, params, states)
+            if not step_signature.matches(signature, gathered.tensors, gathered.steps):
+                return None
         except (AttributeError, KeyError, RuntimeError, TypeError):
             return None
-        return gathered if matches else None
+        # A dict that changed but holds the tensors of the last full check (an entry the kernels do not read,
+        # say): the next steps compare its new version.
+        prepared.signature = dataclasses.replace(signature, state_versions=versions)
+        gathered.dtypes = prepared.dtypes
+        return gathered
 
     def _prepare(self, plan: _GroupPlan, clip_coefficient: torch.Tensor | None) -> Callable[[], None]:
         """Create the group's missing state and gather its tensors; returns the launch, which writes."""
@@ -341,12 +358,14 @@ class FusedAdam(Optimizer):
         """The group's tensors after creating its missing state; remembered (a _Prepared) for the next steps."""
         fresh = [p for p in plan.params if not self.state.get(p)]
         new_steps = iter(_zero_steps(len(fresh), plan.group, plan.params[0].device))
-        gathered = _gather(plan.group, plan.params, [self._state_for(p, plan.group, new_steps) for p in plan.params])
-        signature = step_signature.signature(gathered.tensors, gathered.steps)
+        states = [self._state_for(p, plan.group, new_steps) for p in plan.params]
+        gathered = _gather(plan.group, plan.params, states)
+        signature = step_signature.signature(gathered.tensors, gathered.steps, states)
         self._prepared.pop(id(plan.group), None)
         if signature is not None:
             options = _layout_options(plan.group)
-            prepared = _Prepared(plan.group, options, signature, shared_step_buffer(gathered.steps))
+            dtypes = {p.dtype for p in plan.params}
+            prepared = _Prepared(plan.group, options, signature, shared_step_buffer(gathered.steps), dtypes)
             self._prepared[id(plan.group)] = prepared
         # The kernels get plain tensors: a DTensor's local shard, which shares its storage (adam_gpu.sharded).
         gathered.tensors = StepTensors(*(local_tensors(tensors) for tensors in gathered.tensors.lists()))
@@ -530,6 +549,9 @@ def _zero_steps(count: int, group: dict[str, Any], device: torch.device) -> list
     on the host."""
     on_device = {"dtype": torch.float32, "device": device} if group["capturable"] else {"dtype": _scalar_dtype()}
     return list(torch.zeros(count, **on_device).unbind())
+
+
+_grad = operator.attrgetter("grad")
 
 
 def _gather(group: dict[str, Any], params: list[torch.Tensor], states: list[dict[str, torch.Tensor]]) -> _Gathered:

@@ -431,3 +431,73 @@ def test_state_the_user_drops_is_freed(backend, drop):
         twins.ours.step()  # (the frozen group has no grad: it is not stepped)
     gc.collect()
     assert gone() is None, f"{drop}: the dropped moment is still held"
+
+
+@pytest.fixture
+def comparisons(monkeypatch) -> dict[str, int]:
+    """How many reused steps were told apart by their state dicts' versions (``unchanged``) and how many by
+    gathering and comparing their tensors (``matches``)."""
+    calls = {"unchanged": 0, "matches": 0}
+    for name in calls:
+        original = getattr(step_signature, name)
+
+        def counting(*args, name=name, original=original):
+            calls[name] += 1
+            return original(*args)
+
+        monkeypatch.setattr(step_signature, name, counting)
+    return calls
+
+
+def test_this_torch_and_python_tag_dicts_as_the_reused_step_relies_on():
+    """torch's reader of CPython's dict version tags passes its check here (torch 2.13), so CI runs the path
+    every reused step takes; a torch or Python where it does not is served by gathering (tested below)."""
+    assert step_signature._dict_version is not None
+
+
+@pytest.mark.parametrize(
+    "reader",
+    [lambda d: 0, id, lambda d: len(d), lambda d: 1 / 0],
+    ids=["constant", "identity", "length", "raising"],
+)
+def test_a_dict_version_reader_that_misses_a_change_or_raises_is_not_used(reader, monkeypatch):
+    monkeypatch.setattr(torch._C._dynamo.guards, "dict_version", reader)
+    assert step_signature._dict_version_reader() is None
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_steps_on_unchanged_state_dicts_are_told_by_their_versions(backend, full_checks, comparisons):
+    twins = Twins("adamw", backend, "versions")
+    twins.step(3)
+    twins.step(3, in_place=False)
+    assert full_checks == [2] and comparisons == {"unchanged": 5, "matches": 0}
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_state_dict_given_another_entry_is_compared_by_its_tensors_once(backend, full_checks, comparisons):
+    """A dict that changed but still holds the tensors of the last full check (an entry the kernels do not read,
+    added by the user): its tensors are gathered and compared, no full check, and its new version is kept."""
+    twins = Twins("adamw", backend, "another entry")
+    twins.step(2)
+    for param in twins.params:
+        twins.ours.state[param]["note"] = torch.zeros(1)
+    twins.step(3)
+    assert full_checks == [2] and comparisons == {"unchanged": 3, "matches": 1}
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_without_a_dict_version_reader_reused_steps_gather_and_compare(backend, full_checks, comparisons, monkeypatch):
+    monkeypatch.setattr(step_signature, "_dict_version", None)
+    twins = Twins("adamw", backend, "no versions")
+    twins.step(2)
+    twins.step(2, in_place=False)
+    for param, twin in zip(twins.params, twins.expected, strict=True):
+        replacement = twins.ours.state[param]["exp_avg"] * 0.5
+        twins.ours.state[param]["exp_avg"] = replacement
+        twins.theirs.state[twin]["exp_avg"] = replacement.clone()
+    twins.step(2)
+    # Every step after the first compares (the one after the new moments finds them changed: a full check).
+    assert full_checks == [2, 2] and comparisons == {"unchanged": 0, "matches": 5}
+    twins.assert_match()
