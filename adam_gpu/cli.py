@@ -12,7 +12,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from adam_gpu import __version__, dispatch
+from adam_gpu import __version__, dispatch, step_signature
 from adam_gpu.bench import command as bench_command
 from adam_gpu.bench import tune_command
 from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES
@@ -62,6 +62,7 @@ def info(console: Console) -> None:
         console.print(f"CUDA devices: {torch.cuda.device_count()}, torch built for CUDA {torch.version.cuda}")
     else:
         console.print("CUDA: no device visible (torch.cuda.is_available() is False); only the CPU row applies")
+    console.print(f"Reused steps (tensors unchanged since the last full check): {step_signature.reuse_description()}")
     table = Table(title="Backends: available for float32/float16/bfloat16 params, or why not")
     table.add_column("device")
     for name in dispatch.BACKENDS:

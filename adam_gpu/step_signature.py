@@ -88,6 +88,15 @@ def _dict_version_reader() -> Callable[[dict], int] | None:
 _dict_version = _dict_version_reader()
 
 
+def reuse_description() -> str:
+    """How FusedAdam tells a step whose tensors are those of its group's last full check, here (adam-gpu info)."""
+    if _tensor_guards_type() is None:
+        return "none: every step takes the full checks (this torch has no TensorGuards)"
+    if _dict_version is None:
+        return "a step's tensors are gathered and compared (this torch's dict_version is missing or failed its check)"
+    return "by the state dicts' version tags (torch's dict_version), then addresses and TensorGuards"
+
+
 def state_versions(states: Sequence[Mapping[str, Any]]) -> list[int] | None:
     """The version tags of these state dicts, or None where they cannot be read (no usable reader, or a state
     that is not exactly a dict: a missing one, a user's mapping)."""

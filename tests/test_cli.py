@@ -90,6 +90,7 @@ def test_main_info_in_process(capsys: pytest.CaptureFixture[str], monkeypatch: p
     output = capsys.readouterr().out
     assert f"torch {torch.__version__}" in output
     assert all(name in output for name in dispatch.BACKENDS), output
+    assert "Reused steps (tensors unchanged since the last full check): by the state dicts' version tags" in output
 
 
 @pytest.mark.parametrize("argv", [["no-such-command"], []], ids=["unknown", "missing"])
