@@ -130,19 +130,20 @@ publish
 
 if selected tests; then
   # The tests that run on the GPU (every file but those tests/test_run_gpu.py names CPU-only, with why), the
-  # one-step grid (1480 cases) and the property tests last: they take the longest (the property tests compile
-  # the most specializations), and a timeout should cut only them. With
+  # one-step grid (1480 cases) and the property tests late: they take the longest (the property tests compile
+  # the most specializations), and a timeout should cut only them; after them the training runs and the
+  # torch.compile tests, which have not run on a GPU yet (inductor's compiles: time unknown). With
   # pytest-xdist (the GPU image has it) one worker per two cores, at most 8, share the GPU; the tests of more
   # than 2**31 elements (20+ GB each) stay in one worker (xdist_group "gpu-memory"), one at a time.
   gpu_tests="tests/test_gpu.py tests/test_multi_tensor.py tests/test_amp_capturable_clipping.py
     tests/test_master_weights.py tests/test_8bit.py tests/test_training.py tests/test_optimizer_api.py
     tests/test_step_cache.py tests/test_bad_input.py tests/test_reference.py tests/test_faults.py
     tests/test_determinism.py tests/test_checkpoint.py tests/test_capture.py tests/test_quantization.py
-    tests/test_convergence.py tests/test_compile.py tests/test_step.py tests/test_properties.py"
+    tests/test_step.py tests/test_properties.py tests/test_convergence.py tests/test_compile.py"
   # Each worker's torch gets its share of the cores for its CPU work (the float64 references); by default every
   # worker takes them all. In the first H200 run (without this) one-step tests took 10-14 s each where one takes
-  # 0.15 s alone on a CPU, and 2 of the 16 files were reached in 190 s: oversubscribed OpenMP threads are the
-  # likely cause, not yet confirmed. --durations lists the slowest tests in tests.log.
+  # 0.15 s alone on a CPU, and 2 of the 16 files were reached in 190 s; with it, the second run's whole list took
+  # 60 s. --durations lists the slowest tests in tests.log.
   parallel=()
   if python -c "import xdist" 2>/dev/null; then
     workers=$(($(nproc) / 2)); workers=$((workers > 8 ? 8 : workers < 1 ? 1 : workers))
