@@ -98,11 +98,15 @@ def reuse_description() -> str:
 
 
 def state_versions(states: Sequence[Mapping[str, Any]]) -> list[int] | None:
-    """The version tags of these state dicts, or None where they cannot be read (no usable reader, or a state
-    that is not exactly a dict: a missing one, a user's mapping)."""
+    """The version tags of these state dicts, or None where they cannot be read (no usable reader, a state that
+    is not exactly a dict: a missing one, a user's mapping; or the reader failing, as torch's does on Python 3.12
+    where it cannot add its dict watcher)."""
     if _dict_version is None or set(map(type, states)) != {dict}:
         return None
-    return list(map(_dict_version, states))
+    try:
+        return list(map(_dict_version, states))
+    except Exception:  # (a private reader: whatever it raises means no versions)
+        return None
 
 
 @dataclass(frozen=True)

@@ -503,3 +503,18 @@ def test_without_a_dict_version_reader_reused_steps_gather_and_compare(backend, 
     # Every step after the first compares (the one after the new moments finds them changed: a full check).
     assert full_checks == [2, 2] and comparisons == {"unchanged": 0, "matches": 5}
     twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_dict_version_reader_that_fails_mid_training_leaves_steps_gathering(backend, full_checks, monkeypatch):
+    """torch's reader raises on Python 3.12 where it cannot add its dict watcher: steps then gather and compare."""
+    twins = Twins("adamw", backend, "reader fails")
+    twins.step(2)
+
+    def failing(state: dict) -> int:
+        raise RuntimeError("failed to add version watcher to dict!")
+
+    monkeypatch.setattr(step_signature, "_dict_version", failing)
+    twins.step(2, in_place=False)
+    assert full_checks == [2]
+    twins.assert_match()
