@@ -58,6 +58,7 @@ class LaunchConfig:
 launch_config: Override[LaunchConfig] = Override("adam_gpu.backends.cupy.launch_config")
 
 
+@functools.cache  # (built once: its validation is a few microseconds of every step)
 def default_launch_config(device: torch.device) -> LaunchConfig:
     return LaunchConfig()
 
