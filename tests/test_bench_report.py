@@ -379,8 +379,9 @@ def test_runs_merge_into_one_pair_by_pair(run: Run, tmp_path: Path) -> None:
     # The rerun measured one pair the first run had too: its records replace the first run's.
     again = _find(run, "adam-gpu triton", "flat 2^24", "fp32")
     rerun.records.append(dataclasses.replace(again, median_ms=again.median_ms * 2))
+    stopped.elapsed_s, rerun.elapsed_s = 100.0, 20.0
     merged = Run.merged([stopped, rerun])
-    assert merged.not_measured == [] and merged.time_limit_s is None
+    assert merged.not_measured == [] and merged.time_limit_s is None and merged.elapsed_s == 120.0
     key = lambda r: (r.case, r.policy, r.contender)  # noqa: E731
     kept = [key(r) for r in run.records if (r.case, r.policy) != ("flat 2^24", "fp32")]
     assert sorted(map(key, merged.records)) == sorted([*kept, key(again)]), "each pair from the last run measuring it"

@@ -86,7 +86,7 @@ class Run:
         """One run of several on one device and software (a run its time limit stopped, and reruns of the pairs
         it left): each (case, policy) pair's records from the last run that measured it, so that speed-ups stay
         within one run; each record keeps the % of copy bandwidth of its own run. The environment and copy
-        bandwidth are the first run's; ``merged_from`` lists them all."""
+        bandwidth are the first run's; ``merged_from`` lists them all; ``elapsed_s`` is their sum."""
         if not runs:
             raise ValueError("no runs to merge")
         keys = ("device", "device_type", "adam_gpu", "torch", "triton", "cupy", "quick")
@@ -111,6 +111,7 @@ class Run:
             copy_gbps=runs[0].copy_gbps,
             records=[record for records in by_pair.values() for record in records],
             time_limit_s=runs[0].time_limit_s if left else None,
+            elapsed_s=None if any(run.elapsed_s is None for run in runs) else sum(run.elapsed_s for run in runs),
             not_measured=list(dict.fromkeys(left)),
             merged_from=parts,
         )
