@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU and torch, triton and cupy already installed (no network, no pip): the GPU
-# tests, the full benchmark and the launch-configuration sweep, in one command that ends within a budget.
+# tests and the full benchmark, and where named the launch-configuration sweep, in one command that ends within
+# a budget.
 #
-#   benchmarks/run_gpu.sh OUTDIR [tests] [bench] [tune]      (no phase named: all three, in that order)
+#   benchmarks/run_gpu.sh OUTDIR [tests] [bench] [tune]      (no phase named: tests and bench, in that order)
 #   RUN_GPU_BUDGET_S=540 (default): seconds for the whole script
 #   RUN_GPU_TESTS: the test files to run instead of the GPU list below
 #   RUN_GPU_PROFILE_S=90 (default): seconds for the host-time profiles run with the bench (0: none)
@@ -10,7 +11,9 @@
 #   script: RUN_GPU_BENCH_ARGS="--quick --device cpu" RUN_GPU_TUNE_ARGS="--quick --device cpu" TRITON_INTERPRET=1)
 #
 # Made for a lent GPU whose session has 15 minutes of device time, the machine's start included, and 10
-# minutes a command: one call with timeout_s=600 runs everything, and what it measured comes back even where
+# minutes a command: one call with timeout_s=600 runs the tests and the whole benchmark (the second H200 run,
+# with the sweep as well, measured 40 of the 48 pairs: the sweep is named only where its constants are in
+# question, e.g. `run_gpu.sh OUT tune` on a still-warm machine), and what it measured comes back even where
 # a phase is cut short. Each phase ends by its own time limit, leaving the later phases their minimum
 # (bench 150 s, tune 90 s); a phase run alone gets the whole budget. The benchmark starts its headline cases
 # first and starts no case after its limit; the sweep measures each backend's default first, then the
@@ -25,7 +28,7 @@ set -uo pipefail
 out="$(mkdir -p "${1:?usage: benchmarks/run_gpu.sh OUTDIR [tests] [bench] [tune]}" && cd "$1" && pwd)"
 shift
 phases=("$@")
-[ ${#phases[@]} -eq 0 ] && phases=(tests bench tune)
+[ ${#phases[@]} -eq 0 ] && phases=(tests bench)
 for phase in "${phases[@]}"; do
   case "$phase" in tests | bench | tune) ;; *) echo "unknown phase '$phase': tests, bench, tune" >&2; exit 2 ;; esac
 done

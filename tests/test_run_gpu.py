@@ -34,7 +34,7 @@ def _run_gpu(out: Path, *phases: str, **env: str) -> subprocess.CompletedProcess
 @pytest.fixture(scope="module")
 def whole_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-run")
-    result = _run_gpu(out, RUN_GPU_TESTS="tests/test_reference.py tests/test_gpu.py")
+    result = _run_gpu(out, "tests", "bench", "tune", RUN_GPU_TESTS="tests/test_reference.py tests/test_gpu.py")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout
 
@@ -82,6 +82,19 @@ def test_a_phase_alone_gets_the_whole_budget_and_leaves_its_files(tmp_path):
     assert start + interrupted in (199 - 10 - 20, 200 - 10 - 20)
     assert {path.name for path in tmp_path.iterdir()} == LOGS
     assert "- tests: exit 0" in (tmp_path / "summary.md").read_text()
+
+
+def test_without_phases_named_it_runs_the_tests_and_the_whole_benchmark(tmp_path):
+    """The sweep only where named: the benchmark then has the budget left after the tests, less 10 s."""
+    result = _run_gpu(tmp_path, RUN_GPU_TESTS="tests/test_reference.py")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    starts = re.findall(r"== (\w+) at (\d+) s \(.*?(?:interrupted|killed) at (\d+) s\)", result.stdout)
+    assert [name for name, _, _ in starts] == ["tests", "bench"]
+    _, start, kill = starts[1]
+    assert int(start) + int(kill) in (529, 530)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "- tests: exit 0" in summary and "- bench: exit 0" in summary and "tune" not in summary
+    assert {path.name for path in tmp_path.iterdir()} == RETURNED - {"tune.json", "tune.md"}
 
 
 def test_an_unknown_phase_is_refused(tmp_path):
