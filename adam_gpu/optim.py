@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
@@ -54,12 +55,10 @@ _eager_under_torch_compile = getattr(torch, "_disable_dynamo", torch.compiler.di
 
 @dataclass
 class _Gathered:
-    """A group's tensors as the kernels take them, and its step counts; for a step that matched its group's
-    _Prepared, the params' dtypes as they were then (TensorGuards saw them unchanged)."""
+    """A group's tensors as the kernels take them, and its step counts."""
 
     tensors: StepTensors
     steps: list[torch.Tensor]
-    dtypes: set[torch.dtype] | None = None
 
 
 @dataclass
@@ -76,6 +75,9 @@ class _Prepared:
     step_buffer: torch.Tensor | None  # functional.shared_step_buffer of the group's step counts
     dtypes: set[torch.dtype]  # of the params
     memo: dict = field(default_factory=dict)
+    # The backend dispatch.resolve gave a reused step, by what else it depends on (the optimizer's backend, the
+    # environment's, 8-bit moments): the dtypes and device are those of the full check (TensorGuards saw them).
+    resolved: tuple[tuple, tuple[str, ModuleType]] | None = None
 
 
 @dataclass
@@ -286,8 +288,14 @@ class FusedAdam(Optimizer):
             raise TypeError("state_dtype='8bit' is not supported for DTensor params (FSDP2): use None or torch.float32")
         eight_bit = group["state_dtype"] == EIGHT_BIT_STATE and any(p.numel() >= SMALL_TENSOR for p in params)
         features = {EIGHT_BIT} if eight_bit else set()
-        dtypes = reused.dtypes if reused is not None else {p.dtype for p in params}
-        name, backend = dispatch.resolve(self.backend, params[0].device, dtypes, features)
+        if reused is None:
+            name, backend = dispatch.resolve(self.backend, params[0].device, {p.dtype for p in params}, features)
+            return _GroupPlan(group, params, hp, name, backend, reused)
+        prepared = self._prepared[id(group)]
+        key = (self.backend, os.environ.get(dispatch.BACKEND_ENV_VAR), eight_bit)
+        if prepared.resolved is None or prepared.resolved[0] != key:
+            prepared.resolved = (key, dispatch.resolve(self.backend, params[0].device, prepared.dtypes, features))
+        name, backend = prepared.resolved[1]
         return _GroupPlan(group, params, hp, name, backend, reused)
 
     def _check_tensors(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
@@ -329,7 +337,7 @@ class FusedAdam(Optimizer):
         try:
             if versions is not None and versions == signature.state_versions:  # the same dicts, unchanged
                 found = step_signature.unchanged(signature, params, list(map(_grad, params)), states)
-                return None if found is None else _Gathered(*found, prepared.dtypes)
+                return None if found is None else _Gathered(*found)
             gathered = _gather(group, params, states)
             if not step_signature.matches(signature, gathered.tensors, gathered.steps):
                 return None
@@ -338,7 +346,6 @@ class FusedAdam(Optimizer):
         # A dict that changed but holds the tensors of the last full check (an entry the kernels do not read,
         # say): the next steps compare its new version.
         prepared.signature = dataclasses.replace(signature, state_versions=versions)
-        gathered.dtypes = prepared.dtypes
         return gathered
 
     def _prepare(self, plan: _GroupPlan, clip_coefficient: torch.Tensor | None) -> Callable[[], None]:

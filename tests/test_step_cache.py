@@ -26,7 +26,7 @@ from support import (
     snapshot,
 )
 
-from adam_gpu import FusedAdam, optim, step_signature
+from adam_gpu import FusedAdam, dispatch, optim, step_signature
 from adam_gpu.backends import tensor_table
 
 OPTIONS = dict(lr=1e-2, weight_decay=0.1)
@@ -517,4 +517,22 @@ def test_a_dict_version_reader_that_fails_mid_training_leaves_steps_gathering(ba
     monkeypatch.setattr(step_signature, "_dict_version", failing)
     twins.step(2, in_place=False)
     assert full_checks == [2]
+    twins.assert_match()
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_backend_chosen_anew_between_reused_steps_runs_them(backend, full_checks, monkeypatch):
+    """A reused step keeps the backend dispatch chose for it, until what it depends on changes: the optimizer's
+    ``backend`` or the ADAM_GPU_BACKEND environment variable."""
+    monkeypatch.delenv(dispatch.BACKEND_ENV_VAR, raising=False)
+    twins = Twins("adamw", backend, "backend anew")
+    twins.step(2)
+    assert twins.ours.selected_backends == [backend]
+    twins.ours.backend = "torch"
+    twins.step(1)
+    assert twins.ours.selected_backends == ["torch"]
+    twins.ours.backend = "auto"
+    monkeypatch.setenv(dispatch.BACKEND_ENV_VAR, backend)
+    twins.step(2)
+    assert twins.ours.selected_backends == [backend] and full_checks == [2]
     twins.assert_match()
