@@ -113,7 +113,9 @@ def state_versions(states: Sequence[Mapping[str, Any]]) -> list[int] | None:
 class StepSignature:
     """What a full check passed (see the module docstring)."""
 
-    masks: list  # per list of StepTensors.lists(): its length, or its None mask where some are None
+    # Per list of StepTensors.lists(): its length where every entry is a tensor, minus its length where every
+    # entry is None (masters, absmaxes of a plain group), else its None mask.
+    masks: list
     kept: list[weakref.ref]  # every tensor but the grads, in the lists' order (weakly: see the module docstring)
     addresses: list[int]  # the data_ptr of each of ``kept``, then of each step count
     guards: Any  # torch's TensorGuards over ``kept`` and then the grads
@@ -127,7 +129,10 @@ def _split(tensors: StepTensors) -> tuple[list, list[torch.Tensor], list[torch.T
     grads: list[torch.Tensor] = []
     for values in tensors.lists():
         present = [t for t in values if t is not None]
-        masks.append(len(values) if len(present) == len(values) else [t is None for t in values])
+        if len(present) == len(values):
+            masks.append(len(values))
+        else:
+            masks.append([t is None for t in values] if present else -len(values))
         (grads if values is tensors.grads else kept).extend(present)
     return masks, kept, grads
 
@@ -192,9 +197,11 @@ def unchanged(
     lists: list[Sequence[torch.Tensor | None]] = [params, grads]
     at = count  # (the params come first in kept)
     for mask in expected.masks[2:]:
-        if isinstance(mask, int):
+        if isinstance(mask, int) and mask >= 0:
             lists.append(kept[at : at + mask])
             at += mask
+        elif isinstance(mask, int):
+            lists.append([None] * -mask)
         else:
             present = iter(kept[at:])
             lists.append([None if absent else next(present) for absent in mask])

@@ -14,6 +14,7 @@ from collections import OrderedDict
 import pytest
 import torch
 from support import (
+    DEVICE,
     OPTIMIZERS,
     assert_close_relative,
     assert_unchanged,
@@ -28,6 +29,8 @@ from support import (
 
 from adam_gpu import FusedAdam, dispatch, optim, step_signature
 from adam_gpu.backends import tensor_table
+from adam_gpu.quantization import SMALL_TENSOR
+from adam_gpu.step_tensors import EIGHT_BIT
 
 OPTIONS = dict(lr=1e-2, weight_decay=0.1)
 
@@ -536,3 +539,40 @@ def test_a_backend_chosen_anew_between_reused_steps_runs_them(backend, full_chec
     twins.step(2)
     assert twins.ours.selected_backends == [backend] and full_checks == [2]
     twins.assert_match()
+
+
+def _layout_run(backend: str, options: dict, steps: int = 4) -> list[torch.Tensor]:
+    """Params and state after ``steps`` steps (new grads each) of one group whose params differ in layout: fp32 and
+    bf16 params, small and large (with 8-bit moments, only the large ones are quantized)."""
+    generator = seeded_generator("layouts", backend, *options)
+    shapes_and_dtypes = [
+        (5, torch.float32),
+        (300, torch.bfloat16),
+        (SMALL_TENSOR + 17, torch.bfloat16),
+        (7, torch.bfloat16),
+    ]
+    params = [random_tensor(generator, size, dtype=dtype) for size, dtype in shapes_and_dtypes]
+    optimizer = FusedAdam(params, lr=1e-2, weight_decay=0.1, decoupled_weight_decay=True, backend=backend, **options)
+    for _ in range(steps):
+        for param in params:
+            param.grad = random_tensor(generator, *param.shape, dtype=param.dtype)
+        optimizer.step()
+    return [*params, *(t for p in params for t in optimizer.state[p].values())]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("options", [{"master_weights": True}, {"state_dtype": "8bit"}], ids=["masters", "8bit"])
+def test_reused_steps_of_params_of_several_layouts_equal_full_checks(backend, options, comparisons, monkeypatch):
+    """Lists with some entries None (a master for the bf16 params only; absmaxes for the large ones only) and
+    lists all None are rebuilt as they were gathered: bit for bit the steps that took the full checks."""
+    dtypes = [torch.float32, torch.bfloat16]
+    if dispatch.unavailable_reason(backend, DEVICE, dtypes, {EIGHT_BIT} if "state_dtype" in options else ()):
+        pytest.skip(f"backend {backend} cannot run these params here")
+    with monkeypatch.context() as without_reuse:
+        without_reuse.setattr(step_signature, "_tensor_guards_type", lambda: None)
+        expected = _layout_run(backend, options)
+    assert comparisons == {"unchanged": 0, "matches": 0}
+    reused = _layout_run(backend, options)
+    assert comparisons == {"unchanged": 3, "matches": 0}
+    for index, (ours, theirs) in enumerate(zip(reused, expected, strict=True)):
+        assert torch.equal(ours, theirs), f"tensor {index}"
