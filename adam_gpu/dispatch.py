@@ -51,7 +51,8 @@ BACKENDS: dict[str, Backend] = {
 # configurations were tuned): triton leads fp32 params (GPT-2 124M 0.861 ms a step vs cupy's 0.922, Llama-3.2-1B
 # 8.36 vs 8.94) and 8-bit moments (0.904 vs 1.41, 8.70 vs 13.7); cupy leads 16-bit params (0.637 vs 0.843, 4.72
 # vs 5.72, ResNet-50 as a CUDA graph 0.113 vs 0.148; the tuned triton still trailed it on one bf16 tensor of
-# 2^28 elements, 1.04 ms vs 0.98).
+# 2^28 elements, 1.04 ms vs 0.98). With the tuned configurations (benchmarks/results/2026-11-26-h200-tuned) the
+# order holds: fp32 triton 0.835 vs 0.894 and 8.14 vs 8.78, 8-bit 0.923 vs 1.37, bf16 cupy 0.471 vs 0.545.
 FP32_PARAMS, SIXTEEN_BIT_PARAMS, EIGHT_BIT_MOMENTS = "fp32 params", "16-bit params", EIGHT_BIT
 AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
     ("cuda", FP32_PARAMS): ("triton", "cupy", "torch"),

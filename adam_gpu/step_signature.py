@@ -168,7 +168,7 @@ def matches(expected: StepSignature, tensors: StepTensors, steps: Sequence[torch
     masks, kept, grads = _split(tensors)
     return (
         masks == expected.masks
-        and all(map(is_, kept, [alive() for alive in expected.kept]))  # (0.12 ms for 3000 tensors)
+        and all(map(is_, kept, map(_alive, expected.kept)))  # (0.12 ms for 3000 tensors)
         and list(map(_data_ptr, chain(kept, steps))) == expected.addresses
         and expected.guards.check(*kept, *grads)
     )

@@ -48,9 +48,8 @@ class TensorTable:
     chunk_offsets: torch.Tensor  # int64 [T + 1]
     n_tensors: int
     n_chunks: int
-    host: (
-        torch.Tensor
-    )  # pointers, numels and chunk offsets on the host (an eager step writes an unwritten table from it)
+    # Pointers, numels and chunk offsets on the host (an eager step writes an unwritten table from it).
+    host: torch.Tensor
     # The table whose device copy a graph that made this one (while capturing) reads at every replay: held here,
     # so that it lives as long as this one does (it may leave the cache and its launch's memo).
     source: TensorTable | None = None
