@@ -11,7 +11,7 @@ from adam_gpu import dispatch
 from adam_gpu.device_inputs import FOUND_INF, DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.sharded import local_tensors
-from adam_gpu.step_tensors import StepTensors
+from adam_gpu.step_tensors import StepTensors, check_step_count
 
 
 def fused_adam(
@@ -56,8 +56,9 @@ def fused_adam(
         exp_avg_absmaxes or [],
         exp_avg_sq_absmaxes or [],
     )
-    tensors.check(amsgrad)
+    written = tensors.check(amsgrad)
     check_state_steps(state_steps, len(tensors))
+    tensors.copy_grads(written.aliased_grads(tensors.grads))
     if not len(tensors):
         dispatch.check_backend_name(backend)
         return None
@@ -70,8 +71,7 @@ def check_state_steps(state_steps: Sequence[torch.Tensor], count: int) -> None:
     if len(state_steps) != count:
         raise ValueError(f"{count} params but {len(state_steps)} state_steps")
     for index, step in enumerate(state_steps):
-        if not isinstance(step, torch.Tensor) or step.numel() != 1:
-            raise TypeError(f"state_steps[{index}] must be a 1-element tensor (torch.optim's layout), got {step!r}")
+        check_step_count(step, f"state_steps[{index}]")
 
 
 def apply_step(
@@ -114,7 +114,7 @@ def apply_step(
     if step_buffer is not None:
         step_buffer.add_(1.0)
     elif counts:
-        torch._foreach_add_(counts, 1.0)
+        torch._foreach_add_(counts, 1)  # (an int: a count put in the state as an integer tensor steps as in torch)
 
 
 def shared_step_buffer(state_steps: Sequence[torch.Tensor]) -> torch.Tensor | None:

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import operator
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
@@ -30,7 +31,15 @@ from adam_gpu.quantization import SMALL_TENSOR
 from adam_gpu.sharded import any_dtensor, check_same_sharding, global_norm, is_dtensor, local_tensors
 from adam_gpu.state_layout import EIGHT_BIT_STATE, MASTER_KEYS, MOMENT_KEYS, QUANTIZED_KEYS, check_loadable
 from adam_gpu.step_signature import StepSignature
-from adam_gpu.step_tensors import EIGHT_BIT, StepTensors, check_grad, check_moment, check_one_device, check_param
+from adam_gpu.step_tensors import (
+    EIGHT_BIT,
+    StepTensors,
+    WrittenSpans,
+    check_param,
+    check_step_count,
+    memory_span,
+    overlapping,
+)
 
 STATE_DTYPES = (None, torch.float32, torch.bfloat16, EIGHT_BIT_STATE)
 # Group keys that torch.optim.Adam's state_dict may lack (older torch) or that only adam-gpu has.
@@ -74,7 +83,11 @@ class _Prepared:
     signature: StepSignature
     step_buffer: torch.Tensor | None  # functional.shared_step_buffer of the group's step counts
     dtypes: set[torch.dtype]  # of the params
+    written: WrittenSpans  # the memory the step writes: a new grad must not lie in it (aliased_grads)
+    grad_bytes: torch.Tensor  # int64: the span of each grad of the full check (new grads are alike: TensorGuards)
     memo: dict = field(default_factory=dict)
+    # Grad addresses of reused steps found outside ``written`` (the last few: backward reuses freed memory).
+    grads_apart: OrderedDict[tuple[int, ...], None] = field(default_factory=OrderedDict)
     # The backend dispatch.resolve gave a reused step, by what else it depends on (the optimizer's backend, the
     # environment's, 8-bit moments): the dtypes and device are those of the full check (TensorGuards saw them).
     resolved: tuple[tuple, tuple[str, ModuleType]] | None = None
@@ -90,6 +103,7 @@ class _GroupPlan:
     backend_name: str
     backend: ModuleType
     reused: _Gathered | None = None  # the tensors of a step that matched the group's _Prepared
+    written: WrittenSpans | None = None  # the memory a step that was checked in full writes (before new state)
 
 
 class FusedAdam(Optimizer):
@@ -202,7 +216,7 @@ class FusedAdam(Optimizer):
             _check_master_weights(group["master_weights"])
             for index, param in enumerate(group["params"]):
                 check_param(param, index)
-                _check_lean_master_param(group["master_weights"], param, index)
+            _check_lean_master_params(group["master_weights"], group["params"])
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -279,8 +293,7 @@ class FusedAdam(Optimizer):
         _check_state_dtype(group["state_dtype"], group["amsgrad"])
         _check_master_weights(group["master_weights"])
         reused = self._reusable(group, params)
-        if reused is None:
-            self._check_tensors(group, params)
+        written = self._check_tensors(group, params) if reused is None else None
         if is_capturing(params[0].device):
             _check_capturable(group, params, self.state)
         if group["state_dtype"] == EIGHT_BIT_STATE and any(is_dtensor(p) for p in params):
@@ -290,7 +303,7 @@ class FusedAdam(Optimizer):
         features = {EIGHT_BIT} if eight_bit else set()
         if reused is None:
             name, backend = dispatch.resolve(self.backend, params[0].device, {p.dtype for p in params}, features)
-            return _GroupPlan(group, params, hp, name, backend, reused)
+            return _GroupPlan(group, params, hp, name, backend, reused, written)
         prepared = self._prepared[id(group)]
         key = (self.backend, os.environ.get(dispatch.BACKEND_ENV_VAR), eight_bit)
         if prepared.resolved is None or prepared.resolved[0] != key:
@@ -298,31 +311,25 @@ class FusedAdam(Optimizer):
         name, backend = prepared.resolved[1]
         return _GroupPlan(group, params, hp, name, backend, reused)
 
-    def _check_tensors(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """Every check of the group's params, grads and state, naming the first bad tensor."""
-        tensors = [*params]
-        for index, param in enumerate(params):
-            check_param(param, index)
-            _check_lean_master_param(group["master_weights"], param, index)
-            check_grad(param, param.grad, index)
-            tensors.append(param.grad)
-            state = self.state.get(param, {})
-            for key in MOMENT_KEYS:
-                if key in state:
-                    check_moment(param, state[key], index)
-                    tensors.append(state[key])
-            for codes, absmax in QUANTIZED_KEYS.values():
-                if codes in state:
-                    check_moment(param, state[codes], index, state.get(absmax))
-                    tensors += [state[codes], state[absmax]]
-        check_one_device(tensors)
-        if any_dtensor(tensors):  # (one pass over the tensors where none is: hundreds of params a step)
-            for index, param in enumerate(params):
+    def _check_tensors(self, group: dict[str, Any], params: list[torch.Tensor]) -> WrittenSpans:
+        """Every check of the group's params, grads and state, naming the first bad tensor: what the step will
+        read and write (the state it creates aside) is checked as the kernels will be given it."""
+        _check_lean_master_params(group["master_weights"], params)
+        states = [self.state.get(param) or {} for param in params]
+        if any_dtensor(chain(params, map(_grad, params))):  # (first: the kernels see local shards, sharded alike)
+            for index, (param, state) in enumerate(zip(params, states, strict=True)):
                 check_same_sharding(param, param.grad, "grad", index)
-                state = self.state.get(param, {})
                 for key in MOMENT_KEYS:
                     if key in state:
                         check_same_sharding(param, state[key], key, index)
+        gathered = _gather(group, params, [_complete(state, index) for index, state in enumerate(states)])
+        # (Where a param has no state yet, its moments are created at its shape: None stands for them here.)
+        tensors = StepTensors(*(local_tensors(tensors) for tensors in gathered.tensors.lists()))
+        written = tensors.check(bool(group["amsgrad"]))
+        for index, step in enumerate(gathered.steps):
+            if step is not None:
+                check_step_count(step, f"the step count of param {index}")
+        return written
 
     def _reusable(self, group: dict[str, Any], params: list[torch.Tensor]) -> _Gathered | None:
         """The group's tensors when they match its _Prepared (so the checks would pass and no state is
@@ -337,11 +344,15 @@ class FusedAdam(Optimizer):
         try:
             if versions is not None and versions == signature.state_versions:  # the same dicts, unchanged
                 found = step_signature.unchanged(signature, params, list(map(_grad, params)), states)
-                return None if found is None else _Gathered(*found)
+                if found is None or not _grads_apart(prepared, found[0].grads):
+                    return None
+                return _Gathered(*found)
             gathered = _gather(group, params, states)
             if not step_signature.matches(signature, gathered.tensors, gathered.steps):
                 return None
         except (AttributeError, KeyError, RuntimeError, TypeError):
+            return None
+        if not _grads_apart(prepared, gathered.tensors.grads):
             return None
         # A dict that changed but holds the tensors of the last full check (an entry the kernels do not read,
         # say): the next steps compare its new version.
@@ -362,20 +373,31 @@ class FusedAdam(Optimizer):
         return functools.partial(apply_step, plan.backend, tensors, gathered.steps, plan.hp, device_inputs, buffer)
 
     def _gather_anew(self, plan: _GroupPlan) -> _Gathered:
-        """The group's tensors after creating its missing state; remembered (a _Prepared) for the next steps."""
+        """The group's tensors after creating its missing state; remembered (a _Prepared) for the next steps.
+        Grads that lie in memory the step writes are read from copies (StepTensors.copy_grads)."""
         fresh = [p for p in plan.params if not self.state.get(p)]
         new_steps = iter(_zero_steps(len(fresh), plan.group, plan.params[0].device))
         states = [self._state_for(p, plan.group, new_steps) for p in plan.params]
+        if plan.group["capturable"]:
+            _device_step_counts(plan.params, states)
         gathered = _gather(plan.group, plan.params, states)
         signature = step_signature.signature(gathered.tensors, gathered.steps, states)
+        # The kernels get plain tensors: a DTensor's local shard, which shares its storage (adam_gpu.sharded).
+        tensors = StepTensors(*(local_tensors(tensors) for tensors in gathered.tensors.lists()))
+        named = tensors.written()
+        written = plan.written
+        if written is None or len(named) != written.count:  # (state was created: its memory is written too)
+            written = WrittenSpans.of(sorted(memory_span(t) for _, t in named if t.numel()), len(named))
         self._prepared.pop(id(plan.group), None)
         if signature is not None:
             options = _layout_options(plan.group)
             dtypes = {p.dtype for p in plan.params}
-            prepared = _Prepared(plan.group, options, signature, shared_step_buffer(gathered.steps), dtypes)
+            grad_bytes = torch.tensor([memory_span(g)[1] - memory_span(g)[0] for g in tensors.grads])
+            buffer = shared_step_buffer(gathered.steps)
+            prepared = _Prepared(plan.group, options, signature, buffer, dtypes, written, grad_bytes)
             self._prepared[id(plan.group)] = prepared
-        # The kernels get plain tensors: a DTensor's local shard, which shares its storage (adam_gpu.sharded).
-        gathered.tensors = StepTensors(*(local_tensors(tensors) for tensors in gathered.tensors.lists()))
+        tensors.copy_grads(written.aliased_grads(tensors.grads))
+        gathered.tensors = tensors
         return gathered
 
     def _device_inputs(
@@ -509,12 +531,15 @@ def _check_master_weights(master_weights: object) -> None:
         raise ValueError(f"master_weights must be False, True or 'lean', got {master_weights!r}")
 
 
-def _check_lean_master_param(master_weights: object, param: torch.Tensor, index: int) -> None:
-    if master_weights == "lean" and param.dtype == torch.float16:
-        raise TypeError(
-            f"param {index} is float16: master_weights='lean' rebuilds fp32 from a bf16 param's bits; "
-            "use master_weights=True for float16 params"
-        )
+def _check_lean_master_params(master_weights: object, params: Iterable[torch.Tensor]) -> None:
+    if master_weights != "lean":
+        return
+    for index, param in enumerate(params):
+        if param.dtype == torch.float16:
+            raise TypeError(
+                f"param {index} is float16: master_weights='lean' rebuilds fp32 from a bf16 param's bits; "
+                "use master_weights=True for float16 params"
+            )
 
 
 def _check_capturable(group: dict[str, Any], params: list[torch.Tensor], state: dict) -> None:
@@ -539,6 +564,13 @@ def _check_capturable(group: dict[str, Any], params: list[torch.Tensor], state: 
                 f"{where} before param {index} has any state: the graph would create (zero) its moments again at "
                 "every replay. Take a step before capturing (a warm-up on a side stream), as torch.optim needs."
             )
+        step = state[param]["step"]
+        if step.dtype != torch.float32 or step.device != param.device:
+            raise RuntimeError(
+                f"{where}, but the step count of param {index} is {step.dtype} on {step.device}: the step reads "
+                f"float32 counts on {param.device}, and converting it would be frozen into the graph. Take an eager "
+                "step first (it converts the count)."
+            )
 
 
 def _check_state_dtype(state_dtype: object, amsgrad: bool = False) -> None:
@@ -550,6 +582,16 @@ def _check_state_dtype(state_dtype: object, amsgrad: bool = False) -> None:
         raise ValueError("amsgrad with 8-bit moments is not supported: use state_dtype=None or torch.float32")
 
 
+def _device_step_counts(params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
+    """A capturable step reads each step count on the device as float32 (torch's capturable layout): one put in
+    the state as another dtype or elsewhere (an integer count, a float64 or float16 one, one on the host) is
+    converted, its value kept."""
+    for param, state in zip(params, states, strict=True):
+        step = state["step"]
+        if step.dtype != torch.float32 or step.device != param.device or step.dim() != 0:
+            state["step"] = step.detach().reshape(()).to(param.device, torch.float32)
+
+
 def _zero_steps(count: int, group: dict[str, Any], device: torch.device) -> list[torch.Tensor]:
     """``count`` new step counts, views of one tensor, which a step reads and increments in one op each
     (functional.shared_step_buffer): float32 on the device in a capturable group (torch's capturable layout), else
@@ -559,11 +601,33 @@ def _zero_steps(count: int, group: dict[str, Any], device: torch.device) -> list
 
 
 _grad = operator.attrgetter("grad")
+_data_ptr = torch.Tensor.data_ptr
+# Grad address sets a group keeps as found apart from the memory its step writes (_grads_apart).
+_GRADS_APART_KEPT = 8
+
+
+def _grads_apart(prepared: _Prepared, grads: list[torch.Tensor]) -> bool:
+    """Whether none of a reused step's grads lies in memory the step writes (then a full check copies it): known
+    for the addresses of recent steps, else found from the spans of the full check."""
+    pointers = tuple(map(_data_ptr, grads))
+    kept = prepared.grads_apart
+    if pointers in kept:
+        kept.move_to_end(pointers)
+        return True
+    starts = torch.tensor(pointers, dtype=torch.int64)
+    if bool(overlapping(prepared.written, starts, prepared.grad_bytes).any()):
+        return False
+    kept[pointers] = None
+    if len(kept) > _GRADS_APART_KEPT:
+        kept.popitem(last=False)
+    return True
 
 
 def _gather(group: dict[str, Any], params: list[torch.Tensor], states: list[dict[str, torch.Tensor]]) -> _Gathered:
-    """The tensors of ``params`` and their ``states`` for the kernels (DTensors as they are)."""
-    fp32_master, lean_master = MASTER_KEYS[True], MASTER_KEYS["lean"]
+    """The tensors of ``params`` and their ``states`` for the kernels (DTensors as they are; None for an entry a
+    state lacks). A master is read under the key of the group's ``master_weights`` only: one left from another
+    mode is not the group's."""
+    master_key = MASTER_KEYS.get(group["master_weights"])
     tensors = StepTensors(
         params=params,
         grads=[p.grad for p in params],
@@ -571,10 +635,19 @@ def _gather(group: dict[str, Any], params: list[torch.Tensor], states: list[dict
         exp_avg_sqs=[s.get("exp_avg_sq", s.get("exp_avg_sq_codes")) for s in states],
         exp_avg_absmaxes=[s.get("exp_avg_absmax") for s in states],
         exp_avg_sq_absmaxes=[s.get("exp_avg_sq_absmax") for s in states],
-        max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if group["amsgrad"] else [],
-        masters=[s.get(fp32_master, s.get(lean_master)) for s in states],
+        max_exp_avg_sqs=[s.get("max_exp_avg_sq") for s in states] if group["amsgrad"] else [],
+        masters=[s.get(master_key) if p.dtype in HALF_DTYPES else None for p, s in zip(params, states, strict=True)],
     )
-    return _Gathered(tensors, [s["step"] for s in states])
+    return _Gathered(tensors, [s.get("step") for s in states])
+
+
+def _complete(state: dict[str, Any], index: int) -> dict[str, Any]:
+    """``state``, unless it is neither empty (a param's first step creates it) nor holds what every step reads."""
+    if state:
+        for key, codes in (("step", "step"), ("exp_avg", "exp_avg_codes"), ("exp_avg_sq", "exp_avg_sq_codes")):
+            if key not in state and codes not in state:
+                raise ValueError(f"the optimizer state of param {index} has no {key!r} (it has {sorted(state)})")
+    return state
 
 
 def _layout_options(group: dict[str, Any]) -> tuple:

@@ -71,8 +71,9 @@ class StepTensors:
         return list(zip(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, *(o or none for o in optional),
                         strict=True))  # fmt: skip
 
-    def check(self, amsgrad: bool) -> None:
-        """Raise TypeError/ValueError naming the first tensor a kernel must not be given."""
+    def check(self, amsgrad: bool) -> WrittenSpans:
+        """Raise TypeError/ValueError naming the first tensor a kernel must not be given; else return the memory
+        the step writes (``WrittenSpans.aliased_grads`` then tells the grads to read from copies)."""
         lists = {"grads": self.grads, "exp_avgs": self.exp_avgs, "exp_avg_sqs": self.exp_avg_sqs}
         if amsgrad:
             lists["max_exp_avg_sqs"] = self.max_exp_avg_sqs
@@ -83,15 +84,167 @@ class StepTensors:
                                ("exp_avg_sq_absmaxes", self.exp_avg_sq_absmaxes)):  # fmt: skip
             if optional and len(optional) != len(self.params):
                 raise ValueError(f"{len(self.params)} params but {len(optional)} {name}")
-        for index, (param, grad, exp_avg, exp_avg_sq, maximum, master, *absmaxes) in enumerate(self.per_tensor()):
-            check_param(param, index)
-            check_grad(param, grad, index)
-            moments = [exp_avg, exp_avg_sq, maximum][: 3 if amsgrad else 2]
-            for moment, absmax in zip(moments, [*absmaxes, None], strict=False):
-                check_moment(param, moment, index, absmax)
-            check_master(param, master, index)
-        masters = [m for m in self.masters if m is not None]
-        check_one_device(t for tensors in (self.params, *lists.values(), masters) for t in tensors)
+        for index, tensors in enumerate(self.per_tensor()):
+            if not amsgrad:
+                tensors = (*tensors[:4], None, *tensors[5:])
+            check_param_tensors(index, *tensors)
+        check_one_device(t for row in self.per_tensor() for t in row if t is not None)
+        named = self.written()
+        return WrittenSpans.of(check_disjoint(named), len(named))
+
+    def copy_grads(self, indices: Sequence[int]) -> None:
+        """Give the step copies of these grads to read (grads are never written, and are read as they were
+        before the step wrote anything: WrittenSpans.aliased_grads)."""
+        if indices:
+            grads = list(self.grads)
+            for index in indices:
+                grads[index] = grads[index].clone(memory_format=torch.contiguous_format)
+            self.grads = grads
+
+    def written(self) -> list[tuple[str, torch.Tensor]]:
+        """Every tensor the step writes, named as the errors name them."""
+        named = []
+        for index, (param, _, *state) in enumerate(self.per_tensor()):
+            named.append((f"param {index}", param))
+            roles = zip(STATE_ROLES, state, strict=True)
+            named += [(f"optimizer state {index} ({role})", t) for role, t in roles if t is not None]
+        return named
+
+
+# The roles of the tensors after param and grad in StepTensors.per_tensor(), as errors name them.
+STATE_ROLES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "exp_avg absmax", "exp_avg_sq absmax")
+
+
+def check_param_tensors(
+    index: int,
+    param: object,
+    grad: object,
+    exp_avg: object,
+    exp_avg_sq: object,
+    max_exp_avg_sq: object = None,
+    master: object = None,
+    exp_avg_absmax: object = None,
+    exp_avg_sq_absmax: object = None,
+) -> None:
+    """Every check of one param's tensors (None: a tensor the step does not use), naming the first bad one:
+    what a kernel reads and writes must have the param's numel and shape, a dtype it stores, one dtype for the
+    moments, and a layout it can write."""
+    check_param(param, index)
+    check_grad(param, grad, index)
+    moments = [m for m in (exp_avg, exp_avg_sq, max_exp_avg_sq) if m is not None]
+    for moment, absmax in zip(moments, (exp_avg_absmax, exp_avg_sq_absmax, None), strict=False):
+        check_moment(param, moment, index, absmax)
+    dtypes = {m.dtype for m in moments}
+    if len(dtypes) > 1:
+        roles = zip(STATE_ROLES, (exp_avg, exp_avg_sq, max_exp_avg_sq), strict=False)
+        names = ", ".join(f"{role} {m.dtype}" for role, m in roles if m is not None)
+        raise TypeError(f"optimizer state {index} mixes moment dtypes ({names}): a param's moments share one dtype")
+    if dtypes and not dtypes <= {param.dtype, torch.float32, torch.bfloat16, torch.uint8}:
+        raise TypeError(
+            f"optimizer state {index} has dtype {dtypes.pop()}: the moments of a {param.dtype} param are stored in "
+            "its dtype, float32 or bfloat16 (or as 8-bit codes)"
+        )
+    check_master(param, master, index)
+    written = zip(("param", *STATE_ROLES), (param, exp_avg, exp_avg_sq, max_exp_avg_sq, master, exp_avg_absmax,
+                                             exp_avg_sq_absmax), strict=True)  # fmt: skip
+    for what, tensor in written:
+        if tensor is not None:
+            check_writable(tensor, what, index)
+
+
+def check_writable(tensor: torch.Tensor, what: str, index: int) -> None:
+    """A tensor the step writes must not have elements that share memory (an expanded tensor): no write could
+    give each element its own value (torch's in-place ops refuse it too)."""
+    if not tensor.is_contiguous() and torch._debug_has_internal_overlap(tensor) == 1:
+        raise ValueError(
+            f"{what} {index} has elements that share memory (strides {tensor.stride()}, an expanded tensor?): "
+            "the step cannot write it; use a dense tensor (.contiguous())"
+        )
+
+
+def memory_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[start, end)`` that ``tensor``'s elements lie in (every stride is non-negative in torch)."""
+    start = tensor.data_ptr()
+    if tensor.is_contiguous():
+        return start, start + tensor.numel() * tensor.element_size()
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    return start, start + (last + 1) * tensor.element_size()
+
+
+def check_disjoint(named: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[int, int]]:
+    """No two tensors a step writes may share memory (a moment put in as another's, a param listed twice, two
+    views of one buffer that overlap): the step would write one with the other's values. Returns their memory
+    spans (``[start, end)`` bytes), sorted (and so disjoint but for interleaved views)."""
+    spans = sorted((*memory_span(t), index) for index, (_, t) in enumerate(named) if t.numel())
+    end, last = -1, -1
+    for start, next_end, index in spans:
+        if start < end and _share_elements(named[last][1], named[index][1]):
+            name, other = named[last][0], named[index][0]
+            raise ValueError(
+                f"{name} and {other} share memory: a step writes each of them, so neither could get its own "
+                "values (give each its own tensor)"
+            )
+        if next_end > end:
+            end, last = next_end, index
+    return [(start, end) for start, end, _ in spans]
+
+
+def overlapping(written: WrittenSpans, starts: torch.Tensor, nbytes: torch.Tensor) -> torch.Tensor:
+    """Which of the spans ``[starts, starts + nbytes)`` (int64 tensors on the host) overlap ``written``'s."""
+    ends = starts + nbytes
+    below = torch.searchsorted(written.starts, ends)  # the written spans that start before each one ends
+    return (below > 0) & (written.ends_so_far[below.clamp(min=1) - 1] > starts)
+
+
+@dataclass(frozen=True)
+class WrittenSpans:
+    """The memory a step writes (StepTensors.written): sorted span starts, and for each the largest end of the
+    spans up to it (int64 tensors on the host), to find at once which grads lie in it (``overlapping``)."""
+
+    starts: torch.Tensor
+    ends_so_far: torch.Tensor
+    count: int  # of the tensors written (those of no elements included)
+
+    @classmethod
+    def of(cls, spans: Sequence[tuple[int, int]], count: int | None = None) -> WrittenSpans:
+        """From sorted spans, of ``count`` tensors (default: one a span)."""
+        table = torch.tensor(spans or [(0, 0)], dtype=torch.int64).view(-1, 2)
+        return cls(
+            table[:, 0].contiguous(), torch.cummax(table[:, 1], dim=0).values, len(spans) if count is None else count
+        )
+
+    def aliased_grads(self, grads: Sequence[torch.Tensor]) -> list[int]:
+        """The indices of ``grads`` whose memory the step writes (a grad that is a view of a param, say): they
+        must be read from copies, or a kernel would read values the same step has written."""
+        starts = torch.tensor([g.data_ptr() for g in grads], dtype=torch.int64)
+        nbytes = torch.tensor([memory_span(g)[1] - memory_span(g)[0] for g in grads], dtype=torch.int64)
+        return overlapping(self, starts, nbytes).nonzero().flatten().tolist()
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors whose spans overlap have an element in common: only strided views of one storage
+    with one element size (two columns of a matrix, say) can interleave without sharing one."""
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    if a.element_size() != b.element_size() or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return True  # (views of other element sizes: told apart no further)
+    size = a.element_size()
+    low = min(memory_span(a)[0], memory_span(b)[0])
+    high = max(memory_span(a)[1], memory_span(b)[1])
+    elements = torch.arange((high - low) // size, device=a.device)  # (the elements of both spans, no more)
+
+    def offsets(t: torch.Tensor) -> torch.Tensor:
+        return elements.as_strided(t.shape, t.stride(), (t.data_ptr() - low) // size).flatten()
+
+    return bool(torch.isin(offsets(a), offsets(b)).any())
+
+
+def check_step_count(step: object, what: str) -> None:
+    """A step count as torch.optim keeps it: a 1-element tensor (torch's layout) of a real dtype (float32 as torch
+    creates it, or any float or integer dtype a user or an older checkpoint put there). ``what`` names it."""
+    valid = isinstance(step, torch.Tensor) and step.layout == torch.strided and not step.is_nested
+    if not valid or step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
+        raise TypeError(f"{what} must be a 1-element tensor of a real dtype (torch.optim's layout), got {step!r:.80}")
 
 
 # What a param's master tensor holds, by its dtype: 0 no master, 1 an fp32 copy, 2 the lean remainder.
@@ -107,10 +260,16 @@ def check_master(param: torch.Tensor, master: object, index: int) -> None:
         return
     if not isinstance(master, torch.Tensor) or master.dtype not in MASTER_MODES:
         raise TypeError(f"master {index} must be a float32 copy or an int16 remainder, got {master!r:.80}")
+    if master.layout != torch.strided or master.is_nested:
+        raise TypeError(f"master {index} has layout {master.layout}: masters must be dense")
     if master.shape != param.shape:
         raise ValueError(f"master {index} has shape {tuple(master.shape)} but its param {tuple(param.shape)}")
     if master.dtype == torch.int16 and param.dtype != torch.bfloat16:
         raise TypeError(f"master {index} is a lean remainder (int16), which only bf16 params have, not {param.dtype}")
+    if param.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"master {index} is a master copy, which only float16 and bfloat16 params have, not {param.dtype}"
+        )
 
 
 def check_one_device(tensors: Iterable[torch.Tensor]) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import itertools
+import os
 import shutil
 import subprocess
 import tempfile
@@ -36,6 +38,10 @@ CHUNKS_8BIT = [256, 768, 8192]  # 8-bit moments need whole quantization blocks p
 _next_grid = itertools.cycle(GRIDS).__next__
 _next_8bit_grid = itertools.cycle(GRIDS_8BIT).__next__
 _SHIM = Path(__file__).with_name("cuda_host_shim.h")
+# Set (to 1), the kernel is built with AddressSanitizer: a read or write outside a tensor stops the process with a
+# report (the process must load ASan's runtime first: tests/test_cuda_host_sanitized.py says how).
+SANITIZE_ENV = "ADAM_GPU_HOST_ASAN"
+BUILD_CACHE_ENV = "ADAM_GPU_HOST_BUILD_CACHE"  # a folder where processes share their builds (_build_dir)
 
 _DRIVER_HEAD = """\
 #include <thread>
@@ -102,7 +108,6 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
     """Build every specialization into one shared library (once per process); name expression -> entry (and
     NEAREST_CODES -> the nearest-code probe)."""
     names = cuda_source.all_name_expressions()
-    build = Path(tempfile.mkdtemp(prefix="adam-gpu-host-"))
     driver = (
         _DRIVER_HEAD.format(source=cuda_source.source_path())
         + _DRIVER_NEAREST_CODES
@@ -111,20 +116,15 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
             for index, name in enumerate(names)
         )
     )
-    (build / "driver.cpp").write_text(driver)
-    command = [
-        "g++",
-        "-std=c++17",
-        "-O1",
-        "-pthread",
-        "-shared",
-        "-fPIC",
-        f"-I{_SHIM.parent}",
-        "driver.cpp",
-        "-o",
-        "kernels.so",
-    ]
-    subprocess.run(command, cwd=build, check=True, capture_output=True, text=True)
+    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if os.environ.get(SANITIZE_ENV) else []
+    command = ["g++", "-std=c++17", "-O1", "-pthread", "-shared", "-fPIC", *sanitize, f"-I{_SHIM.parent}", "driver.cpp",
+               "-o", "kernels.so"]  # fmt: skip
+    build = _build_dir(driver + _SHIM.read_text() + cuda_source.source_path().read_text() + " ".join(command))
+    if not (build / "kernels.so").is_file():
+        (build / "driver.cpp").write_text(driver)
+        partial = f"kernels-{os.getpid()}.so"  # (renamed when whole: another process may be loading the library)
+        subprocess.run([*command[:-1], partial], cwd=build, check=True, capture_output=True, text=True)
+        os.replace(build / partial, build / "kernels.so")
     library = ctypes.CDLL(str(build / "kernels.so"))
     entries = {}
     for index, name in enumerate(names):
@@ -152,6 +152,17 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
     library.nearest_codes.restype = None
     entries[NEAREST_CODES] = library.nearest_codes
     return entries
+
+
+def _build_dir(inputs: str) -> Path:
+    """A new folder for the build, or where BUILD_CACHE_ENV names a folder, one there named by the hash of what the
+    build reads (so processes that build the same library build it once)."""
+    cache = os.environ.get(BUILD_CACHE_ENV)
+    if not cache:
+        return Path(tempfile.mkdtemp(prefix="adam-gpu-host-"))
+    build = Path(cache) / hashlib.sha256(inputs.encode()).hexdigest()[:16]
+    build.mkdir(parents=True, exist_ok=True)
+    return build
 
 
 NEAREST_CODES = "nearest_codes"  # (the entry of _library() that is not a kernel specialization)

@@ -309,6 +309,18 @@ def assert_unchanged(before: dict[str, object], named: dict[str, object]) -> Non
             assert torch.equal(_bits(value), _bits(old)), f"{name} was written"
 
 
+def assert_optimizers_match(ours: torch.optim.Optimizer, theirs: torch.optim.Optimizer, params, expected) -> None:
+    """Each of ``params`` close to its twin in ``expected``, and every state entry torch.optim (``theirs``) keeps
+    for the twin close to ours (compared in fp32 where ours keeps a count or moment in another dtype)."""
+    for index, (param, twin) in enumerate(zip(params, expected, strict=True)):
+        assert_close_relative(param, twin, f"param {index}")
+        for key, value in theirs.state[twin].items():
+            mine = ours.state[param][key]
+            if mine.dtype != value.dtype:
+                mine, value = mine.float(), value.float()
+            assert_close_relative(mine, value, f"{key} {index}")
+
+
 def new_grads(generator: torch.Generator, *param_lists: list[torch.Tensor]) -> None:
     """A fresh random grad for every param; the i-th params of all ``param_lists`` get equal (unshared) grads."""
     for params in zip(*param_lists, strict=True):

@@ -16,7 +16,7 @@ import torch
 from support import (
     DEVICE,
     OPTIMIZERS,
-    assert_close_relative,
+    assert_optimizers_match,
     assert_unchanged,
     backend_params,
     new_grads,
@@ -74,10 +74,7 @@ class Twins:
             self.theirs.step()
 
     def assert_match(self) -> None:
-        for index, (param, twin) in enumerate(zip(self.params, self.expected, strict=True)):
-            assert_close_relative(param, twin, f"param {index}")
-            for key, value in self.theirs.state[twin].items():
-                assert_close_relative(self.ours.state[param][key], value, f"{key} {index}")
+        assert_optimizers_match(self.ours, self.theirs, self.params, self.expected)
 
     def assert_refused(self, error: type[Exception], match: str) -> None:
         before = snapshot(optimizer_tensors(self.ours))
