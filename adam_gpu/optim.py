@@ -8,13 +8,11 @@ classes both ways. Extra arguments: ``backend`` (``"auto"``, ``"triton"``, ``"to
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import operator
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 from types import ModuleType
 from typing import Any
@@ -30,7 +28,7 @@ from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.quantization import SMALL_TENSOR
 from adam_gpu.sharded import any_dtensor, check_same_sharding, global_norm, is_dtensor, local_tensors
 from adam_gpu.state_layout import EIGHT_BIT_STATE, MASTER_KEYS, MOMENT_KEYS, QUANTIZED_KEYS, check_loadable
-from adam_gpu.step_signature import StepSignature
+from adam_gpu.step_signature import PreparedGroup
 from adam_gpu.step_tensors import (
     EIGHT_BIT,
     StepTensors,
@@ -38,7 +36,6 @@ from adam_gpu.step_tensors import (
     check_param,
     check_step_count,
     memory_span,
-    overlapping,
 )
 
 STATE_DTYPES = (None, torch.float32, torch.bfloat16, EIGHT_BIT_STATE)
@@ -71,29 +68,6 @@ class _Gathered:
 
 
 @dataclass
-class _Prepared:
-    """A group's tensors as gathered after their last full check. A later step whose tensors have the same
-    ``signature`` (adam_gpu.step_signature: grads may be new tensors, as after ``zero_grad()``) under the same
-    ``options`` (_layout_options) passes every check as they did and finds its state complete: it skips the
-    per-tensor checks (5 of the 10.5 ms of a 1000-tensor step), and the backend reuses what it derived from
-    them (``memo``, see StepTensors.memo)."""
-
-    group: dict[str, Any]
-    options: tuple
-    signature: StepSignature
-    step_buffer: torch.Tensor | None  # functional.shared_step_buffer of the group's step counts
-    dtypes: set[torch.dtype]  # of the params
-    written: WrittenSpans  # the memory the step writes: a new grad must not lie in it (aliased_grads)
-    grad_bytes: torch.Tensor  # int64: the span of each grad of the full check (new grads are alike: TensorGuards)
-    memo: dict = field(default_factory=dict)
-    # Grad addresses of reused steps found outside ``written`` (the last few: backward reuses freed memory).
-    grads_apart: OrderedDict[tuple[int, ...], None] = field(default_factory=OrderedDict)
-    # The backend dispatch.resolve gave a reused step, by what else it depends on (the optimizer's backend, the
-    # environment's, 8-bit moments): the dtypes and device are those of the full check (TensorGuards saw them).
-    resolved: tuple[tuple, tuple[str, ModuleType]] | None = None
-
-
-@dataclass
 class _GroupPlan:
     """What one group's step will do, decided before anything is written."""
 
@@ -102,7 +76,7 @@ class _GroupPlan:
     hp: AdamHyperparameters
     backend_name: str
     backend: ModuleType
-    reused: _Gathered | None = None  # the tensors of a step that matched the group's _Prepared
+    reused: _Gathered | None = None  # the tensors of a step that matched the group's PreparedGroup
     written: WrittenSpans | None = None  # the memory a step that was checked in full writes (before new state)
 
 
@@ -177,7 +151,7 @@ class FusedAdam(Optimizer):
         self.max_grad_norm = max_grad_norm
         # Name of the backend that ran each param group in the last step (None: no grads in it).
         self.selected_backends: list[str | None] = []
-        self._prepared: dict[int, _Prepared] = {}  # by id(group)
+        self._prepared: dict[int, PreparedGroup] = {}  # by id(group)
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -252,9 +226,9 @@ class FusedAdam(Optimizer):
         return loss
 
     def _forget_removed_groups(self) -> None:
-        """Drop what was kept for param groups no longer in ``param_groups``: a _Prepared holds its group (and so
+        """Drop what was kept for param groups no longer in ``param_groups``: a PreparedGroup holds its group (and so
         the group's params) and its tensor tables, which would otherwise stay in memory. (A kept group stays
-        alive with its _Prepared, so no new group can have its id.)"""
+        alive with its PreparedGroup, so no new group can have its id.)"""
         removed = self._prepared.keys() - {id(group) for group in self.param_groups}
         for key in removed:
             del self._prepared[key]
@@ -332,32 +306,13 @@ class FusedAdam(Optimizer):
         return written
 
     def _reusable(self, group: dict[str, Any], params: list[torch.Tensor]) -> _Gathered | None:
-        """The group's tensors when they match its _Prepared (so the checks would pass and no state is
-        missing); None otherwise, and for anything unusual (a missing state, a non-tensor, a sparse grad):
-        the full checks then say what is wrong."""
+        """The group's tensors when its last full check still holds for them (step_signature.reused); None
+        otherwise: the full checks then say what is wrong, if anything."""
         prepared = self._prepared.get(id(group))
         if prepared is None or prepared.group is not group or prepared.options != _layout_options(group):
             return None
-        states = list(map(self.state.get, params))
-        versions = step_signature.state_versions(states)
-        signature = prepared.signature
-        try:
-            if versions is not None and versions == signature.state_versions:  # the same dicts, unchanged
-                found = step_signature.unchanged(signature, params, list(map(_grad, params)), states)
-                if found is None or not _grads_apart(prepared, found[0].grads):
-                    return None
-                return _Gathered(*found)
-            gathered = _gather(group, params, states)
-            if not step_signature.matches(signature, gathered.tensors, gathered.steps):
-                return None
-        except (AttributeError, KeyError, RuntimeError, TypeError):
-            return None
-        if not _grads_apart(prepared, gathered.tensors.grads):
-            return None
-        # A dict that changed but holds the tensors of the last full check (an entry the kernels do not read,
-        # say): the next steps compare its new version.
-        prepared.signature = dataclasses.replace(signature, state_versions=versions)
-        return gathered
+        found = step_signature.reused(prepared, params, list(map(self.state.get, params)), _gather_lists)
+        return None if found is None else _Gathered(*found)
 
     def _prepare(self, plan: _GroupPlan, clip_coefficient: torch.Tensor | None) -> Callable[[], None]:
         """Create the group's missing state and gather its tensors; returns the launch, which writes."""
@@ -373,7 +328,7 @@ class FusedAdam(Optimizer):
         return functools.partial(apply_step, plan.backend, tensors, gathered.steps, plan.hp, device_inputs, buffer)
 
     def _gather_anew(self, plan: _GroupPlan) -> _Gathered:
-        """The group's tensors after creating its missing state; remembered (a _Prepared) for the next steps.
+        """The group's tensors after creating its missing state; remembered (a PreparedGroup) for the next steps.
         Grads that lie in memory the step writes are read from copies (StepTensors.copy_grads)."""
         fresh = [p for p in plan.params if not self.state.get(p)]
         new_steps = iter(_zero_steps(len(fresh), plan.group, plan.params[0].device))
@@ -391,11 +346,8 @@ class FusedAdam(Optimizer):
         self._prepared.pop(id(plan.group), None)
         if signature is not None:
             options = _layout_options(plan.group)
-            dtypes = {p.dtype for p in plan.params}
-            grad_bytes = torch.tensor([memory_span(g)[1] - memory_span(g)[0] for g in tensors.grads])
             buffer = shared_step_buffer(gathered.steps)
-            prepared = _Prepared(plan.group, options, signature, buffer, dtypes, written, grad_bytes)
-            self._prepared[id(plan.group)] = prepared
+            self._prepared[id(plan.group)] = PreparedGroup.of(plan.group, options, signature, tensors, buffer, written)
         tensors.copy_grads(written.aliased_grads(tensors.grads))
         gathered.tensors = tensors
         return gathered
@@ -601,26 +553,6 @@ def _zero_steps(count: int, group: dict[str, Any], device: torch.device) -> list
 
 
 _grad = operator.attrgetter("grad")
-_data_ptr = torch.Tensor.data_ptr
-# Grad address sets a group keeps as found apart from the memory its step writes (_grads_apart).
-_GRADS_APART_KEPT = 8
-
-
-def _grads_apart(prepared: _Prepared, grads: list[torch.Tensor]) -> bool:
-    """Whether none of a reused step's grads lies in memory the step writes (then a full check copies it): known
-    for the addresses of recent steps, else found from the spans of the full check."""
-    pointers = tuple(map(_data_ptr, grads))
-    kept = prepared.grads_apart
-    if pointers in kept:
-        kept.move_to_end(pointers)
-        return True
-    starts = torch.tensor(pointers, dtype=torch.int64)
-    if bool(overlapping(prepared.written, starts, prepared.grad_bytes).any()):
-        return False
-    kept[pointers] = None
-    if len(kept) > _GRADS_APART_KEPT:
-        kept.popitem(last=False)
-    return True
 
 
 def _gather(group: dict[str, Any], params: list[torch.Tensor], states: list[dict[str, torch.Tensor]]) -> _Gathered:
@@ -648,6 +580,14 @@ def _complete(state: dict[str, Any], index: int) -> dict[str, Any]:
             if key not in state and codes not in state:
                 raise ValueError(f"the optimizer state of param {index} has no {key!r} (it has {sorted(state)})")
     return state
+
+
+def _gather_lists(
+    group: dict[str, Any], params: list[torch.Tensor], states: list[dict[str, Any]]
+) -> tuple[StepTensors, list[torch.Tensor]]:
+    """_gather's tensors and step counts (step_signature.reused gathers with it)."""
+    gathered = _gather(group, params, states)
+    return gathered.tensors, gathered.steps
 
 
 def _layout_options(group: dict[str, Any]) -> tuple:

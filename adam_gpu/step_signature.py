@@ -1,4 +1,7 @@
-"""Whether a step's tensors are alike to those of its group's last full check (FusedAdam's reused step).
+"""Whether a step's tensors are alike to those of its group's last full check (FusedAdam's reused step), and the
+record of that check (``PreparedGroup``): the one place that decides what a step may skip. ``reused`` is the
+decision; torch's private APIs it relies on (TensorGuards, dict versions) are read here only, each with a fallback
+(every step takes the full checks, or gathers and compares) that the tests run.
 
 A step that hands the kernels the same param and state tensors as the last step whose every tensor was checked,
 alike in address, dtype, device, layout, shape and strides, and grads alike in all but their address
@@ -9,6 +12,8 @@ them and reuses its tensor tables. What a step reads to know it:
 - that every tensor but the grads is the same object, held by a weak reference: a tensor the user drops (state
   cleared or moved to the CPU, a group frozen) is freed, and a dead reference never matches;
 - their addresses and those of the step counts (``param.data = ...`` moves a tensor but keeps the object);
+- that no grad lies in memory the step writes (a grad that is a view of a param): the spans of the full check,
+  against each new set of grad addresses (``_grads_apart``);
 - torch's ``TensorGuards`` over all of them, step counts and grads included: the C++ check torch.compile runs on
   a compiled graph's inputs (type, dtype, device, dispatch keys, which tell dense from sparse, requires_grad, sizes and
   strides). For 1000 params (4000 tensors) it takes 0.2 ms where reading the same in Python took 1.9 ms.
@@ -31,17 +36,20 @@ TensorGuards (it is torch's own, not public API), ``signature`` is None: every s
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from operator import is_, itemgetter
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from adam_gpu.sharded import dtensor_type
-from adam_gpu.step_tensors import StepTensors
+from adam_gpu.step_tensors import LaunchMemo, StepTensors, WrittenSpans, memory_span, overlapping
 
 _data_ptr = torch.Tensor.data_ptr
 _alive = weakref.ref.__call__  # (operator.call from Python 3.11)
@@ -212,3 +220,90 @@ def unchanged(
             lists.append([None if absent else next(present) for absent in mask])
             at += mask.count(False)
     return StepTensors(*lists), steps
+
+
+# Grad address sets a group keeps as found apart from the memory its step writes (PreparedGroup.grads_apart).
+_GRADS_APART_KEPT = 8
+Gather = Callable[[dict, Sequence[torch.Tensor], Sequence[Mapping[str, Any]]], tuple[StepTensors, list[torch.Tensor]]]
+
+
+@dataclass
+class PreparedGroup:
+    """What a param group's last full check proved, kept for its next steps (FusedAdam): a later step whose
+    tensors have the same ``signature`` (grads may be new tensors, as after ``zero_grad()``, if they lie outside
+    the memory the step writes) under the same ``options`` (the group options that decide its state layout)
+    passes every check as they did and finds its state complete. It skips the per-tensor checks, and the
+    backends reuse what they derived from its tensors (``memo``)."""
+
+    group: dict[str, Any]
+    options: tuple
+    signature: StepSignature
+    step_buffer: torch.Tensor | None  # functional.shared_step_buffer of the group's step counts
+    dtypes: set[torch.dtype]  # of the params
+    written: WrittenSpans  # the memory the step writes: a new grad must not lie in it
+    grad_bytes: torch.Tensor  # int64: each grad's span at the full check (new grads are alike: TensorGuards)
+    memo: LaunchMemo = field(default_factory=LaunchMemo)
+    # Grad addresses of reused steps found outside ``written`` (the last few: backward reuses freed memory).
+    grads_apart: OrderedDict[tuple[int, ...], None] = field(default_factory=OrderedDict)
+    # The backend dispatch.resolve gave a reused step, by what else it depends on (the optimizer's backend, the
+    # environment's, 8-bit moments): the dtypes and device are those of the full check (TensorGuards saw them).
+    resolved: tuple[tuple, tuple[str, ModuleType]] | None = None
+
+    @classmethod
+    def of(
+        cls,
+        group: dict[str, Any],
+        options: tuple,
+        signature: StepSignature,
+        tensors: StepTensors,
+        step_buffer: torch.Tensor | None,
+        written: WrittenSpans,
+    ) -> PreparedGroup:
+        """The record of a full check that passed ``tensors`` (the kernels' plain tensors, grads as given)."""
+        grad_bytes = torch.tensor([end - start for start, end in map(memory_span, tensors.grads)], dtype=torch.int64)
+        return cls(group, options, signature, step_buffer, tensors.dtypes, written, grad_bytes)
+
+
+def reused(
+    prepared: PreparedGroup,
+    params: Sequence[torch.Tensor],
+    states: Sequence[Mapping[str, Any] | None],
+    gather: Gather,
+) -> tuple[StepTensors, list[torch.Tensor]] | None:
+    """The kernels' tensors and step counts of a step of ``prepared.group`` (``params`` with their ``states``)
+    whose last full check still holds for them; None where anything may have changed (or for anything unusual: a
+    missing state, a non-tensor), so that the full checks run. ``gather`` reads the lists from the states."""
+    versions = state_versions(states)
+    signature = prepared.signature
+    try:
+        if versions is not None and versions == signature.state_versions:  # the same dicts, unchanged
+            found = unchanged(signature, params, [p.grad for p in params], states)
+            return found if found is not None and _grads_apart(prepared, found[0].grads) else None
+        tensors, steps = gather(prepared.group, params, states)
+        if not matches(signature, tensors, steps):
+            return None
+    except (AttributeError, KeyError, RuntimeError, TypeError):
+        return None
+    if not _grads_apart(prepared, tensors.grads):
+        return None
+    # A dict that changed but holds the tensors of the last full check (an entry the kernels do not read, say):
+    # the next steps compare its new version.
+    prepared.signature = dataclasses.replace(signature, state_versions=versions)
+    return tensors, steps
+
+
+def _grads_apart(prepared: PreparedGroup, grads: Sequence[torch.Tensor]) -> bool:
+    """Whether none of a reused step's grads lies in memory the step writes (a full check then reads it from a
+    copy): known for the addresses of recent steps, else found from the spans of the full check."""
+    pointers = tuple(map(_data_ptr, grads))
+    kept = prepared.grads_apart
+    if pointers in kept:
+        kept.move_to_end(pointers)
+        return True
+    starts = torch.tensor(pointers, dtype=torch.int64)
+    if bool(overlapping(prepared.written, starts, prepared.grad_bytes).any()):
+        return False
+    kept[pointers] = None
+    if len(kept) > _GRADS_APART_KEPT:
+        kept.popitem(last=False)
+    return True

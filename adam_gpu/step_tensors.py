@@ -17,6 +17,18 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
+class LaunchMemo:
+    """Where the backends keep what they derive from a step's tensors' addresses, dtypes, shapes and layouts. A
+    caller passes the same memo again only with tensors alike in all of these, but for the grads, which may be
+    other tensors of the same dtypes, shapes and strides lying outside the memory the step writes (their
+    addresses and contiguity are read every step): FusedAdam does, while adam_gpu.step_signature proves it."""
+
+    # adam_gpu.backends.tensor_table's launches (their tables), by (chunk, amsgrad, device step counts).
+    launches: dict[tuple[int, bool, bool], list] = field(default_factory=dict)
+    largest_numel: int | None = None  # the most elements of one param (the Triton launcher's interpreter config)
+
+
+@dataclass
 class StepTensors:
     """Parallel lists: ``params[i]`` is updated from ``grads[i]`` with moments ``exp_avgs[i]``, ...
 
@@ -35,12 +47,9 @@ class StepTensors:
     # adam_gpu.quantization.BLOCK elements (None for a tensor whose moments are not quantized).
     exp_avg_absmaxes: Sequence[torch.Tensor | None] = field(default_factory=list)
     exp_avg_sq_absmaxes: Sequence[torch.Tensor | None] = field(default_factory=list)
-    # Where a backend may keep what it derives from these tensors' addresses, dtypes, shapes and layouts (the
-    # tensor tables); a caller passes the same dict again only with tensors alike in all of these, but for the
-    # grads, which may be other tensors of the same dtypes and shapes (their addresses and contiguity are read
-    # every step), as FusedAdam does while a group's params and state are unchanged (adam_gpu.step_signature).
-    # None: derive everything anew.
-    memo: dict | None = field(default=None, compare=False)
+    # What the backends derived from tensors alike to these at an earlier step, and keep here for the next (None:
+    # derive everything anew). See LaunchMemo for what a caller must prove to pass the same one again.
+    memo: LaunchMemo | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.params)

@@ -217,10 +217,10 @@ def launch_groups(
     step's grads (which may be new tensors, see StepTensors.memo)."""
     step_values = steps if steps is not None else [None] * len(tensors)
     one_step = not step_values or step_values.count(step_values[0]) == len(step_values)
-    memo_key = ("launch tables", chunk, hp.amsgrad, device_steps is not None)
+    memo_key = (chunk, hp.amsgrad, device_steps is not None)
     memo = tensors.memo if one_step else None
     with contextlib.ExitStack() as stack:
-        kept = memo.get(memo_key) if memo is not None else None
+        kept = memo.launches.get(memo_key) if memo is not None else None
         if kept is not None and all(map(torch.Tensor.is_contiguous, tensors.grads)):
             # The same launches, all for this step's count.
             step = step_values[0] if step_values else None
@@ -228,7 +228,7 @@ def launch_groups(
         else:
             built, contiguous = _launch_tables(tensors, step_values, hp, chunk, device_steps, stack)
             if memo is not None and contiguous:
-                memo[memo_key] = built
+                memo.launches[memo_key] = built
             launches = [(launch, launch.step, launch.table) for launch in built]
         if _unwritten and not is_capturing(tensors.device):
             for _, _, table in launches:

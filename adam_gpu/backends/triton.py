@@ -25,7 +25,7 @@ from adam_gpu.device_inputs import DeviceInputs, unused_values
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.quantization import code_maps_on
-from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
+from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, LaunchMemo, StepTensors
 
 # Storage types; uint8 is the code type of 8-bit moments.
 TRITON_TYPES = {
@@ -130,10 +130,10 @@ def _weight_decay_mode(hp: AdamHyperparameters, kernels: ModuleType) -> int:
 
 def _largest_numel(tensors: StepTensors) -> int:
     """The most elements of one param, kept in ``tensors.memo`` (1000 params: 0.1 ms a step on the CPU)."""
-    memo = tensors.memo if tensors.memo is not None else {}
-    if "largest numel" not in memo:
-        memo["largest numel"] = max((p.numel() for p in tensors.params), default=0)
-    return memo["largest numel"]
+    memo = tensors.memo if tensors.memo is not None else LaunchMemo()
+    if memo.largest_numel is None:
+        memo.largest_numel = max((p.numel() for p in tensors.params), default=0)
+    return memo.largest_numel
 
 
 def adam_step(
