@@ -84,10 +84,26 @@ class StepScalars(NamedTuple):
     ln_beta2: float
 
 
+def check_tensor_hyperparameters(lr: object, betas: object, foreach: object, capturable: object) -> None:
+    """Raise ``ValueError`` with torch.optim.Adam's own message where it refuses a tensor lr or betas (torch's
+    optimizer tests match these): tensors of one element, not with ``foreach=True`` unless ``capturable``
+    (adam-gpu ignores ``foreach`` but refuses what torch refuses), and betas both floats or both tensors."""
+    pair = list(betas) if isinstance(betas, (tuple, list)) and len(betas) == 2 else []
+    tensors = [isinstance(beta, torch.Tensor) for beta in pair]
+    if any(tensors) and not all(tensors):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for name, value in [("lr", lr), *((f"betas[{i}]", beta) for i, beta in enumerate(pair))]:
+        if isinstance(value, torch.Tensor):
+            if foreach and not capturable:
+                raise ValueError(f"{name} as a Tensor is not supported for capturable=False and foreach=True")
+            if value.numel() != 1:
+                raise ValueError(f"Tensor {name} must be 1-element")
+
+
 def check_hyperparameters(lr: object, betas: object, eps: object, weight_decay: object) -> None:
     """Raise ``ValueError`` naming the first hyper-parameter that torch.optim.Adam would also reject."""
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError(f"lr must be a number or a 1-element tensor, got a tensor of shape {tuple(lr.shape)}")
+        raise ValueError("Tensor lr must be 1-element")
     if not 0.0 <= float(lr):
         raise ValueError(f"Invalid learning rate: {float(lr)} (must be >= 0)")
     if not 0.0 <= float(eps):

@@ -19,15 +19,23 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.utils.weak import WeakTensorKeyDictionary
 
-from adam_gpu import dispatch, step_signature
+from adam_gpu import dispatch, masters, step_signature
 from adam_gpu.device_inputs import DeviceInputs, device_values, is_capturing
 from adam_gpu.functional import apply_step, shared_step_buffer
-from adam_gpu.hyperparameters import AdamHyperparameters, check_hyperparameters
+from adam_gpu.hyperparameters import AdamHyperparameters, check_hyperparameters, check_tensor_hyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.quantization import SMALL_TENSOR
 from adam_gpu.sharded import any_dtensor, check_same_sharding, global_norm, is_dtensor, local_tensors
-from adam_gpu.state_layout import EIGHT_BIT_STATE, MASTER_KEYS, MOMENT_KEYS, QUANTIZED_KEYS, check_loadable
+from adam_gpu.state_layout import (
+    EIGHT_BIT_STATE,
+    MASTER_KEYS,
+    MOMENT_KEYS,
+    QUANTIZED_KEYS,
+    check_loadable,
+    master_cast_away,
+)
 from adam_gpu.step_signature import PreparedGroup
 from adam_gpu.step_tensors import (
     EIGHT_BIT,
@@ -51,6 +59,10 @@ _GROUP_OPTIONS = (
     "state_dtype",
     "master_weights",
 )
+
+
+# Group keys only adam-gpu has (FusedAdam.state_dict leaves them out where they hold the optimizer's defaults).
+ADAM_GPU_GROUP_KEYS = ("state_dtype", "master_weights")
 
 
 # torch.compile breaks the graph at step() and runs it eagerly (README). torch.compiler.disable would import
@@ -84,7 +96,8 @@ class FusedAdam(Optimizer):
     """Adam with a fused single-pass kernel; ``decoupled_weight_decay=True`` makes it AdamW.
 
     Args follow ``torch.optim.Adam``. ``foreach`` and ``fused`` are accepted for drop-in use and
-    ignored (the step is always fused); ``differentiable`` is not supported.
+    ignored (the step is always fused). ``differentiable=True`` runs torch.optim.Adam's own differentiable step
+    (autograd records the update: the slow path, for higher-order gradients), with torch's state layout.
     capturable: keep step counts on the params' device and read lr (a tensor, to change it after
         capture) and them there: ``step()`` never synchronizes and can be captured in a CUDA graph; with
         it, ``torch.amp.GradScaler`` hands its scale and found_inf to the kernels (no host check).
@@ -124,13 +137,14 @@ class FusedAdam(Optimizer):
         max_grad_norm: float | None = None,
         master_weights: bool | str = False,
     ) -> None:
+        check_tensor_hyperparameters(lr, betas, foreach, capturable)
         check_hyperparameters(lr, betas, eps, weight_decay)
         _check_master_weights(master_weights)
         dispatch.check_backend_name(backend)
         if max_grad_norm is not None and not float(max_grad_norm) > 0:
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         if differentiable:
-            raise ValueError("differentiable=True is not supported: the fused kernels record no autograd history")
+            _check_differentiable(backend, state_dtype, master_weights, max_grad_norm)
         _check_state_dtype(state_dtype, amsgrad)
         defaults = dict(
             lr=lr,
@@ -152,7 +166,10 @@ class FusedAdam(Optimizer):
         # Name of the backend that ran each param group in the last step (None: no grads in it).
         self.selected_backends: list[str | None] = []
         self._prepared: dict[int, PreparedGroup] = {}  # by id(group)
+        self._master_marks = WeakTensorKeyDictionary()  # adam_gpu.masters: each param's mark after its last step
         super().__init__(params, defaults)
+
+    _init_group = torch.optim.Adam._init_group  # (for _torch_differentiable_step)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults, state and param_groups; the backend choice goes too.
@@ -168,6 +185,7 @@ class FusedAdam(Optimizer):
         # the backend chosen for this optimizer stays).
         super().__setstate__(state)
         self._prepared = {}
+        self._master_marks = WeakTensorKeyDictionary()
         self.__dict__.setdefault("backend", dispatch.AUTO)
         self.__dict__.setdefault("selected_backends", [])
         self.__dict__.setdefault("max_grad_norm", None)
@@ -185,12 +203,14 @@ class FusedAdam(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
+            check_tensor_hyperparameters(group["lr"], group["betas"], group["foreach"], group["capturable"])
             check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
             _check_state_dtype(group["state_dtype"], group["amsgrad"])
             _check_master_weights(group["master_weights"])
             for index, param in enumerate(group["params"]):
                 check_param(param, index)
             _check_lean_master_params(group["master_weights"], group["params"])
+            _check_no_duplicates(group["params"])
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -204,6 +224,9 @@ class FusedAdam(Optimizer):
         every group untouched. Should a launch itself fail, the groups before it have taken their step
         and the failing group and those after it have not (params, moments and step counts untouched);
         the error says which group."""
+        if self.defaults["differentiable"]:
+            self.selected_backends = ["torch"] * len(self.param_groups)
+            return _torch_differentiable_step(self, closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -325,7 +348,18 @@ class FusedAdam(Optimizer):
             tensors.memo = prepared.memo
         device_inputs = self._device_inputs(plan, gathered.steps, clip_coefficient)
         buffer = prepared.step_buffer if prepared is not None else None
-        return functools.partial(apply_step, plan.backend, tensors, gathered.steps, plan.hp, device_inputs, buffer)
+        step = functools.partial(apply_step, plan.backend, tensors, gathered.steps, plan.hp, device_inputs, buffer)
+        if not plan.group["master_weights"]:
+            return step
+        # The user's writes to a param since the last step are kept: its master is re-seeded (adam_gpu.masters).
+        keys, marks = plan.params, self._master_marks
+        masters.reseed_stale(keys, tensors.params, tensors.masters, marks)
+
+        def step_and_mark() -> None:
+            step()
+            masters.record(keys, tensors.params, tensors.masters, marks)
+
+        return step_and_mark
 
     def _gather_anew(self, plan: _GroupPlan) -> _Gathered:
         """The group's tensors after creating its missing state; remembered (a PreparedGroup) for the next steps.
@@ -403,6 +437,18 @@ class FusedAdam(Optimizer):
             state["max_exp_avg_sq"] = zeros()
         return state
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict, less the group keys only adam-gpu has (``state_dtype``, ``master_weights``) where
+        a group holds this optimizer's default: with the defaults torch has (None, False) it is then key for key
+        torch.optim.AdamW's, which a ``torch.distributed.checkpoint`` load needs in both directions (its planner
+        refuses a key the checkpoint lacks). A group loaded without them takes this optimizer's defaults."""
+        state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            for key in ADAM_GPU_GROUP_KEYS:
+                if key in group and group[key] == self.defaults[key]:
+                    del group[key]
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's loading, then repairs: fp32 moments (``state_dtype=torch.float32``) and master weights
         are taken from the saved values rather than from torch's cast to the param dtype, and ``step`` is kept
@@ -417,24 +463,37 @@ class FusedAdam(Optimizer):
             if not saved:
                 continue
             state = self.state[param]
+            step = state["step"]
+            if not isinstance(step, torch.Tensor):  # (a number: torch before 1.12 saved it so, torch.optim takes it)
+                step = torch.tensor(float(step))
             if group["capturable"]:
-                state["step"] = state["step"].detach().to(param.device, torch.float32)
+                state["step"] = step.detach().to(param.device, torch.float32)
             else:
-                state["step"] = state["step"].detach().to("cpu", _scalar_dtype())
+                state["step"] = step.detach().to("cpu", _scalar_dtype())
             if group["state_dtype"] is not None:
                 # (An 8-bit group's small tensors keep fp32 moments.)
                 dtype = torch.float32 if group["state_dtype"] == EIGHT_BIT_STATE else group["state_dtype"]
                 for key in MOMENT_KEYS:
                     if key in saved:
                         state[key] = saved[key].to(param.device, dtype, copy=True)
-            # torch cast the masters and 8-bit moments to the param dtype too: restore them as saved.
+            # torch cast the masters and 8-bit moments to the param dtype too: restore them as saved. A master that
+            # a torch.optim detour cast to the param's dtype is dropped (re-created from the param at the next
+            # step), as is one that no longer rounds to its param then (adam_gpu.masters).
             for key in [*MASTER_KEYS.values(), *(k for pair in QUANTIZED_KEYS.values() for k in pair)]:
-                if key in saved:
+                if key in saved and master_cast_away(saved[key]) and key in MASTER_KEYS.values():
+                    state.pop(key, None)
+                elif key in saved:
                     state[key] = saved[key].to(param.device, copy=True)
 
 
 class FusedAdamW(FusedAdam):
     """AdamW (decoupled weight decay, default 1e-2) with a fused single-pass kernel. See FusedAdam."""
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # As torch.optim.AdamW: whatever state is loaded (an Adam state_dict, say), its weight decay is decoupled.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True
 
     def __init__(
         self,
@@ -481,6 +540,37 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 def _check_master_weights(master_weights: object) -> None:
     if master_weights not in (False, True, "lean"):
         raise ValueError(f"master_weights must be False, True or 'lean', got {master_weights!r}")
+
+
+# differentiable=True: torch.optim.Adam's step over this optimizer's groups and state (torch's layout), which
+# records the update in autograd; it gathers with Adam's _init_group.
+_torch_differentiable_step = torch.optim.Adam.step
+
+
+def _check_differentiable(backend: str, state_dtype: object, master_weights: object, max_grad_norm: object) -> None:
+    """differentiable=True runs torch's differentiable Adam, which has none of adam-gpu's own options."""
+    if backend not in (dispatch.AUTO, "torch"):
+        raise ValueError(
+            f"differentiable=True runs torch.optim's differentiable Adam: use backend 'auto', not {backend!r}"
+        )
+    if state_dtype is not None or master_weights or max_grad_norm is not None:
+        raise ValueError(
+            "differentiable=True runs torch.optim's differentiable Adam: state_dtype, master_weights and "
+            "max_grad_norm are not available with it"
+        )
+
+
+def _check_no_duplicates(params: list[torch.Tensor]) -> None:
+    """A param listed twice in a group is refused (torch.optim warns, steps it twice with one grad, and says this
+    will become an error; the kernels would write it from two places in one launch)."""
+    first: dict[int, int] = {}
+    for index, param in enumerate(params):
+        earlier = first.setdefault(id(param), index)
+        if earlier != index:
+            raise ValueError(
+                f"param {index} of the param group is param {earlier} again: a param group cannot have duplicate "
+                "parameters (torch.optim warns and steps it twice; adam-gpu refuses, on every backend)"
+            )
 
 
 def _check_lean_master_params(master_weights: object, params: Iterable[torch.Tensor]) -> None:

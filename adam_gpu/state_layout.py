@@ -67,5 +67,12 @@ def _check_param_state(saved: Mapping[str, object], param: torch.Tensor, index: 
         else:
             raise ValueError(f"{key!r} is missing (the state has {sorted(saved)})")
     for key in MASTER_KEYS.values():
-        if key in saved:
+        if key in saved and not master_cast_away(saved[key]):
             check_master(param, saved[key], index)
+
+
+def master_cast_away(master: object) -> bool:
+    """Whether a saved master is one a torch.optim optimizer cast to its 16-bit param's dtype when it loaded this
+    adam-gpu state (it casts every floating-point state tensor): no longer a master, so FusedAdam discards it and
+    takes the param as truth."""
+    return isinstance(master, torch.Tensor) and master.dtype in (torch.float16, torch.bfloat16)

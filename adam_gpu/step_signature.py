@@ -278,13 +278,13 @@ def reused(
     try:
         if versions is not None and versions == signature.state_versions:  # the same dicts, unchanged
             found = unchanged(signature, params, [p.grad for p in params], states)
-            return found if found is not None and _grads_apart(prepared, found[0].grads) else None
+            return found if found is not None and _grads_apart(prepared, found[0]) else None
         tensors, steps = gather(prepared.group, params, states)
         if not matches(signature, tensors, steps):
             return None
     except (AttributeError, KeyError, RuntimeError, TypeError):
         return None
-    if not _grads_apart(prepared, tensors.grads):
+    if not _grads_apart(prepared, tensors):
         return None
     # A dict that changed but holds the tensors of the last full check (an entry the kernels do not read, say):
     # the next steps compare its new version.
@@ -292,10 +292,11 @@ def reused(
     return tensors, steps
 
 
-def _grads_apart(prepared: PreparedGroup, grads: Sequence[torch.Tensor]) -> bool:
+def _grads_apart(prepared: PreparedGroup, tensors: StepTensors) -> bool:
     """Whether none of a reused step's grads lies in memory the step writes (a full check then reads it from a
-    copy): known for the addresses of recent steps, else found from the spans of the full check."""
-    pointers = tuple(map(_data_ptr, grads))
+    copy): known for the addresses of recent steps, else found from the spans of the full check. The addresses
+    read are kept in ``tensors.grad_pointers`` (the launchers read them too)."""
+    pointers = tensors.grad_pointers = tuple(map(_data_ptr, tensors.grads))
     kept = prepared.grads_apart
     if pointers in kept:
         kept.move_to_end(pointers)

@@ -50,6 +50,8 @@ class StepTensors:
     # What the backends derived from tensors alike to these at an earlier step, and keep here for the next (None:
     # derive everything anew). See LaunchMemo for what a caller must prove to pass the same one again.
     memo: LaunchMemo | None = field(default=None, compare=False)
+    # The grads' data_ptr()s, where the caller has read them this step (step_signature.reused); else None.
+    grad_pointers: tuple[int, ...] | None = field(default=None, compare=False)
 
     def __len__(self) -> int:
         return len(self.params)
@@ -108,7 +110,7 @@ class StepTensors:
             grads = list(self.grads)
             for index in indices:
                 grads[index] = grads[index].clone(memory_format=torch.contiguous_format)
-            self.grads = grads
+            self.grads, self.grad_pointers = grads, None
 
     def written(self) -> list[tuple[str, torch.Tensor]]:
         """Every tensor the step writes, named as the errors name them."""

@@ -141,7 +141,7 @@ if selected tests; then
   # than 2**31 elements (20+ GB each) stay in one worker (xdist_group "gpu-memory"), one at a time.
   gpu_tests="tests/test_gpu.py tests/test_multi_tensor.py tests/test_amp_capturable_clipping.py
     tests/test_master_weights.py tests/test_8bit.py tests/test_training.py tests/test_optimizer_api.py
-    tests/test_step_cache.py tests/test_state_changes.py tests/test_bad_input.py tests/test_reference.py tests/test_faults.py
+    tests/test_step_cache.py tests/test_state_changes.py tests/test_torch_conformance.py tests/test_bad_input.py tests/test_reference.py tests/test_faults.py
     tests/test_determinism.py tests/test_checkpoint.py tests/test_capture.py tests/test_quantization.py
     tests/test_step.py tests/test_properties.py tests/test_convergence.py tests/test_compile.py"
   # Each worker's torch gets its share of the cores for its CPU work (the float64 references); by default every

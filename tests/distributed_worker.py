@@ -21,6 +21,7 @@ from pathlib import Path
 import support  # noqa: F401  (registers the cuda-host backend in adam_gpu.dispatch)
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -39,8 +40,11 @@ MAX_GRAD_NORM = 0.5
 
 FULLY_SHARDED = ("fsdp", "fsdp-handover")  # wrappers that shard every layer with fully_shard
 # fsdp-handover: the optimizer's state moves through distributed checkpointing's optimizer state dict to
-# torch.optim.AdamW before this step and back to FusedAdamW before the next.
-HANDOVER_STEPS = (2, 4)
+# torch.optim.AdamW before this step and back to FusedAdamW before the next; before the steps in
+# HANDOVER_THROUGH_FILES it goes through dcp.save and dcp.load (the default planner), else in memory.
+HANDOVER_STEPS = (2, 3, 4, 5)
+HANDOVER_THROUGH_FILES = (2, 3)
+CHECKPOINTS: list[Path] = []  # the folder both ranks write distributed checkpoints in (set by main)
 # Case -> (wrapper, AdamW options). Between them: amsgrad, maximize, weight decay, fused clipping, two param
 # groups (one whose local shards are all empty on rank 1), DTensor and plain params in one group, and a
 # handover through distributed checkpointing.
@@ -136,6 +140,14 @@ def train(wrapper: str, options: dict, backend: str | None, rank: int, case: str
         if wrapper == "fsdp-handover" and backend is not None and step in HANDOVER_STEPS:
             saved = get_optimizer_state_dict(net, optimizer)
             optimizer = optimizer_on(None if isinstance(optimizer, FusedAdamW) else backend)
+            if step in HANDOVER_THROUGH_FILES:
+                folder = CHECKPOINTS[0] / f"{case}-{backend}-{step}"
+                dcp.save({"optim": saved}, checkpoint_id=folder)
+                # (Without grads, torch's get_optimizer_state_dict creates the state the load fills in place.)
+                optimizer.zero_grad(set_to_none=True)
+                saved = {"optim": get_optimizer_state_dict(net, optimizer)}
+                dcp.load(saved, checkpoint_id=folder)
+                saved = saved["optim"]
             set_optimizer_state_dict(net, optimizer, optim_state_dict=saved)
         inputs = torch.randn(BATCH, IN, generator=generator)
         targets = torch.randn(BATCH, OUT, generator=generator)
@@ -217,6 +229,7 @@ def main(rank: int, world: int, store: str, out: Path, backends: list[str]) -> i
     import adam_gpu
 
     results: dict[str, object] = {"adam_gpu": adam_gpu.__file__, "error": None}
+    CHECKPOINTS.append(out)
     store_url = f"file://{store}"
     dist.init_process_group("gloo", init_method=store_url, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     try:

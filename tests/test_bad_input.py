@@ -185,12 +185,19 @@ def test_param_that_is_not_real_floating_point_is_refused_at_construction(kind, 
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"differentiable": True}, "differentiable=True is not supported"),
+        ({"differentiable": True, "master_weights": True}, "master_weights and max_grad_norm are not available"),
+        ({"differentiable": True, "backend": "triton"}, "use backend 'auto', not 'triton'"),
         ({"max_grad_norm": 0.0}, "max_grad_norm must be a positive number"),
         ({"max_grad_norm": -1.0}, "max_grad_norm must be a positive number"),
         ({"backend": "cuda-c"}, "unknown backend 'cuda-c'; choose one of: " + ", ".join(["auto", *dispatch.BACKENDS])),
     ],
-    ids=["differentiable", "max_grad_norm-zero", "max_grad_norm-negative", "unknown-backend"],
+    ids=[
+        "differentiable-masters",
+        "differentiable-triton",
+        "max_grad_norm-zero",
+        "max_grad_norm-negative",
+        "unknown-backend",
+    ],
 )
 def test_unsupported_option_is_refused_at_construction(kind, options, match):
     with pytest.raises(ValueError, match=match):

@@ -172,11 +172,12 @@ def _table(
     return key, table
 
 
-def _with_grads(launch: _Launch, grads: Sequence[torch.Tensor], device: torch.device) -> TensorTable:
-    """``launch``'s table with these grads (contiguous, alike in dtype and shape to those it was built with):
-    its own when they are the same, else its table with their addresses put in (1000 tensors: 0.06 ms, where
-    building the table from its rows takes 0.7), kept among its ``variants``."""
-    pointers = tuple(map(_data_ptr, map(grads.__getitem__, launch.indices)))
+def _with_grads(launch: _Launch, grad_pointers: tuple[int, ...], device: torch.device) -> TensorTable:
+    """``launch``'s table with the grads at ``grad_pointers`` (the step's, contiguous, alike in dtype and shape to
+    those it was built with): its own when they are the same, else its table with their addresses put in (1000
+    tensors: 0.06 ms, where building the table from its rows takes 0.7), kept among its ``variants``."""
+    whole = len(launch.indices) == len(grad_pointers)  # (one launch for the step: its rows are the step's tensors)
+    pointers = grad_pointers if whole else tuple(map(grad_pointers.__getitem__, launch.indices))
     if pointers == launch.grad_pointers:
         _keep_if_captured(launch.key, launch.table, device)
         return launch.table
@@ -224,7 +225,8 @@ def launch_groups(
         if kept is not None and all(map(torch.Tensor.is_contiguous, tensors.grads)):
             # The same launches, all for this step's count.
             step = step_values[0] if step_values else None
-            launches = [(launch, step, _with_grads(launch, tensors.grads, tensors.device)) for launch in kept]
+            grad_pointers = tensors.grad_pointers or tuple(map(_data_ptr, tensors.grads))
+            launches = [(launch, step, _with_grads(launch, grad_pointers, tensors.device)) for launch in kept]
         else:
             built, contiguous = _launch_tables(tensors, step_values, hp, chunk, device_steps, stack)
             if memo is not None and contiguous:
