@@ -36,6 +36,7 @@ TensorGuards (it is torch's own, not public API), ``signature`` is None: every s
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import weakref
 from collections import OrderedDict
@@ -95,6 +96,35 @@ def _dict_version_reader() -> Callable[[dict], int] | None:
 
 
 _dict_version = _dict_version_reader()
+
+
+def _mapping_version_reader() -> Callable[[dict], int] | None:
+    """``_dict_version`` where it also tells every change of a ``defaultdict`` (the optimizer's state mapping
+    is one): a new key, a key set to another value, one popped."""
+    if _dict_version is None:
+        return None
+    try:
+        probe = collections.defaultdict(dict, a={})
+        seen = [_dict_version(probe)]
+        for change in (lambda d: d["b"], lambda d: d.__setitem__("a", {}), lambda d: d.pop("b"), lambda d: d.clear()):
+            change(probe)
+            seen.append(_dict_version(probe))
+    except Exception:  # (a private reader: whatever it raises means it is not usable)
+        return None
+    return _dict_version if len(set(seen)) == len(seen) else None
+
+
+_mapping_version = _mapping_version_reader()
+
+
+def state_mapping_version(mapping: Mapping) -> int | None:
+    """The version tag of the optimizer's state mapping (a defaultdict), or None where it cannot be read."""
+    if _mapping_version is None or not isinstance(mapping, dict):
+        return None
+    try:
+        return _mapping_version(mapping)
+    except Exception:  # (see state_versions)
+        return None
 
 
 def reuse_description() -> str:
@@ -248,6 +278,26 @@ class PreparedGroup:
     # The backend dispatch.resolve gave a reused step, by what else it depends on (the optimizer's backend, the
     # environment's, 8-bit moments): the dtypes and device are those of the full check (TensorGuards saw them).
     resolved: tuple[tuple, tuple[str, ModuleType]] | None = None
+    # The params' state dicts, found in the optimizer's state mapping of this version (state_mapping_version):
+    # while it is unchanged, it maps each param to the same dict (a lookup a param, 0.5 us, is saved).
+    states: list | None = None
+    state_mapping: Mapping | None = None
+    state_mapping_version: int | None = None
+
+    def with_states(self, mapping: Mapping, states: list) -> PreparedGroup:
+        """This record, keeping ``states`` (the params' dicts in ``mapping``, the optimizer's state)."""
+        self.states, self.state_mapping = states, mapping
+        self.state_mapping_version = state_mapping_version(mapping)
+        return self
+
+    def states_of(self, mapping: Mapping, params: Sequence[torch.Tensor]) -> list:
+        """The state dicts of ``params`` in ``mapping``: those kept where the mapping is unchanged since (and
+        ``params`` as many: ``unchanged`` then checks they are the same), else looked up."""
+        version = self.state_mapping_version
+        if version is not None and mapping is self.state_mapping and self.states and len(params) == len(self.states):
+            if state_mapping_version(mapping) == version:
+                return self.states
+        return list(map(mapping.get, params))
 
     @classmethod
     def of(
@@ -267,17 +317,20 @@ class PreparedGroup:
 def reused(
     prepared: PreparedGroup,
     params: Sequence[torch.Tensor],
-    states: Sequence[Mapping[str, Any] | None],
+    grads: Sequence[torch.Tensor],
+    mapping: Mapping,
     gather: Gather,
 ) -> tuple[StepTensors, list[torch.Tensor]] | None:
-    """The kernels' tensors and step counts of a step of ``prepared.group`` (``params`` with their ``states``)
-    whose last full check still holds for them; None where anything may have changed (or for anything unusual: a
-    missing state, a non-tensor), so that the full checks run. ``gather`` reads the lists from the states."""
+    """The kernels' tensors and step counts of a step of ``prepared.group`` (``params`` with their ``grads``, and
+    their states in ``mapping``, the optimizer's) whose last full check still holds for them; None where anything
+    may have changed (or for anything unusual: a missing state, a non-tensor), so that the full checks run.
+    ``gather`` reads the lists from the states."""
+    states = prepared.states_of(mapping, params)
     versions = state_versions(states)
     signature = prepared.signature
     try:
         if versions is not None and versions == signature.state_versions:  # the same dicts, unchanged
-            found = unchanged(signature, params, [p.grad for p in params], states)
+            found = unchanged(signature, params, grads, states)
             return found if found is not None and _grads_apart(prepared, found[0]) else None
         tensors, steps = gather(prepared.group, params, states)
         if not matches(signature, tensors, steps):

@@ -26,6 +26,8 @@ class LaunchMemo:
     # adam_gpu.backends.tensor_table's launches (their tables), by (chunk, amsgrad, device step counts).
     launches: dict[tuple[int, bool, bool], list] = field(default_factory=dict)
     largest_numel: int | None = None  # the most elements of one param (the Triton launcher's interpreter config)
+    fused_cpu: bool | None = None  # whether torch's fused CPU kernel steps them (the torch backend's choice)
+    contiguous: bool | None = None  # whether every tensor is contiguous (grads' strides are alike: TensorGuards)
 
 
 @dataclass

@@ -22,7 +22,8 @@ target, 1.5x the lowest final loss of any optimizer.
 
 Writes ``convergence.json`` (every curve), ``convergence.md`` (tables) and ``convergence.png``,
 ``lr_sweep.png`` (plots), all drawn from the JSON (``--report convergence.json`` redraws them).
-Full run: about a minute on one CPU core (53 s here); ``--quick``: seconds.
+Full run: about a minute on one CPU core (53 s here); ``--quick``: seconds. Each run writes a new folder under
+bench-results/ unless told ``--out``; ``--refresh`` rewrites the committed results the README shows.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 
 from adam_gpu import FusedAdam
+from adam_gpu.bench.command import output_folder
 
 # Half-decades from 1e-4 to 10: wide enough that every optimizer's best rate lies inside (checked: the
 # Markdown marks a best rate at either end of the grid).
@@ -397,13 +399,20 @@ def write_reports(document: dict[str, Any], directory: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, help="output folder (default: a new bench-results/convergence-<date>[-N])")
+    parser.add_argument(
+        "--refresh", action="store_true", help=f"write the committed results the README shows ({DEFAULT_OUT})"
+    )
     parser.add_argument("--quick", action="store_true", help="1 seed, 3 learning rates, 40 steps: seconds")
     parser.add_argument("--report", type=Path, help="redraw the table and plots from this JSON, train nothing")
     args = parser.parse_args(argv)
     if args.report:
         document = json.loads(args.report.read_text())
         args.out = args.report.parent
+    elif args.refresh:
+        args.out = DEFAULT_OUT
+    elif args.out is None:
+        args.out = output_folder(None, False, f"convergence-{datetime.date.today()}")
     else:
         settings = QUICK if args.quick else dict(seeds=SEEDS, lrs=LR_GRID, steps=STEPS)
         threads = torch.get_num_threads()

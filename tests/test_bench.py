@@ -198,3 +198,23 @@ def test_host_time_takes_fewer_samples_of_a_slow_step():
     slow_s = 1.2 * timing.HOST_MS / timing.HOST_MIN_STEPS / 1e3
     assert timing.time_host(lambda: calls.append(time.sleep(slow_s)), torch.device("cpu")) >= slow_s * 1e3
     assert len(calls) == timing.HOST_MIN_STEPS
+
+
+def test_a_folder_that_holds_a_run_is_refused_without_force(quick_run):
+    out, _ = quick_run
+    before = (out / "results.json").read_bytes()
+    result = _bench("--quick", "--device", "cpu", "--out", str(out))
+    assert result.returncode != 0 and "holds a run already: pass --force" in result.stdout + result.stderr
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_runs_by_default_each_get_a_new_folder(tmp_path):
+    from adam_gpu.bench.command import output_folder
+
+    first = output_folder(None, False, "2026-12-02-cpu", root=tmp_path)
+    first.mkdir()
+    second = output_folder(None, False, "2026-12-02-cpu", root=tmp_path)
+    assert (first.name, second.name) == ("2026-12-02-cpu", "2026-12-02-cpu-2")
+    (tmp_path / "given").mkdir()
+    (tmp_path / "given" / "results.json").write_text("{}")
+    assert output_folder(tmp_path / "given", True, "unused") == tmp_path / "given"

@@ -171,6 +171,11 @@ def test_functional_step_on_dtensors_and_clear_errors(ranks, backend):
     for rank in range(WORLD):
         checks = _result(ranks, rank, f"checks/{backend}")
         for index, (ours, expected) in enumerate(checks["functional"]):
+            if backend == "torch" and ours.device.type == "cpu":
+                # torch's fused CPU kernel (the torch backend's CPU path) rounds its vector loop and its tail
+                # differently: a shard's element can end one rounding away from the full tensor's (README).
+                assert_close_relative(ours, expected, f"rank {rank}: tensor {index} of the functional step")
+                continue
             assert torch.equal(ours, expected), f"rank {rank}: tensor {index} of the functional step"
         for master_weights in ("True", "lean"):
             plain, sharded = checks[f"master_weights={master_weights}"]

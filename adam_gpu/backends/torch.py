@@ -7,15 +7,17 @@ weights are the working values where a param has them (an fp32 copy, or the lean
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 
+from adam_gpu.backends.layout import contiguous_stand_ins
 from adam_gpu.device_inputs import FOUND_INF, GRAD_MULTIPLIER, LR, DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.quantization import code_maps_on
-from adam_gpu.step_tensors import EIGHT_BIT, StepTensors
+from adam_gpu.step_tensors import EIGHT_BIT, LaunchMemo, StepTensors
 
 FEATURES = frozenset({EIGHT_BIT})
 
@@ -136,9 +138,76 @@ def _store_params(tensors: StepTensors, values: Sequence[torch.Tensor], keep: to
         store(param, value)
 
 
+# torch's fused CPU kernel: what it steps as adam-gpu does (fp32 math, moments in the param dtype). Its amsgrad max
+# drops a NaN second moment in its scalar tail, which the for-loop keeps: a second pass restores it. It pairs the
+# elements of non-contiguous tensors in memory order, not by index (torch 2.13): they get contiguous stand-ins.
+_FUSED_CPU = {False: getattr(torch, "_fused_adam_", None), True: getattr(torch, "_fused_adamw_", None)}
+_FUSED_CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _fused_cpu_applies(tensors: StepTensors, hp: AdamHyperparameters, device_inputs: DeviceInputs | None) -> bool:
+    """Whether torch's fused CPU kernel steps these tensors as adam-gpu does; what depends on the tensors alone is
+    kept in ``tensors.memo`` (a reused step's tensors are alike, grads' strides included: 1000 tensors, 1 ms)."""
+    if device_inputs is not None or _FUSED_CPU[hp.decoupled] is None or tensors.device.type != "cpu":
+        return False
+    memo = tensors.memo if tensors.memo is not None else LaunchMemo()
+    if memo.fused_cpu is None:
+        memo.fused_cpu = _fused_cpu_layout(tensors)
+    return memo.fused_cpu
+
+
+def _all_contiguous(tensors: StepTensors) -> bool:
+    memo = tensors.memo if tensors.memo is not None else LaunchMemo()
+    if memo.contiguous is None:
+        lists = (tensors.params, tensors.grads, tensors.exp_avgs, tensors.exp_avg_sqs, tensors.max_exp_avg_sqs)
+        memo.contiguous = all(t.is_contiguous() for tensors_of in lists for t in tensors_of)
+    return memo.contiguous
+
+
+def _fused_cpu_layout(tensors: StepTensors) -> bool:
+    if any(m is not None for m in tensors.masters) or any(a is not None for a in tensors.exp_avg_absmaxes):
+        return False
+    maxima = tensors.max_exp_avg_sqs or [None] * len(tensors)
+    for param, *others in zip(
+        tensors.params, tensors.grads, tensors.exp_avgs, tensors.exp_avg_sqs, maxima, strict=True
+    ):
+        others = [t for t in others if t is not None]
+        if param.dtype not in _FUSED_CPU_DTYPES or any(t.dtype != param.dtype for t in others):
+            return False
+        if others[0].is_neg():
+            return False  # (the kernel refuses a grad with the negative bit: the foreach path reads it)
+    return True
+
+
+def _fused_cpu_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparameters) -> None:
+    """The step through torch's fused CPU kernel (one call for the group; it rounds once per element, and its
+    vector loop and its tail are rounded differently: an element's last bit can depend on its position)."""
+    if not _all_contiguous(tensors):
+        with contextlib.ExitStack() as stack:
+            rows = [stack.enter_context(contiguous_stand_ins(row, read_only=(1,))) for row in tensors.per_tensor()]
+            _fused_cpu_step(
+                StepTensors(*map(list, zip(*rows, strict=True)), memo=LaunchMemo(contiguous=True)), steps, hp
+            )
+        return
+    counts = {step: torch.tensor(float(step)) for step in set(steps)}  # (the kernel reads each count's value)
+    state_steps = list(map(counts.__getitem__, steps))
+    maxima = list(tensors.max_exp_avg_sqs) if hp.amsgrad else []
+    moments = list(tensors.exp_avgs), list(tensors.exp_avg_sqs)
+    _FUSED_CPU[hp.decoupled](
+        list(tensors.params), list(tensors.grads), *moments, maxima, state_steps,
+        amsgrad=hp.amsgrad, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
+        maximize=hp.maximize,
+    )  # fmt: skip
+    if hp.amsgrad:
+        torch._foreach_maximum_(maxima, list(tensors.exp_avg_sqs))  # (NaN where the second moment is NaN)
+
+
 def adam_step(
     tensors: StepTensors, steps: list[float] | None, hp: AdamHyperparameters, device_inputs: DeviceInputs | None = None
 ) -> None:
+    if _fused_cpu_applies(tensors, hp, device_inputs):
+        _fused_cpu_step(tensors, steps, hp)
+        return
     if device_inputs is not None:
         _adam_step_device_inputs(tensors, steps, hp, device_inputs)
         return

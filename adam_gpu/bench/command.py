@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import re
 from pathlib import Path
 
@@ -24,7 +25,13 @@ RESULTS_STEM = "results"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a few small cases: checks the pipeline in seconds")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="default: cuda if present")
-    parser.add_argument("--out", type=Path, help="output folder (default: bench-results/<date>-<device>)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default: a new bench-results/<date>-<device>[-N]); one that holds a run is refused "
+        "unless --force",
+    )
+    parser.add_argument("--force", action="store_true", help="write over the run already in --out")
     parser.add_argument(
         "--report",
         type=Path,
@@ -70,6 +77,19 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def output_folder(out: Path | None, force: bool, name: str, root: Path = Path("bench-results")) -> Path:
+    """Where a run writes: ``out``, unless it holds a run already (refused without ``force``); by default a new
+    folder ``root/name``, ``root/name-2``, ... (no run is overwritten unless asked)."""
+    if out is not None:
+        if (out / f"{RESULTS_STEM}.json").exists() and not force:
+            raise SystemExit(
+                f"adam-gpu bench: {out} holds a run already; pass --force to write over it, or another --out"
+            )
+        return out
+    candidates = (root / (name if n == 1 else f"{name}-{n}") for n in itertools.count(1))
+    return next(folder for folder in candidates if not folder.exists())
+
+
 def summary(run: Run) -> Table:
     """Per case and policy: the best adam-gpu contender against torch's fused AdamW."""
     table = Table(title=f"adam-gpu bench on {run.environment['device']} (copy bandwidth {run.copy_gbps:.0f} GB/s)")
@@ -101,7 +121,7 @@ def run_command(args: argparse.Namespace, console: Console) -> int:
             "[bold]No CUDA device: measuring adam-gpu's torch backend against torch.optim's CPU for-loop, "
             "foreach and fused AdamW. The GPU kernels (triton, cupy) were not measured.[/]"
         )
-    out = args.out or Path("bench-results") / f"{datetime.date.today()}-{slug(device_name(device))}"
+    out = output_folder(args.out, args.force, f"{datetime.date.today()}-{slug(device_name(device))}")
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{RESULTS_STEM}.json"
     try:
