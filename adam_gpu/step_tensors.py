@@ -124,6 +124,7 @@ class StepTensors:
         return named
 
 
+GRAD = 1  # the grad's place in StepTensors.per_tensor() (and in a tensor table's row)
 # The roles of the tensors after param and grad in StepTensors.per_tensor(), as errors name them.
 STATE_ROLES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "exp_avg absmax", "exp_avg_sq absmax")
 

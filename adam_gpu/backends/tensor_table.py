@@ -30,10 +30,9 @@ import torch
 from adam_gpu.backends.layout import contiguous_stand_ins, readable
 from adam_gpu.device_inputs import is_capturing
 from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
-from adam_gpu.step_tensors import StepTensors, master_mode
+from adam_gpu.step_tensors import GRAD, StepTensors, master_mode
 
 POINTERS_PER_TENSOR = 9
-GRAD = 1  # the grad's place in StepTensors.per_tensor() and in a table row
 # Tables kept per process (least recently used evicted): one or two per param group and dtype policy, so a
 # model with hundreds of groups (layer-wise learning rates) still builds each once; 1024 GPT-2-sized tables
 # hold 12 MB of device memory.
@@ -266,7 +265,7 @@ def _launch_tables(
         numel = originals[0].numel()
         if numel == 0:
             continue
-        if originals[1].is_neg() or not all(t is None or t.is_contiguous() for t in originals):
+        if originals[GRAD].is_neg() or not all(t is None or t.is_contiguous() for t in originals):
             originals = stack.enter_context(contiguous_stand_ins(originals, read_only=(GRAD,)))
             originals[GRAD] = readable(originals[GRAD])
             contiguous = False

@@ -17,7 +17,7 @@ from adam_gpu.device_inputs import FOUND_INF, GRAD_MULTIPLIER, LR, DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.quantization import code_maps_on
-from adam_gpu.step_tensors import EIGHT_BIT, LaunchMemo, StepTensors
+from adam_gpu.step_tensors import EIGHT_BIT, GRAD, LaunchMemo, StepTensors
 
 FEATURES = frozenset({EIGHT_BIT})
 
@@ -184,7 +184,7 @@ def _fused_cpu_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparam
     vector loop and its tail are rounded differently: an element's last bit can depend on its position)."""
     if not _all_contiguous(tensors):
         with contextlib.ExitStack() as stack:
-            rows = [stack.enter_context(contiguous_stand_ins(row, read_only=(1,))) for row in tensors.per_tensor()]
+            rows = [stack.enter_context(contiguous_stand_ins(row, read_only=(GRAD,))) for row in tensors.per_tensor()]
             _fused_cpu_step(
                 StepTensors(*map(list, zip(*rows, strict=True)), memo=LaunchMemo(contiguous=True)), steps, hp
             )

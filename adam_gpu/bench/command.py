@@ -83,7 +83,7 @@ def output_folder(out: Path | None, force: bool, name: str, root: Path = Path("b
     if out is not None:
         if (out / f"{RESULTS_STEM}.json").exists() and not force:
             raise SystemExit(
-                f"adam-gpu bench: {out} holds a run already; pass --force to write over it, or another --out"
+                f"adam-gpu bench: {out} holds a run already: pass --force to write over it, or another --out"
             )
         return out
     candidates = (root / (name if n == 1 else f"{name}-{n}") for n in itertools.count(1))
