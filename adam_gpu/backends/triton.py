@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from adam_gpu.backends import tensor_table
+from adam_gpu.backends.compiled_launch import CompiledLaunches
 from adam_gpu.backends.launch_config import Override, is_power_of_two
 from adam_gpu.device_inputs import DeviceInputs, unused_values
 from adam_gpu.hyperparameters import AdamHyperparameters
@@ -71,6 +72,13 @@ def _kernels() -> ModuleType:
     from adam_gpu.kernels import adam_triton
 
     return adam_triton
+
+
+@functools.cache
+def _launcher() -> CompiledLaunches | None:
+    """The compiled kernel's launches (None under the interpreter: ``kernel[grid]`` runs it)."""
+    kernel = _kernels().adam_step_kernel
+    return CompiledLaunches(kernel) if isinstance(kernel, triton.runtime.jit.JITFunction) else None
 
 
 def runs_interpreted() -> bool:
@@ -144,9 +152,13 @@ def adam_step(
     on_cpu = device.type == "cpu"
     largest = _largest_numel(tensors) if on_cpu else None
     chunk = current_launch_config(device, largest).chunk
-    device_guard = contextlib.nullcontext() if on_cpu else torch.cuda.device(device)
+    # (Triton launches on the current device: entering the guard costs a few us where it already is.)
+    index = 0 if on_cpu else device.index
+    current = on_cpu or torch.cuda.current_device() == index
+    device_guard = contextlib.nullcontext() if current else torch.cuda.device(device)
     device_steps = device_inputs.steps if device_inputs else None
     values = device_inputs.values if device_inputs else unused_values(device)
+    launcher = _launcher()
     with device_guard, tensor_table.launch_groups(tensors, steps, hp, chunk, device_steps) as launches:
         for launch in launches:
             table = launch.table
@@ -154,7 +166,7 @@ def adam_step(
             config = current_launch_config(device, largest, quantized)
             if quantized and config.block % QUANT_BLOCK:
                 raise ValueError(f"8-bit moments need a block that is a multiple of {QUANT_BLOCK}, got {config}")
-            kernels.adam_step_kernel[(table.n_chunks,)](
+            args = (
                 table.pointers,
                 table.numels,
                 table.chunk_offsets,
@@ -162,17 +174,22 @@ def adam_step(
                 values,
                 *code_maps_on(device),
                 *launch.scalars,
-                PARAM_TYPE=TRITON_TYPES[launch.param_dtype],
-                STATE_TYPE=TRITON_TYPES[launch.state_dtype],
-                WEIGHT_DECAY=_weight_decay_mode(hp, kernels),
-                AMSGRAD=hp.amsgrad,
-                MAXIMIZE=hp.maximize,
-                MASTER=launch.master_mode,
-                QUANTIZED=quantized,
-                DEVICE_STEP=device_steps is not None,
-                GRAD_SCALING=bool(device_inputs and device_inputs.grad_scaling),
-                CHUNK=config.chunk,
-                BLOCK=config.block,
-                num_warps=config.num_warps,
-                enable_fp_fusion=kernels.FP_FUSION,
             )
+            constexprs = {
+                "PARAM_TYPE": TRITON_TYPES[launch.param_dtype],
+                "STATE_TYPE": TRITON_TYPES[launch.state_dtype],
+                "WEIGHT_DECAY": _weight_decay_mode(hp, kernels),
+                "AMSGRAD": hp.amsgrad,
+                "MAXIMIZE": hp.maximize,
+                "MASTER": launch.master_mode,
+                "QUANTIZED": quantized,
+                "DEVICE_STEP": device_steps is not None,
+                "GRAD_SCALING": bool(device_inputs and device_inputs.grad_scaling),
+                "CHUNK": config.chunk,
+                "BLOCK": config.block,
+            }
+            options = (("num_warps", config.num_warps), ("enable_fp_fusion", kernels.FP_FUSION))
+            if launcher is None:
+                kernels.adam_step_kernel[(table.n_chunks,)](*args, **constexprs, **dict(options))
+            else:
+                launcher(table.n_chunks, index, args, constexprs, options)

@@ -1,0 +1,90 @@
+"""Launches of a Triton kernel through its compiled launcher, below ``JITFunction.run``'s per-call work.
+
+``kernel[grid](...)`` binds the arguments, computes their specialization and the cache key, looks the compiled
+kernel up and then calls its launcher; on the CPU with a stubbed launcher that is 9.85 us a call where the launcher
+call alone is 0.34 (benchmarks/README.md, "Host time"). ``CompiledLaunches`` makes the first launch of each kind
+through ``kernel[grid]``, keeps the compiled kernel it returns, and makes the next launches of that kind with the
+launcher call ``JITFunction.run`` ends in, the same arguments in the same order.
+
+A kind is everything Triton's choice of a compiled kernel depends on for this kernel's arguments: the device, the
+constexprs and options passed, and the specialization of the runtime arguments (a tensor's 16-byte alignment; an
+integer being 1, divisible by 16, or beyond 32 bits; floats are not specialized). Launches take ``kernel[grid]``
+whenever Triton is asked to watch them (launch hooks, pre-run hooks), and always where this Triton's
+``JITFunction.run`` does not end in the call made here (``direct_calls_supported``: read from its source once).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from triton import knobs
+from triton.runtime.driver import driver
+
+# The launch JITFunction.run makes once it has its compiled kernel (its last statement), as CompiledLaunches makes it.
+_RUN_LAUNCH = (
+    "launch_metadata = kernel.launch_metadata(grid, stream, *bound_args.values())",
+    "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata,",
+    "knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())",
+)
+
+
+@functools.cache
+def direct_calls_supported() -> bool:
+    """Whether this Triton's ``JITFunction.run`` launches as ``CompiledLaunches`` does (read from its source)."""
+    from triton.runtime.jit import JITFunction
+
+    try:
+        source = " ".join(inspect.getsource(JITFunction.run).split())
+    except (OSError, TypeError):  # (no source shipped)
+        return False
+    return all(" ".join(line.split()) in source for line in _RUN_LAUNCH)
+
+
+def _specialization(args: Sequence[Any]) -> tuple:
+    """What Triton specializes the runtime arguments on (see the module docstring)."""
+    return tuple(
+        arg.data_ptr() % 16 == 0
+        if isinstance(arg, torch.Tensor)
+        else (arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg < 2**63)
+        if isinstance(arg, int)
+        else None
+        for arg in args
+    )
+
+
+class CompiledLaunches:
+    """Launches of ``kernel`` (a JITFunction whose constexpr parameters come after its runtime ones), each kind of
+    launch compiled (and first launched) by ``kernel[grid]`` and then made by its compiled kernel's launcher."""
+
+    def __init__(self, kernel: Any) -> None:
+        self._kernel = kernel
+        self._compiled: dict[tuple, Any] = {}
+
+    def __call__(self, grid: int, device_index: int, args: tuple, constexprs: dict[str, Any], options: tuple) -> None:
+        """Launch ``kernel[(grid,)](*args, **constexprs, **dict(options))`` on the current stream of device
+        ``device_index`` (the current device: Triton launches there)."""
+        key = (device_index, tuple(constexprs.values()), options, _specialization(args))
+        compiled = self._compiled.get(key)
+        if compiled is None or self._watched():
+            compiled = self._kernel[(grid,)](*args, **constexprs, **dict(options))
+            if direct_calls_supported() and self._kernel.arg_names[len(args) :] == list(constexprs):
+                self._compiled[key] = compiled
+            return
+        stream = driver.active.get_current_stream(device_index)
+        run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
+        run(grid, 1, 1, stream, function, metadata, None, None, None, *args, *constexprs.values())
+
+    def _watched(self) -> bool:
+        """Whether Triton is asked to see each launch (then ``kernel[grid]`` makes it)."""
+        runtime = knobs.runtime
+        hooks = (runtime.launch_enter_hook, runtime.launch_exit_hook)
+        return any(map(_set, hooks)) or bool(getattr(self._kernel, "pre_run_hooks", None))
+
+
+def _set(hook: Any) -> bool:
+    """Whether a launch hook of Triton's is set: a function, or a HookChain (Triton >= 3.5) holding one."""
+    return bool(getattr(hook, "calls", hook))
