@@ -136,11 +136,11 @@ def reuse_description() -> str:
     return "by the state dicts' version tags (torch's dict_version), then addresses and TensorGuards"
 
 
-def state_versions(states: Sequence[Mapping[str, Any]]) -> list[int] | None:
+def state_versions(states: Sequence[Mapping[str, Any]], all_dicts: bool = False) -> list[int] | None:
     """The version tags of these state dicts, or None where they cannot be read (no usable reader, a state that
     is not exactly a dict: a missing one, a user's mapping; or the reader failing, as torch's does on Python 3.12
-    where it cannot add its dict watcher)."""
-    if _dict_version is None or set(map(type, states)) != {dict}:
+    where it cannot add its dict watcher). ``all_dicts``: the caller knows each is exactly a dict."""
+    if _dict_version is None or not (all_dicts or set(map(type, states)) == {dict}):
         return None
     try:
         return list(map(_dict_version, states))
@@ -272,6 +272,7 @@ class PreparedGroup:
     dtypes: set[torch.dtype]  # of the params
     written: WrittenSpans  # the memory the step writes: a new grad must not lie in it
     grad_bytes: torch.Tensor  # int64: each grad's span at the full check (new grads are alike: TensorGuards)
+    eight_bit: bool  # whether the step has 8-bit moments (the group's state dtype, and a tensor large enough)
     memo: LaunchMemo = field(default_factory=LaunchMemo)
     # Grad addresses of reused steps found outside ``written`` (the last few: backward reuses freed memory).
     grads_apart: OrderedDict[tuple[int, ...], None] = field(default_factory=OrderedDict)
@@ -283,21 +284,25 @@ class PreparedGroup:
     states: list | None = None
     state_mapping: Mapping | None = None
     state_mapping_version: int | None = None
+    # The group's hyperparameter values (optim._hyperparameters) at its last step, and what they made.
+    hyperparameters: tuple[tuple, Any] | None = None
 
     def with_states(self, mapping: Mapping, states: list) -> PreparedGroup:
-        """This record, keeping ``states`` (the params' dicts in ``mapping``, the optimizer's state)."""
-        self.states, self.state_mapping = states, mapping
-        self.state_mapping_version = state_mapping_version(mapping)
+        """This record, keeping ``states`` (the params' dicts in ``mapping``, the optimizer's state) where each is
+        exactly a dict."""
+        exact = all(type(state) is dict for state in states)
+        self.states, self.state_mapping = (states, mapping) if exact else (None, None)
+        self.state_mapping_version = state_mapping_version(mapping) if exact else None
         return self
 
-    def states_of(self, mapping: Mapping, params: Sequence[torch.Tensor]) -> list:
-        """The state dicts of ``params`` in ``mapping``: those kept where the mapping is unchanged since (and
-        ``params`` as many: ``unchanged`` then checks they are the same), else looked up."""
+    def states_of(self, mapping: Mapping, params: Sequence[torch.Tensor]) -> tuple[list, bool]:
+        """The state dicts of ``params`` in ``mapping``, and whether they are those kept, where the mapping is
+        unchanged since (and ``params`` as many: ``unchanged`` then checks they are the same); else looked up."""
         version = self.state_mapping_version
         if version is not None and mapping is self.state_mapping and self.states and len(params) == len(self.states):
             if state_mapping_version(mapping) == version:
-                return self.states
-        return list(map(mapping.get, params))
+                return self.states, True
+        return list(map(mapping.get, params)), False
 
     @classmethod
     def of(
@@ -308,10 +313,11 @@ class PreparedGroup:
         tensors: StepTensors,
         step_buffer: torch.Tensor | None,
         written: WrittenSpans,
+        eight_bit: bool,
     ) -> PreparedGroup:
         """The record of a full check that passed ``tensors`` (the kernels' plain tensors, grads as given)."""
         grad_bytes = torch.tensor([end - start for start, end in map(memory_span, tensors.grads)], dtype=torch.int64)
-        return cls(group, options, signature, step_buffer, tensors.dtypes, written, grad_bytes)
+        return cls(group, options, signature, step_buffer, tensors.dtypes, written, grad_bytes, eight_bit)
 
 
 def reused(
@@ -325,8 +331,8 @@ def reused(
     their states in ``mapping``, the optimizer's) whose last full check still holds for them; None where anything
     may have changed (or for anything unusual: a missing state, a non-tensor), so that the full checks run.
     ``gather`` reads the lists from the states."""
-    states = prepared.states_of(mapping, params)
-    versions = state_versions(states)
+    states, kept = prepared.states_of(mapping, params)
+    versions = state_versions(states, all_dicts=kept)  # (the kept ones were found exact dicts: with_states)
     signature = prepared.signature
     try:
         if versions is not None and versions == signature.state_versions:  # the same dicts, unchanged

@@ -36,14 +36,14 @@ def comparable(call):
     tensor = torch.Tensor
     return [("tensor", a.data_ptr(), a.dtype, a.shape) if isinstance(a, tensor) else a for a in head + tail]
 
-def checked(self, grid, device_index, args, constexprs, options):
+def checked(self, grid, device_index, args, scalars, constexprs, options):
     key_count = len(self._compiled)
     before = len(calls)
-    original(self, grid, device_index, args, constexprs, options)
+    original(self, grid, device_index, args, scalars, constexprs, options)
     direct = len(self._compiled) == key_count
     report["direct" if direct else "run"] += 1
     if direct:  # the same launch through Triton's run must make the same launcher call
-        self._kernel[(grid,)](*args, **constexprs, **dict(options))
+        self._kernel[(grid,)](*args, *scalars, **constexprs, **dict(options))
         if comparable(calls[before]) != comparable(calls[-1]):
             report["mismatches"].append(str(constexprs))
     report["kinds"] = len(self._compiled)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,16 +45,32 @@ def direct_calls_supported() -> bool:
     return all(" ".join(line.split()) in source for line in _RUN_LAUNCH)
 
 
+def _aligned(tensor: torch.Tensor) -> bool:
+    return tensor.data_ptr() % 16 == 0
+
+
+def _integer_class(value: int) -> tuple[bool, ...]:
+    return value == 1, value % 16 == 0, -(2**31) <= value < 2**31, value < 2**63
+
+
+def _of_other_type(arg: Any) -> Any:
+    if isinstance(arg, torch.Tensor):
+        return _aligned(arg)
+    if isinstance(arg, int):
+        return type(arg), _integer_class(arg)
+    if isinstance(arg, float) or arg is None:
+        return type(arg)
+    raise TypeError(f"CompiledLaunches takes tensors, integers, floats and None, not {type(arg).__name__}")
+
+
+# Argument tuples whose specialization CompiledLaunches keeps (a few a param group: its tables for recent grads).
+_SPECIALIZATIONS_KEPT = 64
+# What Triton specializes an argument on, by its type (see the module docstring).
+_SPECIALIZED = {torch.Tensor: _aligned, int: _integer_class, bool: bool}
+
+
 def _specialization(args: Sequence[Any]) -> tuple:
-    """What Triton specializes the runtime arguments on (see the module docstring)."""
-    return tuple(
-        arg.data_ptr() % 16 == 0
-        if isinstance(arg, torch.Tensor)
-        else (arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg < 2**63)
-        if isinstance(arg, int)
-        else None
-        for arg in args
-    )
+    return tuple(_SPECIALIZED.get(type(arg), _of_other_type)(arg) for arg in args)
 
 
 class CompiledLaunches:
@@ -63,20 +80,39 @@ class CompiledLaunches:
     def __init__(self, kernel: Any) -> None:
         self._kernel = kernel
         self._compiled: dict[tuple, Any] = {}
+        # The specialization of recent argument tuples, by their objects' ids (the objects held with it, so that
+        # the ids stay theirs): a step's table tensors are those of the last steps (a lookup, 0.5 us, for 2).
+        self._specializations: OrderedDict[tuple[int, ...], tuple[tuple, tuple]] = OrderedDict()
 
-    def __call__(self, grid: int, device_index: int, args: tuple, constexprs: dict[str, Any], options: tuple) -> None:
-        """Launch ``kernel[(grid,)](*args, **constexprs, **dict(options))`` on the current stream of device
-        ``device_index`` (the current device: Triton launches there)."""
-        key = (device_index, tuple(constexprs.values()), options, _specialization(args))
+    def __call__(
+        self, grid: int, device_index: int, args: tuple, scalars: tuple, constexprs: dict[str, Any], options: tuple
+    ) -> None:
+        """Launch ``kernel[(grid,)](*args, *scalars, **constexprs, **dict(options))`` on the current stream of
+        device ``device_index`` (the current device: Triton launches there). ``scalars`` are floats, which Triton
+        does not specialize on."""
+        key = (device_index, tuple(constexprs.values()), options, self._specialization(args))
         compiled = self._compiled.get(key)
         if compiled is None or self._watched():
-            compiled = self._kernel[(grid,)](*args, **constexprs, **dict(options))
-            if direct_calls_supported() and self._kernel.arg_names[len(args) :] == list(constexprs):
+            compiled = self._kernel[(grid,)](*args, *scalars, **constexprs, **dict(options))
+            runtime_count = len(args) + len(scalars)
+            if direct_calls_supported() and self._kernel.arg_names[runtime_count:] == list(constexprs):
                 self._compiled[key] = compiled
             return
         stream = driver.active.get_current_stream(device_index)
         run, function, metadata = compiled.run, compiled.function, compiled.packed_metadata
-        run(grid, 1, 1, stream, function, metadata, None, None, None, *args, *constexprs.values())
+        run(grid, 1, 1, stream, function, metadata, None, None, None, *args, *scalars, *constexprs.values())
+
+    def _specialization(self, args: tuple) -> tuple:
+        ids = tuple(map(id, args))
+        known = self._specializations.get(ids)
+        if known is not None:
+            self._specializations.move_to_end(ids)
+            return known[1]
+        specialization = _specialization(args)
+        self._specializations[ids] = (args, specialization)
+        if len(self._specializations) > _SPECIALIZATIONS_KEPT:
+            self._specializations.popitem(last=False)
+        return specialization
 
     def _watched(self) -> bool:
         """Whether Triton is asked to see each launch (then ``kernel[grid]`` makes it)."""

@@ -173,7 +173,6 @@ def adam_step(
                 table.n_tensors,
                 values,
                 *code_maps_on(device),
-                *launch.scalars,
             )
             constexprs = {
                 "PARAM_TYPE": TRITON_TYPES[launch.param_dtype],
@@ -190,6 +189,6 @@ def adam_step(
             }
             options = (("num_warps", config.num_warps), ("enable_fp_fusion", kernels.FP_FUSION))
             if launcher is None:
-                kernels.adam_step_kernel[(table.n_chunks,)](*args, **constexprs, **dict(options))
+                kernels.adam_step_kernel[(table.n_chunks,)](*args, *launch.scalars, **constexprs, **dict(options))
             else:
-                launcher(table.n_chunks, index, args, constexprs, options)
+                launcher(table.n_chunks, index, args, launch.scalars, constexprs, options)
