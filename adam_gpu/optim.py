@@ -2,8 +2,9 @@
 
 Arguments, defaults and the ``state_dict`` layout are torch's (``step`` a float32 tensor on the CPU,
 ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so a state_dict moves between torch.optim and these
-classes both ways. Extra arguments: ``backend`` (``"auto"``, ``"triton"``, ``"torch"``) and
-``state_dtype`` (None: moments in the param dtype, as torch; ``torch.float32``: fp32 moments).
+classes both ways. Extra arguments (``FusedAdam``'s docstring says each in full): ``backend`` (``"auto"`` or a
+name in ``adam_gpu.BACKENDS``: ``"triton"``, ``"cupy"``, ``"torch"``), ``state_dtype`` (None, ``torch.float32``,
+``torch.bfloat16``, ``"8bit"``), ``master_weights`` (False, True, ``"lean"``) and ``max_grad_norm``.
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ class FusedAdam(Optimizer):
         check_tensor_hyperparameters(lr, betas, foreach, capturable)
         check_hyperparameters(lr, betas, eps, weight_decay)
         _check_master_weights(master_weights)
-        dispatch.check_backend_name(backend)
+        dispatch.check_requested(backend)
         if max_grad_norm is not None and not float(max_grad_norm) > 0:
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         if differentiable:

@@ -147,7 +147,7 @@ struct IsCode<unsigned char> {
 // exp_avg_sq): the bits of |x| * 1.875 give the last entry <= x, off by one only within a few ulps of an entry,
 // where the nearer of it and the next is that entry anyway. So two independent map reads, where a binary search
 // over the 256 entries took 8 dependent ones and two more. The same code as that search for every fp32 x in
-// [-1.0001, 1.0001] (all 2^31, checked in numpy, 2026-11-26); tests/test_quantization.py checks this function at
+// [-1.0001, 1.0001] (all 2^31 of them, checked in numpy); tests/test_quantization.py checks this function at
 // every decision point.
 template <bool SIGNED>
 __device__ __forceinline__ unsigned char nearest_code(float x, const float* code_map) {
