@@ -76,7 +76,7 @@ _set_grad_enabled = getattr(torch._C, "_set_grad_enabled", torch.set_grad_enable
 
 def _watched(optimizer: Optimizer) -> bool:
     """Whether a step hook is registered (on ``optimizer`` or globally) or torch's profiler is recording: the step
-    then runs inside torch.optim's wrapper (0.5 us a step where neither is, against its 5.5)."""
+    then runs inside torch.optim's wrapper, which otherwise costs more than the rest of a one-tensor step."""
     return bool(
         optimizer._optimizer_step_pre_hooks
         or optimizer._optimizer_step_post_hooks
@@ -254,7 +254,7 @@ class FusedAdam(Optimizer):
     @_eager_under_torch_compile
     def _step(self, closure: Callable[[], float] | None) -> float | None:
         grad_enabled = torch.is_grad_enabled()
-        _set_grad_enabled(False)  # (torch.no_grad() costs 1.2 us a step)
+        _set_grad_enabled(False)  # (cheaper than entering torch.no_grad())
         try:
             return self._step_without_grad(closure)
         finally:
@@ -317,7 +317,7 @@ class FusedAdam(Optimizer):
 
     def _plan(self, group: dict[str, Any]) -> _GroupPlan | None:
         everyone = group["params"]
-        grads = list(map(_grad, everyone))  # (each .grad read once a step: 0.4 us each)
+        grads = list(map(_grad, everyone))  # (each .grad read once a step)
         if all(map(is_not, grads, repeat(None))):
             params = list(everyone)
         else:

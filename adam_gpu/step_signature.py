@@ -16,15 +16,13 @@ them and reuses its tensor tables. What a step reads to know it:
   against each new set of grad addresses (``_grads_apart``);
 - torch's ``TensorGuards`` over all of them, step counts and grads included: the C++ check torch.compile runs on
   a compiled graph's inputs (type, dtype, device, dispatch keys, which tell dense from sparse, requires_grad, sizes and
-  strides). For 1000 params (4000 tensors) it takes 0.2 ms where reading the same in Python took 1.9 ms.
+  strides), in one C call (docs/benchmarks.md, "Host time of a step", says what each part costs).
 
 Where the state dicts are the very dicts of the last full check, unmodified since, the kept tensors are known to
 be the same objects without reading them from the dicts: CPython tags every dict with a version from a global
 counter at its creation and at every change (Python < 3.12: the dict's own tag; 3.12 on: a dict watcher torch
 installs), which torch's guards read in C (``dict_version``). One read per param then replaces gathering its
-tensors into lists, splitting them and comparing their identity (FusedAdam's check of a reused step of 1000
-params: 0.91 ms on the CI machine's CPU, where gathering and comparing took 1.15; the whole step 1.35 ms, was
-1.8, launch stubbed).
+tensors into lists, splitting them and comparing their identity.
 Where that reader is missing or does not behave as relied on (checked once, ``_dict_version_reader``), every
 step gathers (``matches``).
 
@@ -209,7 +207,7 @@ def matches(expected: StepSignature, tensors: StepTensors, steps: Sequence[torch
     masks, kept, grads = _split(tensors)
     return (
         masks == expected.masks
-        and all(map(is_, kept, map(_alive, expected.kept)))  # (0.12 ms for 3000 tensors)
+        and all(map(is_, kept, map(_alive, expected.kept)))
         and all(map(is_, steps, map(_alive, expected.steps)))  # (so that TensorGuards sees no other object)
         and list(map(_data_ptr, chain(kept, steps))) == expected.addresses
         and expected.guards.check(*kept, *steps, *grads)
@@ -280,7 +278,7 @@ class PreparedGroup:
     # environment's, 8-bit moments): the dtypes and device are those of the full check (TensorGuards saw them).
     resolved: tuple[tuple, tuple[str, ModuleType]] | None = None
     # The params' state dicts, found in the optimizer's state mapping of this version (state_mapping_version):
-    # while it is unchanged, it maps each param to the same dict (a lookup a param, 0.5 us, is saved).
+    # while it is unchanged, it maps each param to the same dict (a lookup a param is saved).
     states: list | None = None
     state_mapping: Mapping | None = None
     state_mapping_version: int | None = None

@@ -1,8 +1,8 @@
 """Launches of a Triton kernel through its compiled launcher, below ``JITFunction.run``'s per-call work.
 
 ``kernel[grid](...)`` binds the arguments, computes their specialization and the cache key, looks the compiled
-kernel up and then calls its launcher; on the CPU with a stubbed launcher that is 9.85 us a call where the launcher
-call alone is 0.34 (benchmarks/README.md, "Host time"). ``CompiledLaunches`` makes the first launch of each kind
+kernel up and then calls its launcher: most of a launch's host time (docs/benchmarks.md, "Host time of a step").
+``CompiledLaunches`` makes the first launch of each kind
 through ``kernel[grid]``, keeps the compiled kernel it returns, and makes the next launches of that kind with the
 launcher call ``JITFunction.run`` ends in, the same arguments in the same order.
 
@@ -81,7 +81,7 @@ class CompiledLaunches:
         self._kernel = kernel
         self._compiled: dict[tuple, Any] = {}
         # The specialization of recent argument tuples, by their objects' ids (the objects held with it, so that
-        # the ids stay theirs): a step's table tensors are those of the last steps (a lookup, 0.5 us, for 2).
+        # the ids stay theirs): a step's table tensors are those of the last steps (a lookup).
         self._specializations: OrderedDict[tuple[int, ...], tuple[tuple, tuple]] = OrderedDict()
 
     def __call__(

@@ -8,7 +8,7 @@ elements of one tensor). A program (Triton) or a block iteration (CUDA C) takes 
 its tensor by binary search in ``chunk_offsets``.
 Tables are cached by the tensors' addresses and sizes, so a training loop builds them once. New grad tensors
 (``zero_grad()`` frees them, backward makes new ones) get a copy of the kept table with their addresses put in
-(0.06 ms for 1000 tensors, where building a table from its rows takes 0.7): see launch_groups.
+(a tenth of the time building it from its rows takes): see launch_groups.
 
 Under CUDA graph capture (a whole training step captured, grads allocated inside it) a table may be built
 while capturing: its values are then written by kernels of the graph that carry them as arguments
@@ -228,7 +228,7 @@ def launch_groups(
     ``steps`` are host step counts (one launch per distinct count), or None with ``device_steps``: the
     step counts' addresses then go into the table and the kernel reads them. With ``tensors.memo``, the
     launches of a step whose tensors are contiguous and whose host step counts are equal are kept there and
-    found again (1000 tensors: 3 ms of rows, grouping and table lookup saved), their tables given this
+    found again (rows, grouping and table lookup saved), their tables given this
     step's grads (which may be new tensors, see StepTensors.memo: alike in strides, so contiguous too)."""
     step_values = steps if steps is not None else [None] * len(tensors)
     one_step = not step_values or step_values.count(step_values[0]) == len(step_values)

@@ -37,9 +37,8 @@ TRITON_TYPES = {
 }
 
 
-# Warps per program on a GPU (the interpreter ignores it), with the kernel module's BLOCK and CHUNK: best of 15
-# launch configurations (adam-gpu tune, NVIDIA H200, 2026-11-26). Launches of 8-bit moments keep 4 warps with
-# their QUANTIZED_BLOCK (kernels/adam_triton.py says what was measured).
+# Warps per program on a GPU (the interpreter ignores it), for plain and 8-bit launches: the best of adam-gpu tune
+# on an H200 (docs/benchmarks.md, "Launch configurations").
 NUM_WARPS = 8
 QUANTIZED_NUM_WARPS = 4
 
@@ -88,7 +87,7 @@ def runs_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=256)  # (a step asks twice; building and validating one took 3.6 us of a 70 us step)
+@functools.lru_cache(maxsize=256)  # (a step asks twice: kept, not built and validated each time)
 def default_launch_config(device: torch.device, largest: int | None = None, quantized: bool = False) -> LaunchConfig:
     """The kernel module's constants (``quantized``: for a launch of 8-bit moments; the chunk is the same, as
     one step's launches share their tables' chunking): large blocks and chunks under the CPU interpreter, where
@@ -137,7 +136,7 @@ def _weight_decay_mode(hp: AdamHyperparameters, kernels: ModuleType) -> int:
 
 
 def _largest_numel(tensors: StepTensors) -> int:
-    """The most elements of one param, kept in ``tensors.memo`` (1000 params: 0.1 ms a step on the CPU)."""
+    """The most elements of one param, kept in ``tensors.memo`` (a read per param otherwise)."""
     memo = tensors.memo if tensors.memo is not None else LaunchMemo()
     if memo.largest_numel is None:
         memo.largest_numel = max((p.numel() for p in tensors.params), default=0)
