@@ -297,13 +297,14 @@ def test_a_measurement_over_the_case_time_limit_is_skipped_and_reported():
 
 
 def test_the_cpu_default_plan_is_short_and_the_full_one_behind_an_option():
-    default = [(c.name, p.name) for c, p in plan(False, "cpu")]
-    full = [(c.name, p.name) for c, p in plan(False, "cpu", full=True)]
-    assert {c for c, _ in default} == {"resnet-50", "1000x4096", "flat 2^22", "flat 2^20", "flat 2^16", "flat 2^12"}
+    default = [(c.name, p.name) for c, p in plan(False, "cpu", full=False)]
+    full = [(c.name, p.name) for c, p in plan(False, "cpu")]
+    assert {c for c, _ in default} == {"resnet-50", "1000x4096", "flat 2^24", "flat 2^20", "flat 2^16", "flat 2^12"}
     assert len(default) == 6 * 2 + 2 * (len(POLICIES) - 2) and set(default) < set(full)
     assert "gpt2-124m" in {c for c, _ in full} and "llama-3.2-1b" not in {c for c, _ in full}
-    assert plan(False, "cuda") == plan(False, "cuda", full=True), "a GPU run is always full"
-    assert [c.name for c, _ in plan(False, "cpu", ["gpt2-124m"], ["fp32"])] == ["gpt2-124m"], "named: of the full"
+    assert plan(False, "cuda") == plan(False, "cuda", full=False), "a GPU run is always full"
+    named = plan(False, "cpu", ["gpt2-124m"], ["fp32"], full=False)
+    assert [c.name for c, _ in named] == ["gpt2-124m"], "cases named: of the full plan"
 
 
 def test_a_cpu_run_is_limited_by_default_and_full_on_request(tmp_path, monkeypatch):

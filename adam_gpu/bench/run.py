@@ -42,7 +42,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: torch.device, quick: bool, plan_name: str = "default") -> dict[str, object]:
+def environment(device: torch.device, quick: bool, plan_name: str | None = None) -> dict[str, object]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         try:
