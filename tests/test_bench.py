@@ -334,7 +334,7 @@ def test_a_cpu_run_is_limited_by_default_and_full_on_request(tmp_path, monkeypat
         (20.0, None, False),
     ]
     assert threads == [command.CPU_THREADS, 2], "one thread by default; 0 leaves torch's own"
-    assert "--full measures the full CPU sweep" in console.file.getvalue()
+    assert "about 3 minutes on 2 cores (--full: the full CPU sweep" in console.file.getvalue()
 
 
 def test_the_summary_fits_100_columns_with_every_policy_whole():

@@ -168,7 +168,7 @@ def _plan_line(pairs: int, time_limit_s: float | None, case_time_limit_s: float 
     if case_time_limit_s is not None:
         line += f"; a measurement its first step puts over {case_time_limit_s:.0f} s is skipped as too slow"
     if cpu_default:
-        line += "; --full measures the full CPU sweep"
+        line += "; about 3 minutes on 2 cores (--full: the full CPU sweep, tens of minutes)"
     return line
 
 
