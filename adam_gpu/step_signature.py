@@ -125,15 +125,6 @@ def state_mapping_version(mapping: Mapping) -> int | None:
         return None
 
 
-def reuse_description() -> str:
-    """How FusedAdam tells a step whose tensors are those of its group's last full check, here (adam-gpu info)."""
-    if _tensor_guards_type() is None:
-        return "none: every step takes the full checks (this torch has no TensorGuards)"
-    if _dict_version is None:
-        return "a step's tensors are gathered and compared (this torch's dict_version is missing or failed its check)"
-    return "by the state dicts' version tags (torch's dict_version), then addresses and TensorGuards"
-
-
 def state_versions(states: Sequence[Mapping[str, Any]], all_dicts: bool = False) -> list[int] | None:
     """The version tags of these state dicts, or None where they cannot be read (no usable reader, a state that
     is not exactly a dict: a missing one, a user's mapping; or the reader failing, as torch's does on Python 3.12
