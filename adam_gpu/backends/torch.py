@@ -12,11 +12,13 @@ from collections.abc import Sequence
 
 import torch
 
+from adam_gpu.backends import torch_chunks
 from adam_gpu.backends.layout import contiguous_stand_ins
+from adam_gpu.backends.lean_master import lean_master, split_lean_master
+from adam_gpu.backends.torch_codes import dequantize_into, quantize_into
 from adam_gpu.device_inputs import FOUND_INF, GRAD_MULTIPLIER, LR, DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
-from adam_gpu.quantization import code_maps_on
 from adam_gpu.step_tensors import EIGHT_BIT, GRAD, LaunchMemo, StepTensors
 
 FEATURES = frozenset({EIGHT_BIT})
@@ -32,29 +34,6 @@ def _working_copies(tensors: Sequence[torch.Tensor], copy: bool = False) -> list
     return [t.to(torch.promote_types(t.dtype, torch.float32), copy=copy) for t in tensors]
 
 
-def lean_master(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
-    """fp32 whose bits are the bf16 param's bits << 16 plus the signed int16 remainder."""
-    high = param.view(torch.int16).to(torch.int64) << 16
-    return ((high + remainder.to(torch.int64)) & 0xFFFFFFFF).to(torch.uint32).view(torch.float32)
-
-
-def split_lean_master(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bf16 param, int16 remainder) with ``lean_master(param, remainder) == value`` bit for bit; the
-    param is rounded half-up on the bits, as the kernels do, so the remainder fits int16."""
-    bits = value.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    param_bits = torch.where(value.isnan(), (bits >> 16) | 0x40, (bits + 0x8000) >> 16)
-    remainder = (bits - (param_bits << 16)) & 0xFFFF
-
-    def as_int16(u16: torch.Tensor) -> torch.Tensor:
-        return torch.where(u16 >= 0x8000, u16 - 0x10000, u16).to(torch.int16)
-
-    return as_int16(param_bits).view(torch.bfloat16), as_int16(remainder)
-
-
-def _code_map(signed: bool, device: torch.device) -> torch.Tensor:
-    return code_maps_on(device)[0 if signed else 1]
-
-
 def _moment_values(
     moments: Sequence[torch.Tensor], absmaxes: Sequence[torch.Tensor | None], signed: bool, copy: bool
 ) -> list[torch.Tensor]:
@@ -64,25 +43,18 @@ def _moment_values(
         if absmax is None:
             values += _working_copies([moment], copy)
             continue
-        scale = absmax.repeat_interleave(QUANT_BLOCK)[: moment.numel()].view(moment.shape)
-        values.append(_code_map(signed, moment.device)[moment.long()] * scale)
+        flat = torch.empty(moment.numel(), device=moment.device)
+        values.append(dequantize_into(moment.reshape(-1), absmax, signed, out=flat).view(moment.shape))
     return values
 
 
 def _quantize(value: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 codes, fp32 absmax per block) of ``value``, in fp32 as the kernels do: the nearest entry of
-    the code map to value / absmax, the lower one on a tie."""
-    flat = value.float().flatten()
-    blocks = torch.nn.functional.pad(flat, (0, (-flat.numel()) % QUANT_BLOCK)).view(-1, QUANT_BLOCK)
-    absmax = blocks.abs().amax(dim=1)
-    scale = absmax.repeat_interleave(QUANT_BLOCK)[: flat.numel()]
-    absmax = torch.where(absmax.isfinite(), absmax, float("nan"))  # a NaN/Inf in the block: NaN (quantization)
-    normalized = flat / torch.where(scale > 0, scale, 1.0)  # an all-zero block: zeros
-    code_map = _code_map(signed, value.device)
-    low = (torch.searchsorted(code_map, normalized, right=True) - 1).clamp(0, 255)
-    high = (low + 1).clamp(max=255)
-    nearer_high = (code_map[high] - normalized) < (normalized - code_map[low])
-    return torch.where(nearer_high, high, low).to(torch.uint8).view(value.shape), absmax
+    """(uint8 codes, fp32 absmax per block) of ``value``, in fp32 as the kernels do (torch_codes)."""
+    flat = value.to(torch.float32, copy=True).flatten()
+    codes = torch.empty(flat.shape, dtype=torch.uint8, device=value.device)
+    absmax = torch.empty(-(-flat.numel() // QUANT_BLOCK), device=value.device)
+    quantize_into(flat, signed, codes, absmax)
+    return codes.view(value.shape), absmax
 
 
 def _store_moments(
@@ -210,6 +182,9 @@ def adam_step(
         return
     if device_inputs is not None:
         _adam_step_device_inputs(tensors, steps, hp, device_inputs)
+        return
+    if torch_chunks.applies(tensors, hp):
+        torch_chunks.chunked_step(tensors, steps, hp)
         return
     params = _param_values(tensors, copy=False)
     grads, max_exp_avg_sqs = _working_copies(tensors.grads), _working_copies(tensors.max_exp_avg_sqs)

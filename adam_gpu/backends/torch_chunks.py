@@ -1,0 +1,169 @@
+"""The torch backend's CPU step where torch's fused kernel cannot take the tensors as they are: 16-bit params with
+fp32 moments or fp32/lean masters, moments in another dtype than the param, 8-bit moments.
+
+The step still goes through the fused kernel, on fp32 working chunks: a slice of each param (its master where it
+has one), grad and moment is made fp32 in a reused buffer (the tensor itself where it already is fp32), stepped,
+and written back (rounded, split into bf16 and remainder, or quantized) while it is still in cache. Whole-tensor
+passes instead cost one trip through memory each, and a fresh allocation each (docs/cpu-torch-backend.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+
+from adam_gpu.backends.layout import contiguous_stand_ins
+from adam_gpu.backends.lean_master import lean_master, split_lean_master
+from adam_gpu.backends.torch_codes import dequantize_into, quantize_into
+from adam_gpu.hyperparameters import AdamHyperparameters
+from adam_gpu.quantization import BLOCK as QUANT_BLOCK
+from adam_gpu.step_tensors import GRAD, StepTensors
+
+CHUNK = 1 << 16  # elements in one working chunk (a multiple of QUANT_BLOCK): docs/cpu-torch-backend.md
+_FUSED = {False: getattr(torch, "_fused_adam_", None), True: getattr(torch, "_fused_adamw_", None)}
+_STORED = (torch.float32, torch.float16, torch.bfloat16)  # what becomes fp32 exactly (float64 keeps its precision)
+_FP32_ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+class _Row(NamedTuple):
+    """One param's tensors, flat (StepTensors.per_tensor's order)."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    max_exp_avg_sq: torch.Tensor | None
+    master: torch.Tensor | None
+    exp_avg_absmax: torch.Tensor | None
+    exp_avg_sq_absmax: torch.Tensor | None
+
+
+class _Piece(NamedTuple):
+    row: int
+    start: int
+    stop: int
+    offset: int  # where its working values lie in the chunk's buffers
+
+
+def applies(tensors: StepTensors, hp: AdamHyperparameters) -> bool:
+    """Whether these CPU tensors can be stepped here: every value fp32, fp16, bf16 or 8-bit (float64 is left to the
+    foreach path, which keeps it)."""
+    if _FUSED[hp.decoupled] is None or tensors.device.type != "cpu":
+        return False
+    for row in tensors.per_tensor():
+        param, grad, exp_avg, exp_avg_sq, maximum, master, *_ = row
+        if any(t.dtype not in _STORED for t in (param, grad) if t is not None):
+            return False
+        if any(t is not None and t.dtype not in (*_STORED, torch.uint8) for t in (exp_avg, exp_avg_sq, maximum)):
+            return False
+        if master is not None and master.dtype not in (torch.float32, torch.int16):
+            return False
+    return True
+
+
+def chunked_step(tensors: StepTensors, steps: Sequence[float], hp: AdamHyperparameters) -> None:
+    """One Adam/AdamW step of ``tensors`` (``applies``) through torch's fused CPU kernel, CHUNK elements at a time."""
+    with contextlib.ExitStack() as stack:
+        rows = [
+            _Row(*(None if t is None else t.view(-1) for t in stack.enter_context(contiguous_stand_ins(row, (GRAD,)))))
+            for row in tensors.per_tensor()
+        ]
+        counts = {step: torch.tensor(float(step)) for step in set(steps)}  # (the kernel reads each count's value)
+        buffers = {role: torch.empty(CHUNK) for role in _FP32_ROLES}
+        for chunk in _chunks([row.param.numel() for row in rows]):
+            working = [_working(rows[piece.row], piece, buffers) for piece in chunk]
+            params, grads, exp_avgs, exp_avg_sqs, maxima = map(list, zip(*working, strict=True))
+            _FUSED[hp.decoupled](
+                params, grads, exp_avgs, exp_avg_sqs, maxima if hp.amsgrad else [],
+                [counts[steps[piece.row]] for piece in chunk],
+                amsgrad=hp.amsgrad, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay,
+                eps=hp.eps, maximize=hp.maximize,
+            )  # fmt: skip
+            if hp.amsgrad:
+                torch._foreach_maximum_(maxima, exp_avg_sqs)  # (NaN where the second moment is NaN: torch.py)
+            for piece, values in zip(chunk, working, strict=True):
+                _write_back(rows[piece.row], piece, values)
+
+
+def _chunks(numels: Sequence[int]) -> Iterator[list[_Piece]]:
+    """Pieces of at most CHUNK elements, each starting at a multiple of CHUNK in its tensor, gathered into chunks of
+    at most CHUNK elements in all (many small tensors share one)."""
+    chunk, filled = [], 0
+    for row, numel in enumerate(numels):
+        for start in range(0, numel, CHUNK):
+            stop = min(start + CHUNK, numel)
+            if filled + stop - start > CHUNK:
+                yield chunk
+                chunk, filled = [], 0
+            chunk.append(_Piece(row, start, stop, filled))
+            filled += stop - start
+    if chunk:
+        yield chunk
+
+
+def _blocks(absmax: torch.Tensor, piece: _Piece) -> torch.Tensor:
+    return absmax[piece.start // QUANT_BLOCK : -(-piece.stop // QUANT_BLOCK)]
+
+
+def _fp32(tensor: torch.Tensor, piece: _Piece, buffer: torch.Tensor) -> torch.Tensor:
+    """The piece of ``tensor`` in fp32: its own memory where it is fp32 (and not lazily negated), else a copy."""
+    part = tensor[piece.start : piece.stop]
+    if part.dtype == torch.float32 and not part.is_neg():
+        return part
+    return buffer[piece.offset : piece.offset + part.numel()].copy_(part)
+
+
+def _moment(
+    moment: torch.Tensor | None, absmax: torch.Tensor | None, signed: bool, piece: _Piece, buffer: torch.Tensor
+) -> torch.Tensor | None:
+    if moment is None:
+        return None
+    if absmax is None:
+        return _fp32(moment, piece, buffer)
+    out = buffer[piece.offset : piece.offset + piece.stop - piece.start]
+    return dequantize_into(moment[piece.start : piece.stop], _blocks(absmax, piece), signed, out)
+
+
+def _working(row: _Row, piece: _Piece, buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+    """(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq) of the piece, fp32; the param is its master where it has
+    one (a lean master put together from the bf16 param and its remainder)."""
+    if row.master is not None and row.master.dtype == torch.int16:
+        part = slice(piece.start, piece.stop)
+        out = buffers["param"][piece.offset : piece.offset + piece.stop - piece.start]
+        param = lean_master(row.param[part], row.master[part], out=out)
+    else:
+        param = _fp32(row.param if row.master is None else row.master, piece, buffers["param"])
+    return (
+        param,
+        _fp32(row.grad, piece, buffers["grad"]),
+        _moment(row.exp_avg, row.exp_avg_absmax, True, piece, buffers["exp_avg"]),
+        _moment(row.exp_avg_sq, row.exp_avg_sq_absmax, False, piece, buffers["exp_avg_sq"]),
+        _moment(row.max_exp_avg_sq, None, False, piece, buffers["max_exp_avg_sq"]),
+    )
+
+
+def _write_back(row: _Row, piece: _Piece, values: tuple[torch.Tensor | None, ...]) -> None:
+    """Store the stepped working values where they are not the tensors' own memory (8-bit moments quantized: their
+    working values are overwritten)."""
+    part = slice(piece.start, piece.stop)
+    param, _, exp_avg, exp_avg_sq, maximum = values
+    if row.master is not None and row.master.dtype == torch.int16:
+        split_lean_master(param, row.param[part], row.master[part])
+    elif row.master is not None:
+        row.param[part].copy_(param)
+    elif param.data_ptr() != row.param[part].data_ptr():
+        row.param[part].copy_(param)
+    for moment, absmax, value, signed in (
+        (row.exp_avg, row.exp_avg_absmax, exp_avg, True),
+        (row.exp_avg_sq, row.exp_avg_sq_absmax, exp_avg_sq, False),
+        (row.max_exp_avg_sq, None, maximum, False),
+    ):
+        if moment is None:
+            continue
+        if absmax is not None:
+            quantize_into(value, signed, moment[part], _blocks(absmax, piece))
+        elif value.data_ptr() != moment[part].data_ptr():
+            moment[part].copy_(value)
