@@ -3,6 +3,8 @@
 It is the CPU fallback and the backend for float64 params. Low-precision tensors are upcast to fp32
 working copies and rounded back once at the end, so its numbers match the kernels' fp32 math. Master
 weights are the working values where a param has them (an fp32 copy, or the lean bf16 + remainder).
+On CPU tensors the step goes through torch's fused CPU kernel: directly where the tensors are as it takes them,
+else on fp32 working chunks (torch_chunks.py).
 """
 
 from __future__ import annotations
@@ -113,14 +115,13 @@ def _store_params(tensors: StepTensors, values: Sequence[torch.Tensor], keep: to
 # torch's fused CPU kernel: what it steps as adam-gpu does (fp32 math, moments in the param dtype). Its amsgrad max
 # drops a NaN second moment in its scalar tail, which the for-loop keeps: a second pass restores it. It pairs the
 # elements of non-contiguous tensors in memory order, not by index (torch 2.13): they get contiguous stand-ins.
-_FUSED_CPU = {False: getattr(torch, "_fused_adam_", None), True: getattr(torch, "_fused_adamw_", None)}
 _FUSED_CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _fused_cpu_applies(tensors: StepTensors, hp: AdamHyperparameters, device_inputs: DeviceInputs | None) -> bool:
     """Whether torch's fused CPU kernel steps these tensors as adam-gpu does; what depends on the tensors alone is
     kept in ``tensors.memo`` (a reused step's tensors are alike, grads' strides included: 1000 tensors, 1 ms)."""
-    if device_inputs is not None or _FUSED_CPU[hp.decoupled] is None or tensors.device.type != "cpu":
+    if device_inputs is not None or torch_chunks.FUSED_CPU[hp.decoupled] is None or tensors.device.type != "cpu":
         return False
     memo = tensors.memo if tensors.memo is not None else LaunchMemo()
     if memo.fused_cpu is None:
@@ -165,7 +166,7 @@ def _fused_cpu_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparam
     state_steps = list(map(counts.__getitem__, steps))
     maxima = list(tensors.max_exp_avg_sqs) if hp.amsgrad else []
     moments = list(tensors.exp_avgs), list(tensors.exp_avg_sqs)
-    _FUSED_CPU[hp.decoupled](
+    torch_chunks.FUSED_CPU[hp.decoupled](
         list(tensors.params), list(tensors.grads), *moments, maxima, state_steps,
         amsgrad=hp.amsgrad, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
         maximize=hp.maximize,

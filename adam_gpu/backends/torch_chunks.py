@@ -23,7 +23,8 @@ from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.step_tensors import GRAD, StepTensors
 
 CHUNK = 1 << 16  # elements in one working chunk (a multiple of QUANT_BLOCK): docs/cpu-torch-backend.md
-_FUSED = {False: getattr(torch, "_fused_adam_", None), True: getattr(torch, "_fused_adamw_", None)}
+# torch's fused CPU kernels, Adam and AdamW (by ``decoupled``); None where this torch lacks one.
+FUSED_CPU = {False: getattr(torch, "_fused_adam_", None), True: getattr(torch, "_fused_adamw_", None)}
 _STORED = (torch.float32, torch.float16, torch.bfloat16)  # what becomes fp32 exactly (float64 keeps its precision)
 _FP32_ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -51,7 +52,7 @@ class _Piece(NamedTuple):
 def applies(tensors: StepTensors, hp: AdamHyperparameters) -> bool:
     """Whether these CPU tensors can be stepped here: every value fp32, fp16, bf16 or 8-bit (float64 is left to the
     foreach path, which keeps it)."""
-    if _FUSED[hp.decoupled] is None or tensors.device.type != "cpu":
+    if FUSED_CPU[hp.decoupled] is None or tensors.device.type != "cpu":
         return False
     for row in tensors.per_tensor():
         param, grad, exp_avg, exp_avg_sq, maximum, master, *_ = row
@@ -76,7 +77,7 @@ def chunked_step(tensors: StepTensors, steps: Sequence[float], hp: AdamHyperpara
         for chunk in _chunks([row.param.numel() for row in rows]):
             working = [_working(rows[piece.row], piece, buffers) for piece in chunk]
             params, grads, exp_avgs, exp_avg_sqs, maxima = map(list, zip(*working, strict=True))
-            _FUSED[hp.decoupled](
+            FUSED_CPU[hp.decoupled](
                 params, grads, exp_avgs, exp_avg_sqs, maxima if hp.amsgrad else [],
                 [counts[steps[piece.row]] for piece in chunk],
                 amsgrad=hp.amsgrad, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay,
