@@ -13,6 +13,7 @@ from adam_gpu.backends import torch_chunks
 from adam_gpu.backends.lean_master import lean_master, split_lean_master
 from adam_gpu.backends.torch_codes import code_map, nearest_codes, searched_codes
 from adam_gpu.hyperparameters import AdamHyperparameters
+from adam_gpu.quantization import SMALL_TENSOR, dequantize, quantize, signed_map, unsigned_map
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="the chunked step is the torch backend's on CPU tensors")
 CHUNK = torch_chunks.CHUNK
@@ -114,3 +115,41 @@ def test_many_tensors_sharing_chunks_step_as_the_reference(master, monkeypatch):
         elif master == "lean":
             whole = lean_master(params[index], masters[index])
             assert_close_relative(whole, expected.param, f"lean master {index}", case.param)
+
+
+def test_8bit_moments_sharing_chunks_step_as_the_float64_model():
+    """8-bit tensors whose last blocks are short, packed into chunks beside a small fp32-moment tensor: each param
+    steps as the float64 reference from its dequantized moments, and its codes are the model's for the new moments
+    (one off where an fp32 value sits on a decision midpoint, as tests/test_8bit.py allows)."""
+    hp = HPS["adamw"]
+    generator = seeded_generator("8bit sharing chunks")
+    cases = [StepCase.draw(n, generator).rounded(torch.bfloat16, torch.float64) for n in (4097, 300, 5000, CHUNK + 3)]
+    maps = (signed_map(), unsigned_map())
+    stored = []
+    for case in cases:
+        if case.param.numel() < SMALL_TENSOR:
+            stored.append([(case.exp_avg.float(), None), (case.exp_avg_sq.float(), None)])
+            continue
+        quantized = [
+            quantize(values, entries) for values, entries in zip((case.exp_avg, case.exp_avg_sq), maps, strict=True)
+        ]
+        case.exp_avg, case.exp_avg_sq = (dequantize(*q, entries) for q, entries in zip(quantized, maps, strict=True))
+        stored.append(quantized)
+    params = [c.param.to(torch.bfloat16) for c in cases]
+    fused_adam(
+        params, [c.grad.to(torch.bfloat16) for c in cases], [s[0][0] for s in stored], [s[1][0] for s in stored], [],
+        [torch.tensor(c.step - 1.0) for c in cases], lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
+        weight_decay=hp.weight_decay, decoupled=True, backend="torch",
+        exp_avg_absmaxes=[s[0][1] for s in stored], exp_avg_sq_absmaxes=[s[1][1] for s in stored],
+    )  # fmt: skip
+    for index, (case, moments) in enumerate(zip(cases, stored, strict=True)):
+        expected = case.reference(hp)
+        assert_correctly_rounded(params[index], expected.param, f"param {index}", case.param)
+        for (codes, absmax), want, entries in zip(moments, (expected.exp_avg, expected.exp_avg_sq), maps, strict=True):
+            if absmax is None:
+                assert_close_relative(codes, want, f"moment {index}")
+                continue
+            want_codes, want_absmax = quantize(want, entries)
+            assert_close_relative(absmax, want_absmax.double(), f"absmax {index}")
+            off = (codes.long() - want_codes.long()).abs()
+            assert int(off.max()) <= 1 and float((off > 0).double().mean()) <= 1e-3, f"codes {index}"

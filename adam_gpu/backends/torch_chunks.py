@@ -74,7 +74,12 @@ def chunked_step(tensors: StepTensors, steps: Sequence[float], hp: AdamHyperpara
         ]
         counts = {step: torch.tensor(float(step)) for step in set(steps)}  # (the kernel reads each count's value)
         buffers = {role: torch.empty(CHUNK) for role in _FP32_ROLES}
+        codes = _CodeBuffers()
         for chunk in _chunks([row.param.numel() for row in rows]):
+            quantized = [_quantized_pieces(rows, chunk, moment) for moment in _QUANTIZED]
+            for pieces, moment, signed in zip(quantized, _QUANTIZED, (True, False), strict=True):
+                if pieces:  # (first: the buffer's other pieces are then loaded over what it leaves there)
+                    codes.dequantize(rows, pieces, moment, signed, buffers[moment])
             working = [_working(rows[piece.row], piece, buffers) for piece in chunk]
             params, grads, exp_avgs, exp_avg_sqs, maxima = map(list, zip(*working, strict=True))
             FUSED_CPU[hp.decoupled](
@@ -87,11 +92,15 @@ def chunked_step(tensors: StepTensors, steps: Sequence[float], hp: AdamHyperpara
                 torch._foreach_maximum_(maxima, exp_avg_sqs)  # (NaN where the second moment is NaN: torch.py)
             for piece, values in zip(chunk, working, strict=True):
                 _write_back(rows[piece.row], piece, values)
+            for pieces, moment, signed in zip(quantized, _QUANTIZED, (True, False), strict=True):
+                if pieces:  # (last: quantizing overwrites the whole buffer)
+                    codes.quantize(rows, pieces, moment, signed, buffers[moment])
 
 
 def _chunks(numels: Sequence[int]) -> Iterator[list[_Piece]]:
     """Pieces of at most CHUNK elements, each starting at a multiple of CHUNK in its tensor, gathered into chunks of
-    at most CHUNK elements in all (many small tensors share one)."""
+    at most CHUNK elements in all (many small tensors share one); each piece's working values start at a multiple
+    of QUANT_BLOCK, so a chunk's 8-bit moments are quantized in one pass over whole blocks."""
     chunk, filled = [], 0
     for row, numel in enumerate(numels):
         for start in range(0, numel, CHUNK):
@@ -100,13 +109,66 @@ def _chunks(numels: Sequence[int]) -> Iterator[list[_Piece]]:
                 yield chunk
                 chunk, filled = [], 0
             chunk.append(_Piece(row, start, stop, filled))
-            filled += stop - start
+            filled += _whole_blocks(stop - start)
     if chunk:
         yield chunk
 
 
+_QUANTIZED = ("exp_avg", "exp_avg_sq")  # the moments that may be 8-bit (signed, unsigned)
+
+
+def _quantized_pieces(rows: Sequence[_Row], chunk: Sequence[_Piece], moment: str) -> list[_Piece]:
+    return [piece for piece in chunk if getattr(rows[piece.row], f"{moment}_absmax") is not None]
+
+
 def _blocks(absmax: torch.Tensor, piece: _Piece) -> torch.Tensor:
     return absmax[piece.start // QUANT_BLOCK : -(-piece.stop // QUANT_BLOCK)]
+
+
+def _in_buffer(buffer: torch.Tensor, piece: _Piece, per: int = 1) -> torch.Tensor:
+    """The piece's part of a chunk's buffer (``per`` elements to one buffer entry: QUANT_BLOCK for absmaxes)."""
+    return buffer[piece.offset // per : (piece.offset + piece.stop - piece.start + per - 1) // per]
+
+
+class _CodeBuffers:
+    """A chunk's 8-bit codes and absmaxes, gathered from its pieces so that the codes are made in whole-chunk passes
+    (a pass per piece costs about as much in op overhead as the pass itself, at 2^14 elements)."""
+
+    def __init__(self) -> None:
+        self.codes = torch.empty(CHUNK, dtype=torch.uint8)
+        self.absmax = torch.empty(CHUNK // QUANT_BLOCK)
+
+    def dequantize(
+        self, rows: Sequence[_Row], pieces: Sequence[_Piece], moment: str, signed: bool, out: torch.Tensor
+    ) -> None:
+        for piece in pieces:
+            row = rows[piece.row]
+            _in_buffer(self.codes, piece).copy_(getattr(row, moment)[piece.start : piece.stop])
+            _in_buffer(self.absmax, piece, QUANT_BLOCK).copy_(_blocks(getattr(row, f"{moment}_absmax"), piece))
+        used = _used(pieces)
+        dequantize_into(self.codes[:used], self.absmax[: used // QUANT_BLOCK], signed, out[:used])
+
+    def quantize(
+        self, rows: Sequence[_Row], pieces: Sequence[_Piece], moment: str, signed: bool, values: torch.Tensor
+    ) -> None:
+        for piece in pieces:  # (a short last block is padded with zeros, as the format's model pads it)
+            length = piece.stop - piece.start
+            values[piece.offset + length : piece.offset + _whole_blocks(length)].zero_()
+        used = _used(pieces)
+        quantize_into(values[:used], signed, self.codes[:used], self.absmax[: used // QUANT_BLOCK])
+        for piece in pieces:
+            row = rows[piece.row]
+            getattr(row, moment)[piece.start : piece.stop].copy_(_in_buffer(self.codes, piece))
+            _blocks(getattr(row, f"{moment}_absmax"), piece).copy_(_in_buffer(self.absmax, piece, QUANT_BLOCK))
+
+
+def _whole_blocks(numel: int) -> int:
+    return -(-numel // QUANT_BLOCK) * QUANT_BLOCK
+
+
+def _used(pieces: Sequence[_Piece]) -> int:
+    """How much of a chunk's buffers its pieces span, in whole blocks."""
+    return _whole_blocks(pieces[-1].offset + pieces[-1].stop - pieces[-1].start)
 
 
 def _fp32(tensor: torch.Tensor, piece: _Piece, buffer: torch.Tensor) -> torch.Tensor:
@@ -114,18 +176,16 @@ def _fp32(tensor: torch.Tensor, piece: _Piece, buffer: torch.Tensor) -> torch.Te
     part = tensor[piece.start : piece.stop]
     if part.dtype == torch.float32 and not part.is_neg():
         return part
-    return buffer[piece.offset : piece.offset + part.numel()].copy_(part)
+    return _in_buffer(buffer, piece).copy_(part)
 
 
 def _moment(
-    moment: torch.Tensor | None, absmax: torch.Tensor | None, signed: bool, piece: _Piece, buffer: torch.Tensor
+    moment: torch.Tensor | None, absmax: torch.Tensor | None, piece: _Piece, buffer: torch.Tensor
 ) -> torch.Tensor | None:
+    """The piece of a moment in fp32 (an 8-bit one: where _CodeBuffers.dequantize left it)."""
     if moment is None:
         return None
-    if absmax is None:
-        return _fp32(moment, piece, buffer)
-    out = buffer[piece.offset : piece.offset + piece.stop - piece.start]
-    return dequantize_into(moment[piece.start : piece.stop], _blocks(absmax, piece), signed, out)
+    return _fp32(moment, piece, buffer) if absmax is None else _in_buffer(buffer, piece)
 
 
 def _working(row: _Row, piece: _Piece, buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
@@ -133,22 +193,20 @@ def _working(row: _Row, piece: _Piece, buffers: dict[str, torch.Tensor]) -> tupl
     one (a lean master put together from the bf16 param and its remainder)."""
     if row.master is not None and row.master.dtype == torch.int16:
         part = slice(piece.start, piece.stop)
-        out = buffers["param"][piece.offset : piece.offset + piece.stop - piece.start]
-        param = lean_master(row.param[part], row.master[part], out=out)
+        param = lean_master(row.param[part], row.master[part], out=_in_buffer(buffers["param"], piece))
     else:
         param = _fp32(row.param if row.master is None else row.master, piece, buffers["param"])
     return (
         param,
         _fp32(row.grad, piece, buffers["grad"]),
-        _moment(row.exp_avg, row.exp_avg_absmax, True, piece, buffers["exp_avg"]),
-        _moment(row.exp_avg_sq, row.exp_avg_sq_absmax, False, piece, buffers["exp_avg_sq"]),
-        _moment(row.max_exp_avg_sq, None, False, piece, buffers["max_exp_avg_sq"]),
+        _moment(row.exp_avg, row.exp_avg_absmax, piece, buffers["exp_avg"]),
+        _moment(row.exp_avg_sq, row.exp_avg_sq_absmax, piece, buffers["exp_avg_sq"]),
+        _moment(row.max_exp_avg_sq, None, piece, buffers["max_exp_avg_sq"]),
     )
 
 
 def _write_back(row: _Row, piece: _Piece, values: tuple[torch.Tensor | None, ...]) -> None:
-    """Store the stepped working values where they are not the tensors' own memory (8-bit moments quantized: their
-    working values are overwritten)."""
+    """Store the stepped working values where they are not the tensors' own memory (8-bit moments: _CodeBuffers)."""
     part = slice(piece.start, piece.stop)
     param, _, exp_avg, exp_avg_sq, maximum = values
     if row.master is not None and row.master.dtype == torch.int16:
@@ -157,14 +215,10 @@ def _write_back(row: _Row, piece: _Piece, values: tuple[torch.Tensor | None, ...
         row.param[part].copy_(param)
     elif param.data_ptr() != row.param[part].data_ptr():
         row.param[part].copy_(param)
-    for moment, absmax, value, signed in (
-        (row.exp_avg, row.exp_avg_absmax, exp_avg, True),
-        (row.exp_avg_sq, row.exp_avg_sq_absmax, exp_avg_sq, False),
-        (row.max_exp_avg_sq, None, maximum, False),
+    for moment, absmax, value in (
+        (row.exp_avg, row.exp_avg_absmax, exp_avg),
+        (row.exp_avg_sq, row.exp_avg_sq_absmax, exp_avg_sq),
+        (row.max_exp_avg_sq, None, maximum),
     ):
-        if moment is None:
-            continue
-        if absmax is not None:
-            quantize_into(value, signed, moment[part], _blocks(absmax, piece))
-        elif value.data_ptr() != moment[part].data_ptr():
+        if moment is not None and absmax is None and value.data_ptr() != moment[part].data_ptr():
             moment[part].copy_(value)
