@@ -1,12 +1,13 @@
 """adam-gpu's step on CPU tensors (``backend="auto"``, the torch backend there) beside torch.optim.AdamW's, measured
 side by side in one run: torch's fused CPU kernel where it steps the same thing, torch foreach on the same params.
 
-Each round times every contender of a row in turn (``--steps`` steps each, after warm-up), so a neighbour's load
-falls on all of them alike; a row reports each contender's median over ``--rounds`` rounds and the median of the
-per-round ratios. torch's optimizers cannot keep fp32 moments, masters or 8-bit moments for bf16 params (foreach
+Each round times every contender of a row in turn (``--steps`` steps each, after warm-up; the order turns each
+round), so a neighbour's load falls on all of them alike; a row reports each contender's median over ``--rounds``
+rounds and the median of the per-round ratios. The default is one thread: with both cores shared, a parallel region
+waits whenever one of its threads is descheduled (docs/cpu-torch-backend.md). torch's optimizers cannot keep fp32 moments, masters or 8-bit moments for bf16 params (foreach
 raises on mixed dtypes), so those rows compare with torch foreach on the same bf16 params and bf16 moments.
 
-    python benchmarks/cpu_torch_backend.py [--threads 1] [--rounds 7] [--steps 3] [--cases ...] [--policies ...]
+    python benchmarks/cpu_torch_backend.py [--threads 1] [--rounds 21] [--steps 1] [--cases ...] [--policies ...]
 """
 
 from __future__ import annotations
@@ -89,9 +90,10 @@ def measure(policy: Policy, case: str, rounds: int, steps: int) -> dict[str, obj
         for step in contenders.values():
             _seconds(step, 2)  # (state, tables)
         times = {name: [] for name in contenders}
-        for _ in range(rounds):
-            for name, step in contenders.items():
-                times[name].append(_seconds(step, steps))
+        names = list(contenders)
+        for round_index in range(rounds):  # (the order turns each round: no contender always runs first)
+            for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
+                times[name].append(_seconds(contenders[name], steps))
     ours = times["adam-gpu auto"]
     row: dict[str, object] = {"policy": policy.name, "case": case}
     row.update({name: statistics.median(seconds) * 1e3 for name, seconds in times.items()})
@@ -127,8 +129,8 @@ def cpu_name() -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for every contender")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=3, help="steps timed together in one round")
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--steps", type=int, default=1, help="steps timed together in one round")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     args = parser.parse_args(argv)
