@@ -4,8 +4,9 @@ side by side in one run: torch's fused CPU kernel where it steps the same thing,
 Each round times every contender of a row in turn (``--steps`` steps each, after warm-up; the order turns each
 round), so a neighbour's load falls on all of them alike; a row reports each contender's median over ``--rounds``
 rounds and the median of the per-round ratios. The default is one thread: with both cores shared, a parallel region
-waits whenever one of its threads is descheduled (docs/cpu-torch-backend.md). torch's optimizers cannot keep fp32 moments, masters or 8-bit moments for bf16 params (foreach
-raises on mixed dtypes), so those rows compare with torch foreach on the same bf16 params and bf16 moments.
+waits whenever one of its threads is descheduled (docs/cpu-torch-backend.md).
+torch's optimizers cannot keep fp32 moments, masters or 8-bit moments for bf16 params (foreach raises on mixed
+dtypes), so those rows compare with torch foreach on the same bf16 params and bf16 moments.
 
     python benchmarks/cpu_torch_backend.py [--threads 1] [--rounds 21] [--steps 1] [--cases ...] [--policies ...]
 """
