@@ -16,7 +16,7 @@ from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.quantization import SMALL_TENSOR, dequantize, quantize, signed_map, unsigned_map
 
 pytestmark = pytest.mark.skipif(DEVICE.type != "cpu", reason="the chunked step is the torch backend's on CPU tensors")
-CHUNK = torch_chunks.CHUNK
+CHUNK = torch_chunks.chunk_elements()
 
 
 def _random_bits(generator: torch.Generator, numel: int) -> torch.Tensor:

@@ -22,7 +22,9 @@ from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.step_tensors import GRAD, StepTensors
 
-CHUNK = 1 << 16  # elements in one working chunk (a multiple of QUANT_BLOCK): docs/cpu-torch-backend.md
+# Elements in one working chunk, per torch thread (a multiple of QUANT_BLOCK): each op of a chunk is split over the
+# threads, and each thread's share stays in its core's cache (docs/cpu-torch-backend.md).
+CHUNK_PER_THREAD = 1 << 16
 # torch's fused CPU kernels, Adam and AdamW (by ``decoupled``); None where this torch lacks one.
 FUSED_CPU = {False: getattr(torch, "_fused_adam_", None), True: getattr(torch, "_fused_adamw_", None)}
 _STORED = (torch.float32, torch.float16, torch.bfloat16)  # what becomes fp32 exactly (float64 keeps its precision)
@@ -66,16 +68,18 @@ def applies(tensors: StepTensors, hp: AdamHyperparameters) -> bool:
 
 
 def chunked_step(tensors: StepTensors, steps: Sequence[float], hp: AdamHyperparameters) -> None:
-    """One Adam/AdamW step of ``tensors`` (``applies``) through torch's fused CPU kernel, CHUNK elements at a time."""
+    """One Adam/AdamW step of ``tensors`` (``applies``) through torch's fused CPU kernel, chunk_elements() at a
+    time."""
     with contextlib.ExitStack() as stack:
         rows = [
             _Row(*(None if t is None else t.view(-1) for t in stack.enter_context(contiguous_stand_ins(row, (GRAD,)))))
             for row in tensors.per_tensor()
         ]
         counts = {step: torch.tensor(float(step)) for step in set(steps)}  # (the kernel reads each count's value)
-        buffers = {role: torch.empty(CHUNK) for role in _FP32_ROLES}
-        codes = _CodeBuffers()
-        for chunk in _chunks([row.param.numel() for row in rows]):
+        size = chunk_elements()
+        buffers = {role: torch.empty(size) for role in _FP32_ROLES}
+        codes = _CodeBuffers(size)
+        for chunk in _chunks([row.param.numel() for row in rows], size):
             quantized = [_quantized_pieces(rows, chunk, moment) for moment in _QUANTIZED]
             for pieces, moment, signed in zip(quantized, _QUANTIZED, (True, False), strict=True):
                 if pieces:  # (first: the buffer's other pieces are then loaded over what it leaves there)
@@ -97,15 +101,19 @@ def chunked_step(tensors: StepTensors, steps: Sequence[float], hp: AdamHyperpara
                     codes.quantize(rows, pieces, moment, signed, buffers[moment])
 
 
-def _chunks(numels: Sequence[int]) -> Iterator[list[_Piece]]:
-    """Pieces of at most CHUNK elements, each starting at a multiple of CHUNK in its tensor, gathered into chunks of
-    at most CHUNK elements in all (many small tensors share one); each piece's working values start at a multiple
-    of QUANT_BLOCK, so a chunk's 8-bit moments are quantized in one pass over whole blocks."""
+def chunk_elements() -> int:
+    return CHUNK_PER_THREAD * torch.get_num_threads()
+
+
+def _chunks(numels: Sequence[int], size: int) -> Iterator[list[_Piece]]:
+    """Pieces of at most ``size`` elements, each starting at a multiple of ``size`` in its tensor, gathered into
+    chunks of at most ``size`` elements in all (many small tensors share one); each piece's working values start at
+    a multiple of QUANT_BLOCK, so a chunk's 8-bit moments are quantized in one pass over whole blocks."""
     chunk, filled = [], 0
     for row, numel in enumerate(numels):
-        for start in range(0, numel, CHUNK):
-            stop = min(start + CHUNK, numel)
-            if filled + stop - start > CHUNK:
+        for start in range(0, numel, size):
+            stop = min(start + size, numel)
+            if filled + stop - start > size:
                 yield chunk
                 chunk, filled = [], 0
             chunk.append(_Piece(row, start, stop, filled))
@@ -134,9 +142,9 @@ class _CodeBuffers:
     """A chunk's 8-bit codes and absmaxes, gathered from its pieces so that the codes are made in whole-chunk passes
     (a pass per piece costs about as much in op overhead as the pass itself, at 2^14 elements)."""
 
-    def __init__(self) -> None:
-        self.codes = torch.empty(CHUNK, dtype=torch.uint8)
-        self.absmax = torch.empty(CHUNK // QUANT_BLOCK)
+    def __init__(self, size: int) -> None:
+        self.codes = torch.empty(size, dtype=torch.uint8)
+        self.absmax = torch.empty(size // QUANT_BLOCK)
 
     def dequantize(
         self, rows: Sequence[_Row], pieces: Sequence[_Piece], moment: str, signed: bool, out: torch.Tensor
