@@ -2,7 +2,7 @@
 
 The remainder is the value's low 16 bits as they are, the param its high 16 bits plus one where the low half is
 0x8000 or more (rounded half up on the bits, as the kernels do), so ``(param << 16) + remainder`` is the value again.
-Both directions are a few 32-bit integer passes, no selects (on the CPU a select costs several passes).
+Both directions are a few 32-bit integer passes; on the CPU no selects (a select costs several passes there).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def split_lean_master(
     bits, param_bits = value.view(torch.int32), param.view(torch.int16)
     remainder.copy_(bits)  # (int32 to int16 keeps the low half)
     param_bits.copy_((bits + 0x8000).bitwise_right_shift_(16))
-    if value.sum().isnan():  # (one cheap pass; a sum of infinities may send the rare case here too)
+    if value.device.type != "cpu":  # (a select: testing for NaN first would wait for the device)
+        param_bits.copy_(torch.where(value.isnan(), (bits >> 16) | 0x40, param_bits))
+    elif value.sum().isnan():  # (one cheap pass; a sum of infinities may send the rare case here too)
         nan = value.isnan()
         param_bits[nan] = (bits[nan] >> 16).to(torch.int16) | 0x40
     return param, remainder
