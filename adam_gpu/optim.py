@@ -22,7 +22,7 @@ import torch
 from torch.optim import Optimizer
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from adam_gpu import dispatch, masters, step_signature
+from adam_gpu import compiled_step, dispatch, masters, step_signature
 from adam_gpu.device_inputs import DeviceInputs, device_values, is_capturing
 from adam_gpu.functional import apply_step, shared_step_buffer
 from adam_gpu.hyperparameters import AdamHyperparameters, check_hyperparameters, check_tensor_hyperparameters
@@ -64,12 +64,6 @@ _GROUP_OPTIONS = (
 
 # Group keys only adam-gpu has (FusedAdam.state_dict leaves them out where they hold the optimizer's defaults).
 ADAM_GPU_GROUP_KEYS = ("state_dtype", "master_weights")
-
-
-# torch.compile breaks the graph at step() and runs it eagerly (README). torch.compiler.disable would import
-# torch._dynamo (and with it triton) when adam_gpu is imported; torch._disable_dynamo, which torch.optim
-# uses on its own methods, imports it at the first call.
-_eager_under_torch_compile = getattr(torch, "_disable_dynamo", torch.compiler.disable)
 
 
 @dataclass
@@ -170,7 +164,7 @@ class FusedAdam(Optimizer):
         self._master_marks = WeakTensorKeyDictionary()  # adam_gpu.masters: each param's mark after its last step
         super().__init__(params, defaults)
 
-    _init_group = torch.optim.Adam._init_group  # (for _torch_differentiable_step)
+    _init_group = compiled_step.init_group  # dynamo runs it while tracing (torch.compile); also Adam's, for its step
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults, state and param_groups; the backend choice goes too.
@@ -216,7 +210,6 @@ class FusedAdam(Optimizer):
             self.param_groups.pop()
             raise
 
-    @_eager_under_torch_compile
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One step for every param with a grad.
@@ -224,7 +217,9 @@ class FusedAdam(Optimizer):
         All groups are checked, and their state created, before any is written: a bad input leaves
         every group untouched. Should a launch itself fail, the groups before it have taken their step
         and the failing group and those after it have not (params, moments and step counts untouched);
-        the error says which group."""
+        the error says which group. Under torch.compile: adam_gpu.compiled_step."""
+        if torch.compiler.is_compiling():
+            return compiled_step.traced_step(self, closure)
         if self.defaults["differentiable"]:
             self.selected_backends = ["torch"] * len(self.param_groups)
             return _torch_differentiable_step(self, closure)
