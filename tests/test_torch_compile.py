@@ -27,6 +27,8 @@ CASES = {
     "adam-amsgrad-decay-maximize": (FusedAdam, {"amsgrad": True, "weight_decay": 0.1, "maximize": True}, torch.float32),
     "capturable-clipped": (FusedAdamW, {"capturable": True, "max_grad_norm": 0.5}, torch.float32),
     "bf16-master": (FusedAdamW, {"master_weights": True}, torch.bfloat16),
+    "bf16-lean-master": (FusedAdamW, {"master_weights": "lean"}, torch.bfloat16),
+    "8bit-moments": (FusedAdamW, {"state_dtype": "8bit"}, torch.float32),  # (only the 4097-element param quantized)
 }
 COMPILERS = ["aot_eager", "inductor"]
 
