@@ -70,7 +70,7 @@ def init_group(optimizer: FusedAdam, group: dict[str, Any], *lists: list) -> Gro
     """Fill ``lists`` (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masters,
     exp_avg_absmaxes, exp_avg_sq_absmaxes) with the group's tensors, after checking them and creating missing
     state as the eager step does; returns the group's plan, None where no param has a grad. Called with
-    torch.optim.Adam's seven lists (its differentiable step), it is Adam's own ``_init_group``."""
+    torch.optim.Adam's six lists (its differentiable step), it is Adam's own ``_init_group``."""
     if len(lists) == 6:
         _record_backend(optimizer, group, "torch")
         return torch.optim.Adam._init_group(optimizer, group, *lists)
