@@ -172,6 +172,25 @@ def test_new_state_at_a_later_step_recompiles_once():
     assert counter.frame_count == 2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eager_and_compiled_steps_interleave(backend):
+    # The state an eager step creates serves the compiled one and the other way round; a group without grads
+    # is left out by both.
+    generator = seeded_generator("torch-compile-interleave", backend)
+    (params, mixed), (twins, eager) = _optimizer_pair("capturable-clipped", backend, generator)
+    value = random_tensor(generator, 4)
+    frozen = [value.clone().requires_grad_() for _ in range(2)]
+    for optimizer, param in ((mixed, frozen[0]), (eager, frozen[1])):
+        optimizer.add_param_group({"params": [param]})
+    compiled = torch.compile(mixed.step, backend="aot_eager", fullgraph=True)
+    for step in (compiled, mixed.step, compiled, compiled, mixed.step):
+        _fresh_grads(generator, params, twins)
+        eager.step()
+        step()
+        _assert_same_bits(mixed, eager, [*params, frozen[0]], [*twins, frozen[1]])
+    assert mixed.selected_backends == [backend, backend, None]
+
+
 def _op_arguments(generator: torch.Generator, amsgrad: bool, master: bool, capturable: bool) -> tuple:
     """Arguments of one adam_gpu::adam_step_ call over fresh tensors (masters: one fp32 master for a bf16 param)."""
     dtype = torch.bfloat16 if master else torch.float32
