@@ -14,6 +14,7 @@ import pytest
 import torch
 from support import DEVICE, backend_params, new_grads, random_tensor, seeded_generator
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
 
 from adam_gpu import FusedAdam, FusedAdamW, dispatch
 
@@ -246,8 +247,10 @@ def test_reduce_overhead_capturable_is_bitwise_eager(backend):
     generator = seeded_generator("torch-compile-cudagraph", backend)
     (params, compiled), (twins, eager) = _optimizer_pair("capturable-clipped", backend, generator)
     step = torch.compile(compiled.step, mode="reduce-overhead", fullgraph=True)
+    counters.clear()
     for _ in range(STEPS + 2):
         _fresh_grads(generator, params, twins)
         eager.step()
         step()
         _assert_same_bits(compiled, eager, params, twins)
+    assert counters["inductor"]["cudagraph_skips"] == 0, "inductor ran the step without a CUDA graph"
