@@ -76,6 +76,9 @@ def init_group(optimizer: FusedAdam, group: dict[str, Any], *lists: list) -> Gro
         return torch.optim.Adam._init_group(optimizer, group, *lists)
     from adam_gpu import optim  # (optim imports this module)
 
+    if group is optimizer.param_groups[0]:  # every group checked before any state is created, as in the eager step
+        for other in optimizer.param_groups[1:]:
+            optimizer._plan(other)
     plan = optimizer._plan(group)
     _record_backend(optimizer, group, None if plan is None else plan.backend_name)
     if plan is None:

@@ -12,7 +12,16 @@ from unittest import mock
 
 import pytest
 import torch
-from support import DEVICE, backend_params, new_grads, random_tensor, seeded_generator
+from support import (
+    DEVICE,
+    assert_unchanged,
+    backend_params,
+    new_grads,
+    optimizer_tensors,
+    random_tensor,
+    seeded_generator,
+    snapshot,
+)
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
@@ -254,3 +263,15 @@ def test_reduce_overhead_capturable_is_bitwise_eager(backend):
         step()
         _assert_same_bits(compiled, eager, params, twins)
     assert counters["inductor"]["cudagraph_skips"] == 0, "inductor ran the step without a CUDA graph"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bad_group_stops_the_compile_before_any_state_is_made(backend):
+    generator = seeded_generator("torch-compile-bad-input", backend)
+    (params, optimizer), _ = _optimizer_pair("adamw", backend, generator)
+    _fresh_grads(generator, params)
+    params[1].grad = params[1].grad.to_sparse()  # refused (sparse), in the second group
+    before = snapshot(optimizer_tensors(optimizer))
+    with pytest.raises(Exception, match="grad"):
+        torch.compile(optimizer.step, backend="aot_eager", fullgraph=True)()
+    assert_unchanged(before, optimizer_tensors(optimizer))
