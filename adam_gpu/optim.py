@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from torch.optim import optimizer as torch_optimizer
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from adam_gpu import dispatch, masters, step_signature
+from adam_gpu import compiled_step, dispatch, masters, step_signature
 from adam_gpu.device_inputs import DeviceInputs, device_values, is_capturing
 from adam_gpu.functional import apply_step, shared_step_buffer
 from adam_gpu.hyperparameters import AdamHyperparameters, check_hyperparameters, check_tensor_hyperparameters
@@ -84,12 +84,6 @@ def _watched(optimizer: Optimizer) -> bool:
         or torch_optimizer._global_optimizer_post_hooks
         or torch.autograd._profiler_enabled()
     )
-
-
-# torch.compile breaks the graph at step() and runs it eagerly (README). torch.compiler.disable would import
-# torch._dynamo (and with it triton) when adam_gpu is imported; torch._disable_dynamo, which torch.optim
-# uses on its own methods, imports it at the first call.
-_eager_under_torch_compile = getattr(torch, "_disable_dynamo", torch.compiler.disable)
 
 
 @dataclass
@@ -190,7 +184,7 @@ class FusedAdam(Optimizer):
         self._master_marks = WeakTensorKeyDictionary()  # adam_gpu.masters: each param's mark after its last step
         super().__init__(params, defaults)
 
-    _init_group = torch.optim.Adam._init_group  # (for _torch_differentiable_step)
+    _init_group = compiled_step.init_group  # dynamo runs it while tracing (torch.compile); also Adam's, for its step
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults, state and param_groups; the backend choice goes too.
@@ -242,7 +236,10 @@ class FusedAdam(Optimizer):
         All groups are checked, and their state created, before any is written: a bad input leaves
         every group untouched. Should a launch itself fail, the groups before it have taken their step
         and the failing group and those after it have not (params, moments and step counts untouched);
-        the error says which group."""
+        the error says which group. Under torch.compile: adam_gpu.compiled_step."""
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                return _traced_step(self, closure)
         # torch.optim's step hooks and profiler range, run as torch runs them, where any applies (_watched).
         if type(self).step is _fused_adam_step and _watched(self):
             return _step_with_hooks(self, closure)
@@ -251,7 +248,6 @@ class FusedAdam(Optimizer):
     if _profile_hook_step is not None:  # (else torch wraps step in them at every call, as for its own optimizers)
         step.hooked = True  # type: ignore[attr-defined]
 
-    @_eager_under_torch_compile
     def _step(self, closure: Callable[[], float] | None) -> float | None:
         grad_enabled = torch.is_grad_enabled()
         _set_grad_enabled(False)  # (cheaper than entering torch.no_grad())
@@ -535,6 +531,10 @@ class FusedAdam(Optimizer):
 
 _fused_adam_step = FusedAdam.step
 _step_with_hooks = _profile_hook_step(FusedAdam._step) if _profile_hook_step is not None else FusedAdam._step
+# What dynamo traces (torch's wrapper included, as for torch's own optimizers: hooks run, the profiler sees it).
+_traced_step = (
+    _profile_hook_step(compiled_step.traced_step) if _profile_hook_step is not None else compiled_step.traced_step
+)
 
 
 class FusedAdamW(FusedAdam):

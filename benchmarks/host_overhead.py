@@ -11,9 +11,11 @@ the same run. Each is timed twice: with the same grad tensors every step, and wi
 ``zero_grad()`` (set_to_none, torch's default) and backward: there grads are swapped in, outside the timing,
 from GRAD_SETS sets (more than the tables adam-gpu keeps per launch for other grads, so the worst case).
 Reported: milliseconds of the thread's CPU time per step and microseconds per tensor (median of --repeat
-timings), and each row's ratio to torch fused.
+timings), and each row's ratio to torch fused. With ``--compiled``, adam-gpu's and torch's fused step are also timed
+as ``torch.compile(optimizer.step)`` (inductor, compiled before the timing): dynamo's guards and the graph's call
+replace the eager Python around the launch.
 
-    python benchmarks/host_overhead.py [--tensors 1 161 1000] [--repeat 30] [--quick]
+    python benchmarks/host_overhead.py [--tensors 1 161 1000] [--repeat 30] [--quick] [--compiled]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from adam_gpu import FusedAdamW
 from adam_gpu.backends import triton as triton_backend
 
 ADAM_GPU = "adam-gpu FusedAdamW (launcher stubbed)"
+COMPILED = "{}, torch.compile"
 
 
 class _NoLaunch:
@@ -157,33 +160,46 @@ def _launch_stubbed() -> Iterator[None]:
         kernels.adam_step_kernel, triton_backend.runs_interpreted = saved
 
 
-def measure(counts: list[int], repeat: int) -> list[dict[str, object]]:
+def measure(counts: list[int], repeat: int, compiled: bool = False) -> list[dict[str, object]]:
     """One row per (tensor count, optimizer, grads kept or new): ms per step and us per tensor; measured in a
     child process where this one runs Triton's interpreter."""
     if triton_backend.runs_interpreted():
         command = [sys.executable, __file__, "--rows-json", "--repeat", str(repeat), "--tensors", *map(str, counts)]
+        command += ["--compiled"] if compiled else []
         environment = {**os.environ, "TRITON_INTERPRET": "0"}
         done = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
         if done.returncode:
             raise RuntimeError(f"the measuring process failed:\n{done.stderr[-4000:]}")
         return json.loads(done.stdout.splitlines()[-1])
     with stub_triton_driver():
-        return [row for count in counts for row in _measure(count, repeat)]
+        return [row for count in counts for row in _measure(count, repeat, compiled)]
 
 
-def _measure(count: int, repeat: int) -> list[dict[str, object]]:
+def _compiled_step(optimizer: torch.optim.Optimizer) -> Callable[[], object]:
+    """``optimizer.step`` compiled: in one graph for adam-gpu; torch.optim breaks its own step's graph on purpose
+    (``_use_grad``: so that AOT sees a no-grad graph), so it is compiled without ``fullgraph``."""
+    torch._dynamo.reset()  # (each contender's graphs alone in dynamo's cache)
+    return torch.compile(optimizer.step, fullgraph=isinstance(optimizer, FusedAdamW))
+
+
+def _measure(count: int, repeat: int, compiled: bool = False) -> list[dict[str, object]]:
     contenders = {
-        ADAM_GPU: lambda params: FusedAdamW(params, lr=1e-3, backend="triton"),
-        "torch AdamW fused": lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True),
-        "torch AdamW foreach": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=True),
-        "torch AdamW for-loop": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=False),
+        ADAM_GPU: lambda params: FusedAdamW(params, lr=1e-3, backend="triton").step,
+        "torch AdamW fused": lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True).step,
+        "torch AdamW foreach": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=True).step,
+        "torch AdamW for-loop": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=False).step,
     }
+    if compiled:
+        contenders[COMPILED.format(ADAM_GPU)] = lambda params: _compiled_step(FusedAdamW(params, backend="triton"))
+        contenders[COMPILED.format("torch AdamW fused")] = lambda params: _compiled_step(
+            torch.optim.AdamW(params, lr=1e-3, fused=True)
+        )
     rows = []
     for grads in ("kept", "new each step"):
         for name, make in contenders.items():
             params = _params(count, 1)
             swap = _new_grads(params) if grads == "new each step" else lambda: None
-            ms = _median_ms(make(params).step, repeat, swap)
+            ms = _median_ms(make(params), repeat, swap)
             row = {"tensors": count, "grads": grads, "optimizer": name, "ms": ms, "us_per_tensor": ms * 1e3 / count}
             rows.append(row)
     return rows
@@ -194,10 +210,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--tensors", type=int, nargs="+", default=[1, 161, 1000], help="tensors per group")
     parser.add_argument("--repeat", type=int, default=30, help="timed steps per optimizer (median)")
     parser.add_argument("--quick", action="store_true", help="10 tensors, 3 steps: checks the script")
+    parser.add_argument("--compiled", action="store_true", help="also time torch.compile'd steps (inductor)")
     parser.add_argument("--rows-json", action="store_true", help=argparse.SUPPRESS)  # (the measuring child process)
     args = parser.parse_args(argv)
     counts, repeat = ([10], 3) if args.quick else (args.tensors, args.repeat)
-    rows = measure(counts, repeat)
+    rows = measure(counts, repeat, args.compiled)
     if args.rows_json:
         print(json.dumps(rows))
         return rows

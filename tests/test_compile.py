@@ -1,8 +1,9 @@
 """torch.compile: a compiled training step that calls ``optimizer.step()`` trains exactly as the eager one.
 
-``FusedAdam.step`` is ``torch.compiler.disable``d: dynamo breaks the graph there and the step runs eagerly,
-launching the same kernel (the forward and backward around it are compiled as usual). Tracing into the
-launcher instead would cut the graph a dozen times and could bake tensor addresses into it.
+Dynamo traces ``FusedAdam.step`` (adam_gpu.compiled_step): each param group's step is one ``adam_gpu::adam_step_``
+custom op in the graph, which launches the same kernel as the eager step; the forward and backward around it
+are compiled as usual. (tests/test_torch_compile.py: fullgraph, graph breaks, recompiles, the op's fake impl.)
+A float lr, as here, is a constant of the graph: a scheduler changing it recompiles; a tensor lr does not.
 """
 
 from __future__ import annotations

@@ -34,6 +34,13 @@ def test_quick_run_times_every_contender_and_restores_the_kernel():
     assert not torch.equal(param.detach(), before)
 
 
+def test_quick_compiled_run_also_times_the_compiled_steps():
+    rows = host_overhead.main(["--quick", "--compiled"])
+    compiled = [host_overhead.COMPILED.format(name) for name in (host_overhead.ADAM_GPU, "torch AdamW fused")]
+    timed = {row["optimizer"] for row in rows if row["ms"] > 0}
+    assert set(compiled) <= timed and len(rows) == 2 * 6
+
+
 profile_step = import_script("benchmarks/profile_step.py")
 
 
