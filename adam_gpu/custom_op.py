@@ -9,17 +9,20 @@ Registering the ops imports no kernel and touches no GPU.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from adam_gpu import dispatch
+from adam_gpu import dispatch, step_signature
 from adam_gpu import masters as master_weights
 from adam_gpu.device_inputs import DeviceInputs, device_values
 from adam_gpu.functional import apply_step, check_state_steps
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.sharded import global_norm
-from adam_gpu.step_tensors import StepTensors
+from adam_gpu.step_tensors import LaunchMemo, StepTensors, WrittenSpans, memory_span
 
 # Every tensor list adam_step_ writes: grads alone are only read.
 MUTATED = (
@@ -77,11 +80,17 @@ def adam_step_(
         scatter(exp_avg_absmaxes, quantized_indices, count),
         scatter(exp_avg_sq_absmaxes, quantized_indices, count),
     )
-    written = tensors.check(amsgrad)
-    check_state_steps(state_steps, len(tensors))
-    tensors.copy_grads(written.aliased_grads(tensors.grads))
-    if not len(tensors):
-        return
+    checked = _still_checked(tensors, state_steps)
+    if checked is None:
+        written = tensors.check(amsgrad)
+        check_state_steps(state_steps, len(tensors))
+        aliased = written.aliased_grads(tensors.grads)
+        tensors.copy_grads(aliased)
+        if not len(tensors):
+            return
+        checked = _remember(tensors, state_steps, written) if not aliased else None
+    if checked is not None:
+        tensors.memo = checked.memo
     _, module = dispatch.resolve(backend, tensors.device, tensors.dtypes, tensors.features)
     learning_rate = lr if lr_tensor is None else lr_tensor
     on_device_lr = capturable and lr_tensor is not None  # (float() would wait for the device)
@@ -93,10 +102,58 @@ def adam_step_(
     if capturable or grad_scaling:
         values = device_values(learning_rate, tensors.device, grad_scale, found_inf, clip_coefficient)
         device_inputs = DeviceInputs(values, state_steps if capturable else None, grad_scaling)
-    # No marks are kept across compiled steps: an fp32 master is checked against its param every step
+    # No marks are kept across compiled steps (the compiled graph may write a param back after the op, which a
+    # mark would take for the user's write): an fp32 master is checked against its param every step
     # (adam_gpu.masters, "where no mark is known").
-    _reseed_stale_masters(tensors)
+    master_weights.reseed_stale(tensors.params, tensors.params, tensors.masters, WeakTensorKeyDictionary())
     apply_step(module, tensors, state_steps, hp, device_inputs)
+
+
+@dataclass
+class _Checked:
+    """What a call's full check proved of its tensors (the eager step's step_signature.PreparedGroup, for the op):
+    a later call whose tensors have its ``signature``, with grads outside ``written``, passes the same checks."""
+
+    signature: step_signature.StepSignature
+    written: WrittenSpans
+    grad_bytes: Tensor  # (what step_signature._grads_apart reads, with grads_apart)
+    grads_apart: OrderedDict = field(default_factory=OrderedDict)
+    memo: LaunchMemo = field(default_factory=LaunchMemo)
+
+
+# Records of recent calls, by the ids of their params (the record holds them weakly: one whose params are gone, or
+# whose ids went to other tensors, fails step_signature.matches). Compiled training steps call the op with the
+# optimizer's own tensors under inductor; a record a param group is enough for most models.
+_records: OrderedDict[tuple[int, ...], _Checked] = OrderedDict()
+_RECORDS_KEPT = 256
+
+
+def _still_checked(tensors: StepTensors, state_steps: list[Tensor]) -> _Checked | None:
+    """The record of an earlier call whose full check still holds for these tensors, or None."""
+    key = tuple(map(id, tensors.params))
+    record = _records.get(key)
+    if record is None:
+        return None
+    try:
+        holds = step_signature.matches(record.signature, tensors, state_steps, steps_alike=True)
+    except (AttributeError, RuntimeError, TypeError):
+        holds = False
+    if not holds or not step_signature._grads_apart(record, tensors):
+        return None
+    _records.move_to_end(key)
+    return record
+
+
+def _remember(tensors: StepTensors, state_steps: list[Tensor], written: WrittenSpans) -> _Checked | None:
+    """A record of tensors that have just passed the full checks (None where torch cannot sign them)."""
+    signature = step_signature.signature(tensors, state_steps)
+    if signature is None:
+        return None
+    grad_bytes = torch.tensor([end - start for start, end in map(memory_span, tensors.grads)], dtype=torch.int64)
+    record = _records[tuple(map(id, tensors.params))] = _Checked(signature, written, grad_bytes)
+    if len(_records) > _RECORDS_KEPT:
+        _records.popitem(last=False)
+    return record
 
 
 def scatter(values: list[Tensor], indices: list[int], count: int) -> list[Tensor | None]:
@@ -116,10 +173,6 @@ def present(values: list[Tensor | None]) -> tuple[list[Tensor], list[int]]:
 @adam_step_.register_fake
 def _adam_step_fake(*args: object, **kwargs: object) -> None:
     """Nothing to compute: the op returns nothing and writes only the tensors it was given."""
-
-
-def _reseed_stale_masters(tensors: StepTensors) -> None:
-    master_weights.reseed_stale(tensors.params, tensors.params, tensors.masters, WeakTensorKeyDictionary())
 
 
 @torch.library.custom_op("adam_gpu::clip_coefficient", mutates_args=())

@@ -190,12 +190,24 @@ def signature(
     )
 
 
-def matches(expected: StepSignature, tensors: StepTensors, steps: Sequence[torch.Tensor]) -> bool:
+def matches(
+    expected: StepSignature, tensors: StepTensors, steps: Sequence[torch.Tensor], steps_alike: bool = False
+) -> bool:
     """Whether ``tensors`` and ``steps`` have the signature ``expected``. Checked in this order: the masks
     (equal masks, equal counts of kept tensors and grads), then the identity of the kept tensors (so that
     TensorGuards sees only the TensorImpls it was built from, and grads), then the addresses, then TensorGuards.
-    A step count that is not a dense tensor raises (a caller takes that as no match)."""
+    ``steps_alike``: the step counts may be other tensors, alike in all but their addresses (a compiled graph hands
+    its op copies of them), as grads may. A step count that is not a dense tensor raises (a caller takes that as
+    no match)."""
     masks, kept, grads = _split(tensors)
+    if steps_alike:
+        return (
+            masks == expected.masks
+            and len(steps) == len(expected.steps)
+            and all(map(is_, kept, map(_alive, expected.kept)))
+            and list(map(_data_ptr, kept)) == expected.addresses[: len(kept)]
+            and expected.guards.check(*kept, *steps, *grads)
+        )
     return (
         masks == expected.masks
         and all(map(is_, kept, map(_alive, expected.kept)))
