@@ -80,7 +80,7 @@ def adam_step_(
         scatter(exp_avg_absmaxes, quantized_indices, count),
         scatter(exp_avg_sq_absmaxes, quantized_indices, count),
     )
-    checked = _still_checked(tensors, state_steps)
+    checked = _still_checked(tensors, state_steps, capturable)
     if checked is None:
         written = tensors.check(amsgrad)
         check_state_steps(state_steps, len(tensors))
@@ -128,14 +128,15 @@ _records: OrderedDict[tuple[int, ...], _Checked] = OrderedDict()
 _RECORDS_KEPT = 256
 
 
-def _still_checked(tensors: StepTensors, state_steps: list[Tensor]) -> _Checked | None:
-    """The record of an earlier call whose full check still holds for these tensors, or None."""
+def _still_checked(tensors: StepTensors, state_steps: list[Tensor], capturable: bool) -> _Checked | None:
+    """The record of an earlier call whose full check still holds for these tensors, or None. Step counts may be
+    other tensors (alike) only where they are read on the host: a capturable launch's table holds their addresses."""
     key = tuple(map(id, tensors.params))
     record = _records.get(key)
     if record is None:
         return None
     try:
-        holds = step_signature.matches(record.signature, tensors, state_steps, steps_alike=True)
+        holds = step_signature.matches(record.signature, tensors, state_steps, steps_alike=not capturable)
     except (AttributeError, RuntimeError, TypeError):
         holds = False
     if not holds or not step_signature._grads_apart(record, tensors):
