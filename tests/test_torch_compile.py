@@ -275,3 +275,38 @@ def test_a_bad_group_stops_the_compile_before_any_state_is_made(backend):
     with pytest.raises(Exception, match="grad"):
         torch.compile(optimizer.step, backend="aot_eager", fullgraph=True)()
     assert_unchanged(before, optimizer_tensors(optimizer))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_calls_reuse_their_checks_until_a_tensor_moves(backend):
+    """The op skips the full checks for tensors its last full check passed (custom_op._Checked), and takes them
+    again for a state tensor moved in place (``.data =``, the same object), which dynamo's guards do not see."""
+    from adam_gpu import custom_op
+
+    generator = seeded_generator("compiled reuse", backend)
+    (params, compiled), (twins, eager) = _optimizer_pair("adamw", backend, generator)
+    step = torch.compile(compiled.step, backend="inductor")
+    full_checks = []
+    index_now = [0]
+    still_checked = custom_op._still_checked
+
+    def counted(tensors, steps, capturable):
+        found = still_checked(tensors, steps, capturable)
+        if found is None:
+            full_checks.append((index_now[0], len(tensors)))
+        return found
+
+    with mock.patch.object(custom_op, "_still_checked", counted):
+        for index in range(4):
+            index_now[0] = index
+            if index == 2:
+                for optimizer, param in ((compiled, params[1]), (eager, twins[1])):
+                    moment = optimizer.state[param]["exp_avg"]
+                    moment.data = moment.data.clone()  # other memory, same values
+            _fresh_grads(generator, params, twins)
+            step()
+            eager.step()
+            _assert_same_bits(compiled, eager, params, twins)
+    # The first two calls trace (the second again, once the state exists) and check each group in full; after
+    # that only the group whose moment moved is checked again.
+    assert [index for index, _ in full_checks if index >= 2] == [2], full_checks
