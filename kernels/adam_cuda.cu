@@ -142,15 +142,33 @@ struct IsCode<unsigned char> {
   static constexpr bool value = true;
 };
 
-// The map entry nearest to x (the lower one on a tie). The maps are small float formats scaled so that their
-// largest value is 1 (adam_gpu/quantization.py: a sign, 4 exponent and 3 mantissa bits for exp_avg; 5 and 3 for
-// exp_avg_sq): the bits of |x| * 1.875 give the last entry <= x, off by one only within a few ulps of an entry,
-// where the nearer of it and the next is that entry anyway. So two independent map reads, where a binary search
-// over the 256 entries took 8 dependent ones and two more. The same code as that search for every fp32 x in
-// [-1.0001, 1.0001] (all 2^31, checked in numpy, 2026-11-26); tests/test_quantization.py checks this function at
-// every decision point.
+// The map entry of `code` (adam_gpu/quantization.py), bit for bit the fp32 map's, from the code's bits. The maps
+// are small float formats divided by their largest value, 1.875 (a sign, 4 exponent and 3 mantissa bits for
+// exp_avg; 5 and 3 for exp_avg_sq). A magnitude code shifted into fp32's exponent and mantissa fields is the
+// format's value times 2^(bias - 127), subnormals included; times 2^64 it is a normal fp32, exactly. The division
+// by 1.875 (times the powers of two) is a product by its rounded reciprocal and one FMA correction, which rounds
+// as the division would: the map's bits for all 256 codes of both maps (tests/test_quantization.py checks every
+// one), where the product alone differs for 96. Entries 128 + k hold +m[k] and 127 - k hold -m[k] in the signed map.
 template <bool SIGNED>
-__device__ __forceinline__ unsigned char nearest_code(float x, const float* code_map) {
+__device__ __forceinline__ float code_value(unsigned int code) {
+  // 2^(127 - 64 - bias) / 1.875 rounded to fp32, and its exact inverse 1.875 * 2^(64 + bias - 127); bias 15 or 31.
+  constexpr float kReciprocal = SIGNED ? 150119995408384.0f : 2290649344.0f;
+  constexpr float kDivisor = SIGNED ? 6.661338147750939e-15f : 4.3655745685100555e-10f;
+  const bool negative = SIGNED && code < 128;
+  const unsigned int magnitude_code = SIGNED ? (negative ? 127 - code : code - 128) : code;
+  const float scaled = __uint_as_float(magnitude_code << 20) * 18446744073709551616.0f;  // 2^64
+  const float quotient = scaled * kReciprocal;
+  const float value = fmaf(fmaf(-quotient, kDivisor, scaled), kReciprocal, quotient);
+  return SIGNED ? __uint_as_float(__float_as_uint(value) | (negative ? 0x80000000u : 0u)) : value;  // -0.0 at 127
+}
+
+// The map entry nearest to x (the lower one on a tie). The bits of |x| * 1.875 (the format's own scale) give the
+// last entry <= x, off by one only within a few ulps of an entry, where the nearer of it and the next is that entry
+// anyway; both entries come from code_value, so no map is read. The same code as a binary search of the map for
+// every fp32 x in [-1.0001, 1.0001] (all 2^31, checked in numpy, 2026-11-26); tests/test_quantization.py checks
+// this function at every decision point.
+template <bool SIGNED>
+__device__ __forceinline__ unsigned char nearest_code(float x) {
   // Exponent bias 15 or 31: smallest normal 2^-14 or 2^-30, subnormal step that / 8.
   constexpr float kSmallestNormal = SIGNED ? 6.103515625e-05f : 9.313225746154785e-10f;
   constexpr float kPerSubnormalStep = SIGNED ? 131072.0f : 8589934592.0f;  // 2^17, 2^33
@@ -164,72 +182,9 @@ __device__ __forceinline__ unsigned char nearest_code(float x, const float* code
   int code = magnitude >= kSmallestNormal ? normal : subnormal;
   code = code < 0 ? 0 : (code > kLargest ? kLargest : code);
   if (SIGNED) code = x >= 0.0f ? 128 + code : 126 - code;  // 128 + k holds +m[k], 127 - k holds -m[k]
-  const int low = code < 0 ? 0 : (code > 254 ? 254 : code);
-  return static_cast<unsigned char>((code_map[low + 1] - x) < (x - code_map[low]) ? low + 1 : low);
-}
-
-// One quantization block by one warp, every element read and written once. Lane l holds elements
-// l, l + 32, ..., l + 224 of the block in registers: each load or store instruction of the warp touches 32
-// consecutive elements (coalesced, whatever the alignment). The warp's max of |m| and |v| (shuffles) is the
-// block's new absmax; then every lane writes its codes (params are written as soon as they are updated).
-// The whole warp calls this together (the shuffles need all 32 lanes): the block loop is uniform in a warp.
-constexpr int kWarp = 32;
-constexpr int kPerLane = kQuantBlock / kWarp;
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, offset));
-  return x;
-}
-
-template <typename P, int WEIGHT_DECAY, bool MAXIMIZE, int MASTER>
-__device__ __forceinline__ void step_quantized_block(P* param, const P* grad, unsigned char* exp_avg,
-                                                     unsigned char* exp_avg_sq, float* exp_avg_absmax,
-                                                     float* exp_avg_sq_absmax, void* master,
-                                                     const float* signed_map, const float* unsigned_map,
-                                                     long long block, long long n_elements, int lane,
-                                                     const StepScalars& s) {
-  const float infinity = __uint_as_float(0x7F800000u);
-  const long long first = block * kQuantBlock + lane;
-  const float m_scale = exp_avg_absmax[block], v_scale = exp_avg_sq_absmax[block];
-  float m[kPerLane], v[kPerLane];
-  float m_max = 0.0f, v_max = 0.0f;  // a NaN or Inf moment counts as Inf: the block's absmax is then NaN
-#pragma unroll
-  for (int k = 0; k < kPerLane; ++k) {
-    const long long i = first + k * kWarp;
-    if (i < n_elements) {
-      float p = load_param<P, MASTER>(param, master, i);
-      m[k] = signed_map[exp_avg[i]] * m_scale;
-      v[k] = unsigned_map[exp_avg_sq[i]] * v_scale;
-      float unused = 0.0f;
-      adam_update<WEIGHT_DECAY, false, MAXIMIZE>(p, to_float(grad[i]), m[k], v[k], unused, s);
-      store_param<P, MASTER>(param, master, i, p);  // the param needs no absmax: written now, not kept
-      m_max = fmaxf(m_max, isfinite(m[k]) ? fabsf(m[k]) : infinity);
-      v_max = fmaxf(v_max, isfinite(v[k]) ? fabsf(v[k]) : infinity);
-    }
-  }
-  m_max = warp_max(m_max);
-  v_max = warp_max(v_max);
-  const float m_divisor = m_max > 0.0f ? m_max : 1.0f, v_divisor = v_max > 0.0f ? v_max : 1.0f;
-#pragma unroll
-  for (int k = 0; k < kPerLane; ++k) {
-    const long long i = first + k * kWarp;
-    if (i < n_elements) {
-      exp_avg[i] = nearest_code<true>(m[k] / m_divisor, signed_map);
-      exp_avg_sq[i] = nearest_code<false>(v[k] / v_divisor, unsigned_map);
-    }
-  }
-  if (lane == 0) {  // quantization.py: a block holding a non-finite moment gets absmax NaN
-    exp_avg_absmax[block] = m_max == infinity ? nanf("") : m_max;
-    exp_avg_sq_absmax[block] = v_max == infinity ? nanf("") : v_max;
-  }
-}
-
-// Tells the compiler that `ptr` (an address read from the tensor table, which it cannot trace) is in global
-// memory. Only for addresses that are: a wrong assumption is undefined behaviour.
-template <typename T>
-__device__ __forceinline__ void assume_global(const T* ptr) {
-  __builtin_assume(__isGlobal(ptr));
+  const unsigned int low = code < 0 ? 0 : (code > 254 ? 254 : code);
+  const bool nearer_upper = (code_value<SIGNED>(low + 1) - x) < (x - code_value<SIGNED>(low));
+  return static_cast<unsigned char>(nearer_upper ? low + 1 : low);
 }
 
 // N consecutive elements, aligned so that one pack is one (or, for fp32 moments beside 16-bit params,
@@ -242,6 +197,125 @@ struct alignas(sizeof(T) * N) Pack {
 template <int N, typename T>
 __device__ __forceinline__ bool aligned_for(const T* ptr) {
   return reinterpret_cast<unsigned long long>(ptr) % (sizeof(T) * N) == 0;
+}
+
+// N consecutive elements from `first`: one pack load (`whole`: all inside the tensor and aligned) or N single ones.
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_pack(const T* data, long long first, long long n_elements, bool whole) {
+  if (whole) return *reinterpret_cast<const Pack<T, N>*>(data + first);
+  Pack<T, N> pack{};
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    if (first + k < n_elements) pack.lane[k] = data[first + k];
+  }
+  return pack;
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_pack(T* data, const Pack<T, N>& pack, long long first, long long n_elements,
+                                           bool whole) {
+  if (whole) {
+    *reinterpret_cast<Pack<T, N>*>(data + first) = pack;
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    if (first + k < n_elements) data[first + k] = pack.lane[k];
+  }
+}
+
+// The element type of the master copy: fp32, or the lean master's int16 remainder.
+template <int MASTER>
+struct MasterType {
+  using type = float;
+};
+template <>
+struct MasterType<kLeanMaster> {
+  using type = short;
+};
+
+// One quantization block by one warp, every element read and written once. Lane l holds elements 8l .. 8l + 7 of
+// the block in registers: one 16-byte load of bf16 params (two of fp32) and one 8-byte load of each moment's codes
+// a lane, where the block lies inside its tensor and every address is aligned (else single elements, masked). The
+// warp's max of |m| and |v| (shuffles) is the block's new absmax; then every lane writes its codes (params are
+// written as soon as they are updated). The whole warp calls this together (the shuffles need all 32 lanes): the
+// block loop is uniform in a warp.
+constexpr int kWarp = 32;
+constexpr int kPerLane = kQuantBlock / kWarp;
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, offset));
+  return x;
+}
+
+template <typename P, int WEIGHT_DECAY, bool MAXIMIZE, int MASTER>
+__device__ __forceinline__ void step_quantized_block(P* param, const P* grad, unsigned char* exp_avg,
+                                                     unsigned char* exp_avg_sq, float* exp_avg_absmax,
+                                                     float* exp_avg_sq_absmax, void* master, long long block,
+                                                     long long n_elements, int lane, bool aligned,
+                                                     const StepScalars& s) {
+  using MasterT = typename MasterType<MASTER>::type;
+  const float infinity = __uint_as_float(0x7F800000u);
+  const long long first = block * kQuantBlock + lane * kPerLane;
+  const bool whole = aligned && (block + 1) * kQuantBlock <= n_elements;
+  const float m_scale = exp_avg_absmax[block], v_scale = exp_avg_sq_absmax[block];
+  Pack<P, kPerLane> p = load_pack<kPerLane>(param, first, n_elements, whole);
+  const Pack<P, kPerLane> g = load_pack<kPerLane>(grad, first, n_elements, whole);
+  Pack<unsigned char, kPerLane> m_codes = load_pack<kPerLane>(exp_avg, first, n_elements, whole);
+  Pack<unsigned char, kPerLane> v_codes = load_pack<kPerLane>(exp_avg_sq, first, n_elements, whole);
+  Pack<MasterT, kPerLane> full;
+  if constexpr (MASTER != kNoMaster) full = load_pack<kPerLane>(static_cast<MasterT*>(master), first, n_elements, whole);
+  float m[kPerLane], v[kPerLane];
+  float m_max = 0.0f, v_max = 0.0f;  // a NaN or Inf moment counts as Inf: the block's absmax is then NaN
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    float pk;
+    if constexpr (MASTER == kFp32Master) {
+      pk = full.lane[k];
+    } else if constexpr (MASTER == kLeanMaster) {
+      pk = lean_master(p.lane[k], full.lane[k]);
+    } else {
+      pk = to_float(p.lane[k]);
+    }
+    m[k] = code_value<true>(m_codes.lane[k]) * m_scale;
+    v[k] = code_value<false>(v_codes.lane[k]) * v_scale;
+    float unused = 0.0f;
+    adam_update<WEIGHT_DECAY, false, MAXIMIZE>(pk, to_float(g.lane[k]), m[k], v[k], unused, s);
+    if constexpr (MASTER == kLeanMaster) {
+      split_lean_master(pk, p.lane[k], full.lane[k]);
+    } else {
+      p.lane[k] = Store<P>::from(pk);
+    }
+    if constexpr (MASTER == kFp32Master) full.lane[k] = pk;
+    if (first + k < n_elements) {  // (elements past the tensor's end have no moments to count)
+      m_max = fmaxf(m_max, isfinite(m[k]) ? fabsf(m[k]) : infinity);
+      v_max = fmaxf(v_max, isfinite(v[k]) ? fabsf(v[k]) : infinity);
+    }
+  }
+  store_pack<kPerLane>(param, p, first, n_elements, whole);  // the param needs no absmax: written now, not kept
+  if constexpr (MASTER != kNoMaster) store_pack<kPerLane>(static_cast<MasterT*>(master), full, first, n_elements, whole);
+  m_max = warp_max(m_max);
+  v_max = warp_max(v_max);
+  const float m_divisor = m_max > 0.0f ? m_max : 1.0f, v_divisor = v_max > 0.0f ? v_max : 1.0f;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    m_codes.lane[k] = nearest_code<true>(m[k] / m_divisor);
+    v_codes.lane[k] = nearest_code<false>(v[k] / v_divisor);
+  }
+  store_pack<kPerLane>(exp_avg, m_codes, first, n_elements, whole);
+  store_pack<kPerLane>(exp_avg_sq, v_codes, first, n_elements, whole);
+  if (lane == 0) {  // quantization.py: a block holding a non-finite moment gets absmax NaN
+    exp_avg_absmax[block] = m_max == infinity ? nanf("") : m_max;
+    exp_avg_sq_absmax[block] = v_max == infinity ? nanf("") : v_max;
+  }
+}
+
+// Tells the compiler that `ptr` (an address read from the tensor table, which it cannot trace) is in global
+// memory. Only for addresses that are: a wrong assumption is undefined behaviour.
+template <typename T>
+__device__ __forceinline__ void assume_global(const T* ptr) {
+  __builtin_assume(__isGlobal(ptr));
 }
 
 // Update the N elements of pack number `index` (element index * N onwards).
@@ -313,6 +387,7 @@ __device__ __forceinline__ int tensor_of_chunk(long long chunk, const long long*
 // through the table; the kernel forms step_size, bias_correction2_sqrt and param_decay itself.
 // grad_scaling (AMP, fused clipping): grads are multiplied by device_scalars[1], and nothing is written
 // when device_scalars[2] (found_inf) is not zero. Both are runtime flags, uniform across the launch.
+// signed_map and unsigned_map (the 8-bit code maps) are not read: codes are decoded and encoded from their bits.
 template <typename P, typename S, int WEIGHT_DECAY, bool AMSGRAD, bool MAXIMIZE, int MASTER>
 __global__ void adam_step(const long long* __restrict__ pointers, const long long* __restrict__ numels,
                           const long long* __restrict__ chunk_offsets, int n_tensors, long long n_chunks,
@@ -362,10 +437,14 @@ __global__ void adam_step(const long long* __restrict__ pointers, const long lon
       float* exp_avg_sq_absmax = reinterpret_cast<float*>(row[8]);
       assume_global(exp_avg_absmax);
       assume_global(exp_avg_sq_absmax);
+      using MasterT = typename MasterType<MASTER>::type;
+      const bool aligned = aligned_for<kPerLane>(param) && aligned_for<kPerLane>(grad) &&
+                           aligned_for<kPerLane>(exp_avg) && aligned_for<kPerLane>(exp_avg_sq) &&
+                           (MASTER == kNoMaster || aligned_for<kPerLane>(static_cast<const MasterT*>(master)));
       for (long long block = start / kQuantBlock + warp; block * kQuantBlock < stop; block += warps) {
-        step_quantized_block<P, WEIGHT_DECAY, MAXIMIZE, MASTER>(
-            param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax,
-            master, signed_map, unsigned_map, block, numels[tensor], lane, s);
+        step_quantized_block<P, WEIGHT_DECAY, MAXIMIZE, MASTER>(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax,
+                                                                exp_avg_sq_absmax, master, block, numels[tensor],
+                                                                lane, aligned, s);
       }
     } else {
       const bool vectorized = aligned_for<kPack>(param) && aligned_for<kPack>(grad) && aligned_for<kPack>(exp_avg) &&

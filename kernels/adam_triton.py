@@ -21,7 +21,7 @@ DECOUPLED: tl.constexpr = tl.constexpr(2)
 NO_MASTER: tl.constexpr = tl.constexpr(0)
 FP32_MASTER: tl.constexpr = tl.constexpr(1)
 LEAN_MASTER: tl.constexpr = tl.constexpr(2)
-# 8-bit moments (QUANTIZED): uint8 codes into a 256-entry map, one fp32 absmax per QUANT_BLOCK elements
+# 8-bit moments (QUANTIZED): uint8 codes of a 256-entry map, one fp32 absmax per QUANT_BLOCK elements
 # (adam_gpu/quantization.py is the specification). BLOCK and CHUNK are multiples of it.
 QUANT_BLOCK: tl.constexpr = tl.constexpr(256)
 
@@ -111,15 +111,43 @@ def _store_lean_master(param_ptr, remainder_ptr, offsets, value, mask):
 
 
 @triton.jit
-def _nearest_code(value, code_map, SIGNED: tl.constexpr):
+def _code_value(code, SIGNED: tl.constexpr):
+    """The map entry of ``code`` (adam_gpu/quantization.py), bit for bit the fp32 map's, from the code's bits.
+
+    The maps are small float formats divided by their largest value, 1.875 (a sign, 4 exponent and 3 mantissa bits
+    for exp_avg; 5 and 3 for exp_avg_sq). A magnitude code shifted into fp32's exponent and mantissa fields is the
+    format's value times 2^(bias - 127), subnormals included; times 2^64 it is a normal fp32, exactly. The division
+    by 1.875 (times the powers of two) is then a product by its rounded reciprocal and one FMA correction, which
+    rounds as the division would: the same bits as the map for all 256 codes of both maps (checked exhaustively in
+    tests/test_quantization.py), where the product alone differs for 96 of them."""
+    code = code.to(tl.int32)
+    if SIGNED:  # entries 128 + k hold +m[k], 127 - k hold -m[k]; exponent bias 15
+        negative = code < 128
+        magnitude_code = tl.where(negative, 127 - code, code - 128)
+        reciprocal = 150119995408384.0  # 2^48 / 1.875, rounded to fp32: 2^(127 - 64 - 15) / 1.875
+        divisor = 6.661338147750939e-15  # 1.875 * 2^-48, exact
+    else:  # exponent bias 31
+        magnitude_code = code
+        reciprocal = 2290649344.0  # 2^32 / 1.875, rounded to fp32: 2^(127 - 64 - 31) / 1.875
+        divisor = 4.3655745685100555e-10  # 1.875 * 2^-32, exact
+    scaled = (magnitude_code << 20).to(tl.float32, bitcast=True) * 18446744073709551616.0  # 2^64
+    quotient = scaled * reciprocal
+    quotient = tl.fma(tl.fma(-quotient, divisor, scaled), reciprocal, quotient)
+    if SIGNED:  # the sign bit set, not a negation: entry 127 is -0.0
+        sign = negative.to(tl.int32) << 31
+        quotient = (quotient.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return quotient
+
+
+@triton.jit
+def _nearest_code(value, SIGNED: tl.constexpr):
     """Index of the map entry nearest to ``value`` (the lower one on a tie).
 
-    The maps are small float formats scaled so that their largest value is 1 (adam_gpu/quantization.py: a sign,
-    4 exponent and 3 mantissa bits for exp_avg; 5 and 3 for exp_avg_sq): the bits of |value| * 1.875 give the last
-    entry <= value, off by one only within a few ulps of an entry, where the nearer of it and the next is that
-    entry anyway. So two independent map reads, where a binary search over the 256 entries took 8 dependent ones
-    and two more. The same code as that search for every fp32 value in [-1.0001, 1.0001] (all 2^31 of them,
-    checked in numpy, 2026-11-26); tests/test_quantization.py checks this function at every decision point.
+    The bits of |value| * 1.875 (the format's own scale) give the last entry <= value, off by one only within a few
+    ulps of an entry, where the nearer of it and the next is that entry anyway; the two entries come from
+    _code_value, so no map is read. The same code as a binary search of the map for every fp32 value in
+    [-1.0001, 1.0001] (all 2^31 of them, checked in numpy, 2026-11-26); tests/test_quantization.py checks this
+    function at every decision point.
     """
     magnitude = tl.abs(value) * 1.875  # on the format's own scale: largest value (1 + 7/8) * 2^0
     if SIGNED:  # exponent bias 15: smallest normal 2^-14, subnormal step 2^-14 / 8
@@ -140,38 +168,34 @@ def _nearest_code(value, code_map, SIGNED: tl.constexpr):
     if SIGNED:  # entries 128 + k hold +m[k], 127 - k hold -m[k]: the last one <= a negative value is near 126 - k
         code = tl.where(value >= 0, 128 + code, 126 - code)
     low = tl.minimum(tl.maximum(code, 0), 254)
-    nearer_upper = (tl.load(code_map + low + 1) - value) < (value - tl.load(code_map + low))
+    nearer_upper = (_code_value(low + 1, SIGNED) - value) < (value - _code_value(low, SIGNED))
     return tl.where(nearer_upper, low + 1, low)
 
 
 @triton.jit
-def _load_quantized(codes_ptr, absmax_ptr, code_map, offsets, mask):
-    codes = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
-    absmax = tl.load(absmax_ptr + offsets // QUANT_BLOCK, mask=mask, other=0.0)
-    return tl.load(code_map + codes) * absmax
+def _load_quantized(codes_ptr, absmax_ptr, offsets, mask, blocks, block_mask, SIGNED: tl.constexpr):
+    """Values of the codes at ``offsets`` (rows of QUANT_BLOCK elements, quantization block ``blocks[row]``): one
+    absmax load a row, broadcast along it."""
+    codes = tl.load(codes_ptr + offsets, mask=mask, other=0)
+    absmax = tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0)
+    return _code_value(codes, SIGNED) * absmax[:, None]
 
 
 @triton.jit
-def _store_quantized(
-    codes_ptr, absmax_ptr, code_map, offsets, value, mask, first, n_elements, SIGNED: tl.constexpr, BLOCK: tl.constexpr
-):
-    """Quantize BLOCK values (BLOCK / QUANT_BLOCK whole blocks starting at element ``first``): one absmax
-    per block of the values inside the tensor (NaN for a block with a non-finite value), and each value's
-    nearest code."""
-    blocks_per_row: tl.constexpr = BLOCK // QUANT_BLOCK
+def _store_quantized(codes_ptr, absmax_ptr, offsets, value, mask, blocks, block_mask, SIGNED: tl.constexpr):
+    """Quantize rows of QUANT_BLOCK values (quantization block ``blocks[row]``): one absmax a row of the values
+    inside the tensor (NaN for a row with a non-finite value), and each value's nearest code."""
     # A NaN counts as Inf, so one max finds both the absmax and whether the block holds a non-finite value;
     # such a block's absmax is stored as NaN, so that all of it reads NaN from then on (no code holds NaN
     # or Inf, and a max that skipped it would hide it).
     magnitude = tl.abs(value)
     magnitude = tl.where(mask, tl.where(magnitude == magnitude, magnitude, float("inf")), 0.0)
-    block_absmax = tl.max(tl.reshape(magnitude, (blocks_per_row, QUANT_BLOCK)), axis=1)
+    block_absmax = tl.max(magnitude, axis=1)
     # One IEEE reciprocal per block, then a product per value (an all-zero block: zeros).
     reciprocal = tl.div_rn(1.0, tl.where(block_absmax > 0, block_absmax, 1.0))
-    normalized = value * tl.reshape(tl.broadcast_to(reciprocal[:, None], (blocks_per_row, QUANT_BLOCK)), (BLOCK,))
-    tl.store(codes_ptr + offsets, _nearest_code(normalized, code_map, SIGNED).to(tl.uint8), mask=mask)
-    blocks = first // QUANT_BLOCK + tl.arange(0, blocks_per_row)
+    tl.store(codes_ptr + offsets, _nearest_code(value * reciprocal[:, None], SIGNED).to(tl.uint8), mask=mask)
     stored_absmax = tl.where(block_absmax == float("inf"), float("nan"), block_absmax)
-    tl.store(absmax_ptr + blocks, stored_absmax, mask=blocks * QUANT_BLOCK < n_elements)
+    tl.store(absmax_ptr + blocks, stored_absmax, mask=block_mask)
 
 
 @triton.jit
@@ -203,8 +227,6 @@ def _update_chunk(
     chunk_start,
     bound,
     n_elements,
-    signed_map,
-    unsigned_map,
     grad_multiplier,
     one_minus_beta1,
     one_minus_beta2,
@@ -244,7 +266,14 @@ def _update_chunk(
         exp_avg_absmax_ptr = tl.load(row + 7).to(tl.pointer_type(tl.float32))
         exp_avg_sq_absmax_ptr = tl.load(row + 8).to(tl.pointer_type(tl.float32))
     for block_start in range(0, CHUNK, BLOCK):
-        offsets = chunk_start + block_start + tl.arange(0, BLOCK)
+        first = chunk_start + block_start
+        if QUANTIZED:  # a row per quantization block: its absmax is a reduction along the row, broadcast back
+            rows = tl.arange(0, BLOCK // QUANT_BLOCK)
+            offsets = first + (rows[:, None] * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)[None, :])
+            blocks = first // QUANT_BLOCK + rows
+            block_mask = blocks * QUANT_BLOCK < bound
+        else:
+            offsets = first + tl.arange(0, BLOCK)
         mask = offsets < bound
         if MASTER == FP32_MASTER:
             param = tl.load(master_ptr + offsets, mask=mask)
@@ -254,8 +283,10 @@ def _update_chunk(
             param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
         grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
         if QUANTIZED:
-            exp_avg = _load_quantized(exp_avg_ptr, exp_avg_absmax_ptr, signed_map, offsets, mask)
-            exp_avg_sq = _load_quantized(exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, unsigned_map, offsets, mask)
+            exp_avg = _load_quantized(exp_avg_ptr, exp_avg_absmax_ptr, offsets, mask, blocks, block_mask, True)
+            exp_avg_sq = _load_quantized(
+                exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, offsets, mask, blocks, block_mask, False
+            )
         else:
             exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
             exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
@@ -272,13 +303,8 @@ def _update_chunk(
         # An infinite v stays infinite (NaN with a NaN grad), as in torch's beta2 * v + (1 - beta2) * g²;
         # the lerp alone would give Inf - Inf.
         v_from_inf = exp_avg_sq + one_minus_beta2 * grad * grad
-        if QUANTIZED:  # (8-bit codes gain nothing from the exact ends, and the select cost a stack frame)
-            exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
-            v_lerp = exp_avg_sq + one_minus_beta2 * (grad * grad - exp_avg_sq)
-        else:
-            exp_avg = _lerp(exp_avg, grad, one_minus_beta1)
-            v_lerp = _lerp(exp_avg_sq, grad * grad, one_minus_beta2)
-        exp_avg_sq = tl.where(exp_avg_sq == float("inf"), v_from_inf, v_lerp)
+        exp_avg = _lerp(exp_avg, grad, one_minus_beta1)
+        exp_avg_sq = tl.where(exp_avg_sq == float("inf"), v_from_inf, _lerp(exp_avg_sq, grad * grad, one_minus_beta2))
         if AMSGRAD:
             max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
             max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
@@ -297,14 +323,10 @@ def _update_chunk(
         else:
             _store_rounded(param_ptr, offsets, param, mask)
         if QUANTIZED:
-            first = chunk_start + block_start
+            _store_quantized(exp_avg_ptr, exp_avg_absmax_ptr, offsets, exp_avg, mask, blocks, block_mask, True)
             _store_quantized(
-                exp_avg_ptr, exp_avg_absmax_ptr, signed_map, offsets, exp_avg, mask, first, n_elements, True, BLOCK
+                exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, offsets, exp_avg_sq, mask, blocks, block_mask, False
             )
-            _store_quantized(
-                exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, unsigned_map, offsets, exp_avg_sq, mask, first, n_elements,
-                False, BLOCK,
-            )  # fmt: skip
         else:
             _store_rounded(exp_avg_ptr, offsets, exp_avg, mask)
             _store_rounded(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)
@@ -347,7 +369,8 @@ def adam_step_kernel(
     DEVICE_STEP (capturable), lr is ``device_scalars[0]`` and each tensor's step count is read from the
     table, and the kernel forms step_size, bias_correction2_sqrt and param_decay itself. With
     GRAD_SCALING, grads are multiplied by ``device_scalars[1]`` (AMP unscaling and the clip coefficient)
-    and nothing is written when ``device_scalars[2]`` (found_inf) is not zero.
+    and nothing is written when ``device_scalars[2]`` (found_inf) is not zero. ``signed_map`` and
+    ``unsigned_map`` (the fp32 code maps) are not read: codes are decoded and encoded from their bits.
     """
     chunk = tl.program_id(0).to(tl.int64)
     tensor = _tensor_of_chunk(chunk, chunk_offsets, n_tensors).to(tl.int64)
@@ -374,14 +397,14 @@ def adam_step_kernel(
     addresses = addresses | tl.load(row + 6)  # (0 where there is no master)
     if (chunk_start + CHUNK <= n_elements) & (addresses % 16 == 0):
         _update_chunk(
-            row, chunk_start, chunk_start + CHUNK, n_elements, signed_map, unsigned_map, grad_multiplier,
+            row, chunk_start, chunk_start + CHUNK, n_elements, grad_multiplier,
             one_minus_beta1, one_minus_beta2, eps, l2_weight_decay, param_decay, step_size, bias_correction2_sqrt,
             PARAM_TYPE, STATE_TYPE, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER, QUANTIZED, GRAD_SCALING, True, CHUNK,
             BLOCK,
         )  # fmt: skip
     else:
         _update_chunk(
-            row, chunk_start, n_elements, n_elements, signed_map, unsigned_map, grad_multiplier,
+            row, chunk_start, n_elements, n_elements, grad_multiplier,
             one_minus_beta1, one_minus_beta2, eps, l2_weight_decay, param_decay, step_size, bias_correction2_sqrt,
             PARAM_TYPE, STATE_TYPE, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER, QUANTIZED, GRAD_SCALING, False, CHUNK,
             BLOCK,

@@ -82,13 +82,17 @@ static void run_grid(Kernel kernel, bool cooperative, unsigned grid, unsigned bl
   }}
 }}
 """
-# The kernel's nearest-code rule alone, over an array (tests/test_quantization.py).
+# The kernel's code arithmetic alone (tests/test_quantization.py): the nearest code of each value of an array, and
+# the value of each of the 256 codes.
 _DRIVER_NEAREST_CODES = """
-extern "C" void nearest_codes(const float* values, unsigned char* codes, long long n, int is_signed,
-                              const float* code_map) {
+extern "C" void nearest_codes(const float* values, unsigned char* codes, long long n, int is_signed) {
   for (long long i = 0; i < n; ++i) {
-    codes[i] = is_signed ? adam_gpu::nearest_code<true>(values[i], code_map)
-                         : adam_gpu::nearest_code<false>(values[i], code_map);
+    codes[i] = is_signed ? adam_gpu::nearest_code<true>(values[i]) : adam_gpu::nearest_code<false>(values[i]);
+  }
+}
+extern "C" void code_values(float* values, int is_signed) {
+  for (unsigned int code = 0; code < 256; ++code) {
+    values[code] = is_signed ? adam_gpu::code_value<true>(code) : adam_gpu::code_value<false>(code);
   }
 }
 """
@@ -106,7 +110,7 @@ extern "C" void launch_{index}(unsigned grid, unsigned block, const long long* p
 @functools.cache
 def _library() -> dict[str, ctypes._CFuncPtr]:
     """Build every specialization into one shared library (once per process); name expression -> entry (and
-    NEAREST_CODES -> the nearest-code probe)."""
+    NEAREST_CODES, CODE_VALUES -> the code arithmetic's probes)."""
     names = cuda_source.all_name_expressions()
     driver = (
         _DRIVER_HEAD.format(source=cuda_source.source_path())
@@ -147,10 +151,12 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
         ctypes.c_void_p,  # codes
         ctypes.c_longlong,
         ctypes.c_int,  # signed
-        ctypes.c_void_p,  # the code map
     ]
     library.nearest_codes.restype = None
     entries[NEAREST_CODES] = library.nearest_codes
+    library.code_values.argtypes = [ctypes.c_void_p, ctypes.c_int]  # values (256), signed
+    library.code_values.restype = None
+    entries[CODE_VALUES] = library.code_values
     return entries
 
 
@@ -165,15 +171,24 @@ def _build_dir(inputs: str) -> Path:
     return build
 
 
-NEAREST_CODES = "nearest_codes"  # (the entry of _library() that is not a kernel specialization)
+# (the entries of _library() that are not kernel specializations)
+NEAREST_CODES = "nearest_codes"
+CODE_VALUES = "code_values"
 
 
-def nearest_codes(values: torch.Tensor, code_map: torch.Tensor, signed: bool) -> torch.Tensor:
-    """The CUDA C kernel's nearest_code of each fp32 value against the fp32 ``code_map`` (uint8)."""
-    values, code_map = values.float().contiguous(), code_map.float().contiguous()
+def nearest_codes(values: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The CUDA C kernel's nearest_code of each fp32 value (uint8), in the signed or the unsigned map."""
+    values = values.float().contiguous()
     codes = torch.empty(values.shape, dtype=torch.uint8)
-    _library()[NEAREST_CODES](values.data_ptr(), codes.data_ptr(), values.numel(), int(signed), code_map.data_ptr())
+    _library()[NEAREST_CODES](values.data_ptr(), codes.data_ptr(), values.numel(), int(signed))
     return codes
+
+
+def code_values(signed: bool) -> torch.Tensor:
+    """The CUDA C kernel's code_value of each of the 256 codes (fp32), in the signed or the unsigned map."""
+    values = torch.empty(256, dtype=torch.float32)
+    _library()[CODE_VALUES](values.data_ptr(), int(signed))
+    return values
 
 
 FEATURES = frozenset({EIGHT_BIT})

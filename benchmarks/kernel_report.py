@@ -1,0 +1,120 @@
+"""What the compilers made of the two kernels for sm_90, without a GPU: memory instructions by kind and width,
+shuffles, barriers, registers, stack and local memory, read from the SASS (cuobjdump) of each kernel.
+
+    python benchmarks/kernel_report.py [--policy bf16-8bit-moments] [--decay DECOUPLED]
+
+Triton is compiled ahead of time with the launch configuration a GPU step uses (tests/test_aot_compile.py's
+compile_variants, in a subprocess with TRITON_INTERPRET=0); the CUDA C source by NVRTC (tests/nvrtc.py) with the
+cupy backend's options. The counts are static (instructions in the code, not executed per element): the
+per-element story, with the loop trip counts, is in docs/kernels-8bit.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
+
+# SASS opcodes worth counting: global and local memory, shared memory, shuffles, barriers.
+MEMORY_OPCODE = re.compile(r"\b((?:LDG|STG|LDL|STL|LDS|STS|LD|ST|SHFL|BAR|ATOMS|ATOMG|RED)(?:\.[\w]+)*)\b")
+# Storage policy (tests/test_aot_compile.py's names) -> the CUDA C kernel's (param type, moment type).
+POLICIES = {"bf16-8bit-moments": ("__nv_bfloat16", "unsigned char"), "fp32-8bit-moments": ("float", "unsigned char"),
+            "bf16": ("__nv_bfloat16", "__nv_bfloat16"), "fp32": ("float", "float")}  # fmt: skip
+# Weight-decay mode -> the kernels' number for it (the same in both: kernels/adam_triton.py, adam_cuda.cu).
+DECAYS = {"NO_WEIGHT_DECAY": 0, "L2": 1, "DECOUPLED": 2}
+
+
+def _cuobjdump() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def sass_counts(cubin: Path) -> dict[str, object]:
+    """Memory opcodes (with their width suffixes) and resource usage of the kernel(s) in ``cubin``."""
+    sass = subprocess.run([str(_cuobjdump()), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    cubin.with_suffix(".sass").write_text(sass)
+    opcodes = collections.Counter(
+        match.group(1) for line in sass.splitlines() if "/*" in line for match in [MEMORY_OPCODE.search(line)] if match
+    )
+    usage = subprocess.run(
+        [str(_cuobjdump()), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True
+    ).stdout
+    resources = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    instructions = sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line))
+    return {"opcodes": dict(sorted(opcodes.items())), "resources": resources, "instructions": instructions}
+
+
+def triton_report(
+    policy: str, decay: str, out_dir: Path, quantized: tuple[int, int] | None = None
+) -> dict[str, object]:
+    """Compile the Triton variant in a fresh interpreter (the kernel module reads TRITON_INTERPRET at import), with
+    an option set of this decay mode and nothing else (no amsgrad, maximize, capturable or master); ``quantized``:
+    (block, warps) of a launch of 8-bit moments instead of the defaults."""
+    override = ""
+    if quantized:
+        override = (
+            "from adam_gpu.kernels import adam_triton; import adam_gpu.backends.triton as launcher; "
+            f"adam_triton.QUANTIZED_BLOCK, launcher.QUANTIZED_NUM_WARPS = {quantized}; "
+        )
+    script = (
+        "import json; from pathlib import Path; import test_aot_compile as aot; "
+        + override
+        + f"aot.OPTIONS['report'] = ({decay!r}, False, False, False, 'NO_MASTER'); "
+        f"print(json.dumps(aot.compile_variants([aot.Variant(90, {policy!r}, 'report')], Path({str(out_dir)!r}))))"
+    )
+    paths = os.pathsep.join(sys.path[:2])
+    env = os.environ | {"TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    env |= {"TRITON_CACHE_DIR": str(out_dir / "cache"), "PYTHONPATH": paths}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    record = json.loads(result.stdout.strip().splitlines()[-1])[0]
+    if record["error"]:
+        raise RuntimeError(record["error"])
+    return sass_counts(out_dir / f"{record['id']}.cubin")
+
+
+def cuda_report(policy: str, decay: str, out_dir: Path) -> dict[str, object]:
+    from nvrtc import compile_program, resource_usage
+
+    from adam_gpu.backends import cuda_source
+
+    param, moment = POLICIES[policy]
+    name = f"adam_gpu::adam_step<{param}, {moment}, {DECAYS[decay]}, false, false, 0>"
+    options = [*cuda_source.compile_options(), "-arch=sm_90", "--ptxas-options=-v"]
+    program = compile_program(cuda_source.source(), [name], options)
+    cubin = out_dir / "cuda.cubin"
+    cubin.write_bytes(program.cubin)
+    cubin.with_suffix(".ptx").write_text(program.ptx)
+    report = sass_counts(cubin)
+    usage = resource_usage(program.log)[program.lowered_names[name]]
+    report["ptxas"] = {"registers": usage.registers, "stack": usage.stack_bytes, "spills": usage.spill_store_bytes}
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", choices=sorted(POLICIES), default="bf16-8bit-moments")
+    parser.add_argument("--decay", choices=sorted(DECAYS), default="DECOUPLED")
+    parser.add_argument("--quantized", type=int, nargs=2, metavar=("BLOCK", "WARPS"),
+                        help="Triton: launch 8-bit moments with this block and warps, not the defaults")  # fmt: skip
+    parser.add_argument("--keep", type=Path, help="a folder to keep the cubins, PTX and SASS in")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        out_dir = args.keep or Path(folder)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        reports = {"triton": triton_report(args.policy, args.decay, out_dir, args.quantized),
+                   "cuda": cuda_report(args.policy, args.decay, out_dir)}  # fmt: skip
+    print(json.dumps(reports, indent=1))
+
+
+if __name__ == "__main__":
+    main()
