@@ -26,6 +26,8 @@ sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
 # SASS opcodes worth counting: global and local memory, shared memory, shuffles, barriers.
 MEMORY_OPCODE = re.compile(r"\b((?:LDG|STG|LDL|STL|LDS|STS|LD|ST|SHFL|BAR|ATOMS|ATOMG|RED)(?:\.[\w]+)*)\b")
+# A SASS instruction line, not the NOPs that pad a function.
+INSTRUCTION = re.compile(r"\s+/\*[0-9a-f]{4}\*/\s+(?!NOP)[A-Z@]")
 # Storage policy (tests/test_aot_compile.py's names) -> the CUDA C kernel's (param type, moment type).
 POLICIES = {"bf16-8bit-moments": ("__nv_bfloat16", "unsigned char"), "fp32-8bit-moments": ("float", "unsigned char"),
             "bf16": ("__nv_bfloat16", "__nv_bfloat16"), "fp32": ("float", "float")}  # fmt: skip
@@ -50,7 +52,7 @@ def sass_counts(cubin: Path) -> dict[str, object]:
         [str(_cuobjdump()), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True
     ).stdout
     resources = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    instructions = sum(1 for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line))
+    instructions = sum(map(bool, map(INSTRUCTION.match, sass.splitlines())))
     return {"opcodes": dict(sorted(opcodes.items())), "resources": resources, "instructions": instructions}
 
 
@@ -100,12 +102,66 @@ def cuda_report(policy: str, decay: str, out_dir: Path) -> dict[str, object]:
     return report
 
 
+# One element a thread through the CUDA C source's 8-bit helpers: the instructions each costs an element, less those
+# of a kernel that only loads and stores. The map-reading helpers of the source before them are measured alike.
+_PROBES = """
+extern "C" __global__ void copy_probe(const unsigned char* codes, const float* values, const float* map, float* out,
+                                      unsigned char* out_codes, float scale) {{
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  out[i] = codes[i] * scale;
+  out_codes[i] = static_cast<unsigned char>(values[i]);
+}}
+extern "C" __global__ void decode_probe(const unsigned char* codes, const float* values, const float* map, float* out,
+                                        unsigned char* out_codes, float scale) {{
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  out[i] = {decode} * scale;
+  out_codes[i] = static_cast<unsigned char>(values[i]);
+}}
+extern "C" __global__ void encode_probe(const unsigned char* codes, const float* values, const float* map, float* out,
+                                        unsigned char* out_codes, float scale) {{
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  out[i] = codes[i] * scale;
+  out_codes[i] = {encode};
+}}
+"""
+
+
+def helper_costs(source: str, out_dir: Path) -> dict[str, int]:
+    """SASS instructions an element of each 8-bit helper of ``source`` costs (signed and unsigned map)."""
+    from nvrtc import compile_program
+
+    from adam_gpu.backends import cuda_source
+
+    reads_maps = "code_value" not in source
+    costs = {}
+    for signed in ("true", "false"):
+        decode = "map[codes[i]]" if reads_maps else f"adam_gpu::code_value<{signed}>(codes[i])"
+        map_argument = ", map" if reads_maps else ""
+        encode = f"adam_gpu::nearest_code<{signed}>(values[i]{map_argument})"
+        probes = source + _PROBES.format(decode=decode, encode=encode)
+        options = [*cuda_source.compile_options(), "-arch=sm_90"]
+        program = compile_program(probes, [], options)
+        cubin = out_dir / "probes.cubin"
+        cubin.write_bytes(program.cubin)
+        sass = subprocess.run([str(_cuobjdump()), "-sass", str(cubin)], capture_output=True, text=True).stdout
+        counts = {}
+        for function in re.split(r"\n\s+Function : ", sass)[1:]:
+            name = function.split()[0]
+            counts[name] = sum(map(bool, map(INSTRUCTION.match, function.splitlines())))
+        kind = "signed" if signed == "true" else "unsigned"
+        costs[f"decode {kind}"] = counts["decode_probe"] - counts["copy_probe"]
+        costs[f"encode {kind}"] = counts["encode_probe"] - counts["copy_probe"]
+    return costs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", choices=sorted(POLICIES), default="bf16-8bit-moments")
     parser.add_argument("--decay", choices=sorted(DECAYS), default="DECOUPLED")
     parser.add_argument("--quantized", type=int, nargs=2, metavar=("BLOCK", "WARPS"),
                         help="Triton: launch 8-bit moments with this block and warps, not the defaults")  # fmt: skip
+    parser.add_argument("--helpers-of", metavar="REVISION",
+                        help="also the 8-bit helpers' costs of kernels/adam_cuda.cu at this git revision")  # fmt: skip
     parser.add_argument("--keep", type=Path, help="a folder to keep the cubins, PTX and SASS in")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
@@ -113,6 +169,13 @@ def main() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         reports = {"triton": triton_report(args.policy, args.decay, out_dir, args.quantized),
                    "cuda": cuda_report(args.policy, args.decay, out_dir)}  # fmt: skip
+        from adam_gpu.backends import cuda_source
+
+        reports["cuda"]["helpers"] = helper_costs(cuda_source.source(), out_dir)
+        if args.helpers_of:
+            old = subprocess.run(["git", "-C", str(REPO_ROOT), "show", f"{args.helpers_of}:kernels/adam_cuda.cu"],
+                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
+            reports["cuda"][f"helpers at {args.helpers_of}"] = helper_costs(old, out_dir)
     print(json.dumps(reports, indent=1))
 
 

@@ -130,7 +130,7 @@ __device__ __forceinline__ void store_param(P* param, void* master, long long i,
   }
 }
 
-// 8-bit moments (adam_gpu/quantization.py): uint8 codes into a 256-entry ascending map, one fp32 absmax per
+// 8-bit moments (adam_gpu/quantization.py): uint8 codes of a 256-entry ascending map, one fp32 absmax per
 // kQuantBlock elements. The moment type S is `unsigned char` exactly when the moments are quantized.
 constexpr int kQuantBlock = 256;
 template <typename S>
@@ -142,31 +142,40 @@ struct IsCode<unsigned char> {
   static constexpr bool value = true;
 };
 
-// The map entry of `code` (adam_gpu/quantization.py), bit for bit the fp32 map's, from the code's bits. The maps
-// are small float formats divided by their largest value, 1.875 (a sign, 4 exponent and 3 mantissa bits for
-// exp_avg; 5 and 3 for exp_avg_sq). A magnitude code shifted into fp32's exponent and mantissa fields is the
-// format's value times 2^(bias - 127), subnormals included; times 2^64 it is a normal fp32, exactly. The division
-// by 1.875 (times the powers of two) is a product by its rounded reciprocal and one FMA correction, which rounds
-// as the division would: the map's bits for all 256 codes of both maps (tests/test_quantization.py checks every
-// one), where the product alone differs for 96. Entries 128 + k hold +m[k] and 127 - k hold -m[k] in the signed map.
+// m[k], the map's non-negative value of magnitude code k, bit for bit the fp32 map's entry. The maps are small
+// float formats divided by their largest value, 1.875 (a sign, 4 exponent and 3 mantissa bits for exp_avg; 5 and 3
+// for exp_avg_sq; adam_gpu/quantization.py). A magnitude code shifted into fp32's exponent and mantissa fields is
+// the format's value times 2^(bias - 127), subnormals included; times 2^64 it is a normal fp32, exactly. The
+// division by 1.875 (times the powers of two) is a product by its rounded reciprocal and one FMA correction, which
+// rounds as the division would: the map's bits for all 256 codes of both maps (tests/test_quantization.py checks
+// every one), where the product alone differs for 96.
 template <bool SIGNED>
-__device__ __forceinline__ float code_value(unsigned int code) {
+__device__ __forceinline__ float magnitude_value(unsigned int magnitude_code) {
   // 2^(127 - 64 - bias) / 1.875 rounded to fp32, and its exact inverse 1.875 * 2^(64 + bias - 127); bias 15 or 31.
   constexpr float kReciprocal = SIGNED ? 150119995408384.0f : 2290649344.0f;
   constexpr float kDivisor = SIGNED ? 6.661338147750939e-15f : 4.3655745685100555e-10f;
-  const bool negative = SIGNED && code < 128;
-  const unsigned int magnitude_code = SIGNED ? (negative ? 127 - code : code - 128) : code;
   const float scaled = __uint_as_float(magnitude_code << 20) * 18446744073709551616.0f;  // 2^64
   const float quotient = scaled * kReciprocal;
-  const float value = fmaf(fmaf(-quotient, kDivisor, scaled), kReciprocal, quotient);
-  return SIGNED ? __uint_as_float(__float_as_uint(value) | (negative ? 0x80000000u : 0u)) : value;  // -0.0 at 127
+  return fmaf(fmaf(-quotient, kDivisor, scaled), kReciprocal, quotient);
 }
 
-// The map entry nearest to x (the lower one on a tie). The bits of |x| * 1.875 (the format's own scale) give the
-// last entry <= x, off by one only within a few ulps of an entry, where the nearer of it and the next is that entry
-// anyway; both entries come from code_value, so no map is read. The same code as a binary search of the map for
-// every fp32 x in [-1.0001, 1.0001] (all 2^31, checked in numpy, 2026-11-26); tests/test_quantization.py checks
-// this function at every decision point.
+// The map entry of `code` from its bits, no map read: entries 128 + k of the signed map hold +m[k] and 127 - k hold
+// -m[k]; the unsigned map's entry k is m[k].
+template <bool SIGNED>
+__device__ __forceinline__ float code_value(unsigned int code) {
+  if (!SIGNED) return magnitude_value<false>(code);
+  const bool negative = code < 128;
+  const float value = magnitude_value<true>(negative ? 127 - code : code - 128);
+  return __uint_as_float(__float_as_uint(value) | (negative ? 0x80000000u : 0u));  // (the sign bit: 127 is -0.0)
+}
+
+// The map entry nearest to x (the lower one on a tie), no map read. The bits of |x| * 1.875 (the format's own scale)
+// give the magnitude code k of the last entry <= |x|, off by one only within a few ulps of an entry, where the
+// nearer of m[k] and m[k + 1] is that entry anyway. The distances are those of the map's own rule,
+// (upper - x) < (x - lower), on magnitudes: rounding to nearest is symmetric, so for a negative x the same two
+// distances decide, and a tie goes to the larger magnitude (the lower code). The same code as a binary search of the
+// map for every fp32 x in [-1.0001, 1.0001] (all 2^31, checked in numpy, 2026-11-26); tests/test_quantization.py
+// checks this function at every decision point.
 template <bool SIGNED>
 __device__ __forceinline__ unsigned char nearest_code(float x) {
   // Exponent bias 15 or 31: smallest normal 2^-14 or 2^-30, subnormal step that / 8.
@@ -174,17 +183,18 @@ __device__ __forceinline__ unsigned char nearest_code(float x) {
   constexpr float kPerSubnormalStep = SIGNED ? 131072.0f : 8589934592.0f;  // 2^17, 2^33
   constexpr int kExponentOffset = SIGNED ? (127 - 15) << 3 : (127 - 31) << 3;  // fp32's bias to the format's
   constexpr int kLargest = SIGNED ? 127 : 255;
-  const float magnitude = fabsf(x) * 1.875f;  // on the format's own scale: largest (1 + 7/8) * 2^0
+  const float distance = fabsf(x);
+  const float magnitude = distance * 1.875f;  // on the format's own scale: largest (1 + 7/8) * 2^0
   // Exponent and top 3 mantissa bits of a normal are its code; a subnormal's is its multiple of the step (the
   // magnitude capped first, so the conversion never overflows).
   const int normal = static_cast<int>(__float_as_uint(magnitude) >> 20) - kExponentOffset;
   const int subnormal = static_cast<int>(fminf(magnitude, kSmallestNormal) * kPerSubnormalStep);
-  int code = magnitude >= kSmallestNormal ? normal : subnormal;
-  code = code < 0 ? 0 : (code > kLargest ? kLargest : code);
-  if (SIGNED) code = x >= 0.0f ? 128 + code : 126 - code;  // 128 + k holds +m[k], 127 - k holds -m[k]
-  const unsigned int low = code < 0 ? 0 : (code > 254 ? 254 : code);
-  const bool nearer_upper = (code_value<SIGNED>(low + 1) - x) < (x - code_value<SIGNED>(low));
-  return static_cast<unsigned char>(nearer_upper ? low + 1 : low);
+  int low = magnitude >= kSmallestNormal ? normal : subnormal;
+  low = low < 0 ? 0 : (low > kLargest - 1 ? kLargest - 1 : low);  // the lower candidate, below the largest
+  const float up = magnitude_value<SIGNED>(low + 1) - distance;
+  const float down = distance - magnitude_value<SIGNED>(low);
+  if (!SIGNED) return static_cast<unsigned char>(low + (up < down));
+  return static_cast<unsigned char>(x >= 0.0f ? 128 + low + (up < down) : 127 - low - (up <= down));
 }
 
 // N consecutive elements, aligned so that one pack is one (or, for fp32 moments beside 16-bit params,

@@ -111,45 +111,53 @@ def _store_lean_master(param_ptr, remainder_ptr, offsets, value, mask):
 
 
 @triton.jit
-def _code_value(code, SIGNED: tl.constexpr):
-    """The map entry of ``code`` (adam_gpu/quantization.py), bit for bit the fp32 map's, from the code's bits.
+def _magnitude_value(magnitude_code, SIGNED: tl.constexpr):
+    """m[k], the map's non-negative value of magnitude code ``k`` (int32), bit for bit the fp32 map's entry.
 
     The maps are small float formats divided by their largest value, 1.875 (a sign, 4 exponent and 3 mantissa bits
-    for exp_avg; 5 and 3 for exp_avg_sq). A magnitude code shifted into fp32's exponent and mantissa fields is the
-    format's value times 2^(bias - 127), subnormals included; times 2^64 it is a normal fp32, exactly. The division
-    by 1.875 (times the powers of two) is then a product by its rounded reciprocal and one FMA correction, which
-    rounds as the division would: the same bits as the map for all 256 codes of both maps (checked exhaustively in
-    tests/test_quantization.py), where the product alone differs for 96 of them."""
-    code = code.to(tl.int32)
-    if SIGNED:  # entries 128 + k hold +m[k], 127 - k hold -m[k]; exponent bias 15
-        negative = code < 128
-        magnitude_code = tl.where(negative, 127 - code, code - 128)
+    for exp_avg; 5 and 3 for exp_avg_sq; adam_gpu/quantization.py). A magnitude code shifted into fp32's exponent
+    and mantissa fields is the format's value times 2^(bias - 127), subnormals included; times 2^64 it is a normal
+    fp32, exactly. The division by 1.875 (times the powers of two) is then a product by its rounded reciprocal and
+    one FMA correction, which rounds as the division would: the map's bits for all 256 codes of both maps (checked
+    in tests/test_quantization.py), where the product alone differs for 96 of them."""
+    if SIGNED:  # exponent bias 15
         reciprocal = 150119995408384.0  # 2^48 / 1.875, rounded to fp32: 2^(127 - 64 - 15) / 1.875
         divisor = 6.661338147750939e-15  # 1.875 * 2^-48, exact
     else:  # exponent bias 31
-        magnitude_code = code
         reciprocal = 2290649344.0  # 2^32 / 1.875, rounded to fp32: 2^(127 - 64 - 31) / 1.875
         divisor = 4.3655745685100555e-10  # 1.875 * 2^-32, exact
     scaled = (magnitude_code << 20).to(tl.float32, bitcast=True) * 18446744073709551616.0  # 2^64
     quotient = scaled * reciprocal
-    quotient = tl.fma(tl.fma(-quotient, divisor, scaled), reciprocal, quotient)
-    if SIGNED:  # the sign bit set, not a negation: entry 127 is -0.0
-        sign = negative.to(tl.int32) << 31
-        quotient = (quotient.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
-    return quotient
+    return tl.fma(tl.fma(-quotient, divisor, scaled), reciprocal, quotient)
+
+
+@triton.jit
+def _code_value(code, SIGNED: tl.constexpr):
+    """The map entry of ``code`` (uint8) from its bits, no map read: entries 128 + k of the signed map hold +m[k]
+    and 127 - k hold -m[k]; the unsigned map's entry k is m[k]."""
+    code = code.to(tl.int32)
+    if SIGNED:
+        negative = code < 128
+        value = _magnitude_value(tl.where(negative, 127 - code, code - 128), SIGNED)
+        # The sign bit set, not a negation: entry 127 is -0.0.
+        return (value.to(tl.int32, bitcast=True) | (negative.to(tl.int32) << 31)).to(tl.float32, bitcast=True)
+    return _magnitude_value(code, SIGNED)
 
 
 @triton.jit
 def _nearest_code(value, SIGNED: tl.constexpr):
-    """Index of the map entry nearest to ``value`` (the lower one on a tie).
+    """Index of the map entry nearest to ``value`` (the lower one on a tie), no map read.
 
-    The bits of |value| * 1.875 (the format's own scale) give the last entry <= value, off by one only within a few
-    ulps of an entry, where the nearer of it and the next is that entry anyway; the two entries come from
-    _code_value, so no map is read. The same code as a binary search of the map for every fp32 value in
-    [-1.0001, 1.0001] (all 2^31 of them, checked in numpy, 2026-11-26); tests/test_quantization.py checks this
-    function at every decision point.
+    The bits of |value| * 1.875 (the format's own scale) give the magnitude code k of the last entry <= |value|, off
+    by one only within a few ulps of an entry, where the nearer of m[k] and m[k + 1] is that entry anyway. The
+    distances are those of the map's own rule, (upper - value) < (value - lower), on magnitudes: rounding to nearest
+    is symmetric, so for a negative value the same two distances decide, and a tie goes to the larger magnitude
+    (the lower code). The same code as a binary search of the map for every fp32 value in [-1.0001, 1.0001] (all
+    2^31 of them, checked in numpy, 2026-11-26); tests/test_quantization.py checks this function at every decision
+    point.
     """
-    magnitude = tl.abs(value) * 1.875  # on the format's own scale: largest value (1 + 7/8) * 2^0
+    distance = tl.abs(value)
+    magnitude = distance * 1.875  # on the format's own scale: largest value (1 + 7/8) * 2^0
     if SIGNED:  # exponent bias 15: smallest normal 2^-14, subnormal step 2^-14 / 8
         smallest_normal = 6.103515625e-05
         per_subnormal_step = 131072.0  # 2^17
@@ -164,12 +172,15 @@ def _nearest_code(value, SIGNED: tl.constexpr):
     # of the subnormal step (the magnitude is capped first, so the conversion never overflows).
     normal = (magnitude.to(tl.int32, bitcast=True) >> 20) - exponent_offset
     subnormal = (tl.minimum(magnitude, smallest_normal) * per_subnormal_step).to(tl.int32)
-    code = tl.minimum(tl.maximum(tl.where(magnitude >= smallest_normal, normal, subnormal), 0), largest)
-    if SIGNED:  # entries 128 + k hold +m[k], 127 - k hold -m[k]: the last one <= a negative value is near 126 - k
-        code = tl.where(value >= 0, 128 + code, 126 - code)
-    low = tl.minimum(tl.maximum(code, 0), 254)
-    nearer_upper = (_code_value(low + 1, SIGNED) - value) < (value - _code_value(low, SIGNED))
-    return tl.where(nearer_upper, low + 1, low)
+    # The lower of the two candidates, at most the next to largest magnitude.
+    low = tl.minimum(tl.maximum(tl.where(magnitude >= smallest_normal, normal, subnormal), 0), largest - 1)
+    up = _magnitude_value(low + 1, SIGNED) - distance
+    down = distance - _magnitude_value(low, SIGNED)
+    if SIGNED:
+        non_negative = value >= 0
+        upper = tl.where(non_negative, up < down, up <= down).to(tl.int32)
+        return tl.where(non_negative, 128 + low + upper, 127 - low - upper)
+    return low + (up < down).to(tl.int32)
 
 
 @triton.jit
