@@ -237,7 +237,6 @@ def _update_chunk(
     row,
     chunk_start,
     bound,
-    n_elements,
     grad_multiplier,
     one_minus_beta1,
     one_minus_beta2,
@@ -258,10 +257,10 @@ def _update_chunk(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One Adam step of the CHUNK elements from ``chunk_start`` of the tensor in table ``row`` (of
-    ``n_elements``), BLOCK at a time, those below ``bound`` only. ALIGNED: every address the chunk is read and
-    written through (param, grad, moments, max_exp_avg_sq, master) is 16-byte aligned and ``bound`` a multiple
-    of CHUNK, which lets Triton load and store 16 bytes a thread at a time
+    """One Adam step of the CHUNK elements from ``chunk_start`` of the tensor in table ``row``, BLOCK at a
+    time, those below ``bound`` only (the tensor's end, or 0 where nothing is written). ALIGNED: every
+    address the chunk is read and written through (param, grad, moments, max_exp_avg_sq, master) is 16-byte
+    aligned and ``bound`` a multiple of CHUNK, which lets Triton load and store 16 bytes a thread at a time
     (it must know both the addresses' alignment and that the mask is the same over each 16 bytes).
     ``grad_multiplier`` is unused without GRAD_SCALING."""
     param_ptr = _table_pointer(row, 0, PARAM_TYPE, ALIGNED)
@@ -408,14 +407,14 @@ def adam_step_kernel(
     addresses = addresses | tl.load(row + 6)  # (0 where there is no master)
     if (chunk_start + CHUNK <= n_elements) & (addresses % 16 == 0):
         _update_chunk(
-            row, chunk_start, chunk_start + CHUNK, n_elements, grad_multiplier,
+            row, chunk_start, chunk_start + CHUNK, grad_multiplier,
             one_minus_beta1, one_minus_beta2, eps, l2_weight_decay, param_decay, step_size, bias_correction2_sqrt,
             PARAM_TYPE, STATE_TYPE, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER, QUANTIZED, GRAD_SCALING, True, CHUNK,
             BLOCK,
         )  # fmt: skip
     else:
         _update_chunk(
-            row, chunk_start, n_elements, n_elements, grad_multiplier,
+            row, chunk_start, n_elements, grad_multiplier,
             one_minus_beta1, one_minus_beta2, eps, l2_weight_decay, param_decay, step_size, bias_correction2_sqrt,
             PARAM_TYPE, STATE_TYPE, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER, QUANTIZED, GRAD_SCALING, False, CHUNK,
             BLOCK,
