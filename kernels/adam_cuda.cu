@@ -164,9 +164,9 @@ __device__ __forceinline__ float magnitude_value(unsigned int magnitude_code) {
 template <bool SIGNED>
 __device__ __forceinline__ float code_value(unsigned int code) {
   if (!SIGNED) return magnitude_value<false>(code);
-  const bool negative = code < 128;
-  const float value = magnitude_value<true>(negative ? 127 - code : code - 128);
-  return __uint_as_float(__float_as_uint(value) | (negative ? 0x80000000u : 0u));  // (the sign bit: 127 is -0.0)
+  // 127 - code below 128 and code - 128 from it are code ^ 0x7F and code ^ 0x80; the sign bit is ~code's top bit.
+  const float value = magnitude_value<true>(code ^ (0x7Fu + (code >> 7)));
+  return __uint_as_float(__float_as_uint(value) | (~code << 24 & 0x80000000u));  // (the sign bit: 127 is -0.0)
 }
 
 // The map entry nearest to x (the lower one on a tie), no map read. The bits of |x| * 1.875 (the format's own scale)

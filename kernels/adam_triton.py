@@ -135,12 +135,13 @@ def _magnitude_value(magnitude_code, SIGNED: tl.constexpr):
 def _code_value(code, SIGNED: tl.constexpr):
     """The map entry of ``code`` (uint8) from its bits, no map read: entries 128 + k of the signed map hold +m[k]
     and 127 - k hold -m[k]; the unsigned map's entry k is m[k]."""
-    code = code.to(tl.int32)
+    code = code.to(tl.uint32)
     if SIGNED:
-        negative = code < 128
-        value = _magnitude_value(tl.where(negative, 127 - code, code - 128), SIGNED)
-        # The sign bit set, not a negation: entry 127 is -0.0.
-        return (value.to(tl.int32, bitcast=True) | (negative.to(tl.int32) << 31)).to(tl.float32, bitcast=True)
+        # 127 - code below 128 and code - 128 from it are code ^ 0x7F and code ^ 0x80; the sign bit is ~code's top
+        # bit, set rather than negated: entry 127 is -0.0.
+        value = _magnitude_value(code ^ (0x7F + (code >> 7)), SIGNED)
+        sign = ((~code >> 7) & 1) << 31
+        return (value.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
     return _magnitude_value(code, SIGNED)
 
 
