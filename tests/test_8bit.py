@@ -74,6 +74,37 @@ def test_an_8bit_step_matches_the_float64_model(backend, size, param_dtype):
     assert moments[0][1].numel() == -(-size // BLOCK)
 
 
+def _offset_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values in a view one element into a larger buffer: contiguous, but no longer 16-byte aligned."""
+    buffer = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
+    buffer[1:] = tensor.flatten()
+    return buffer[1:].view(tensor.shape)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_misaligned_8bit_tensors_step_as_aligned_ones(backend, param_dtype):
+    """Params, grads and codes that do not start on a 16-byte boundary take the kernels' element-wise path (the
+    CUDA C kernel's single elements, Triton's scalar chunks), which gives the same bits as the vector path; the
+    size ends inside a quantization block, so both paths meet a tail."""
+    if not has_feature(backend, EIGHT_BIT):
+        pytest.skip(f"the {backend} backend has no 8-bit moments yet")
+    size = 3 * BLOCK * 8 + 77
+    case = StepCase.draw(size, seeded_generator("8bit misaligned", backend, param_dtype))
+    m, v = quantize(case.exp_avg, signed_map()), quantize(case.exp_avg_sq, unsigned_map())
+    inputs = [case.param.to(param_dtype), case.grad.to(param_dtype), m[0], m[1], v[0], v[1]]
+    inputs = [tensor.to(DEVICE) for tensor in inputs]
+    results = []
+    for place in (torch.Tensor.clone, _offset_copy):
+        param, grad, m_codes, m_absmax, v_codes, v_absmax = map(place, inputs)
+        _step(backend, param, grad, ((m_codes, m_absmax), (v_codes, v_absmax)), case.step)
+        results.append([param, m_codes, m_absmax, v_codes, v_absmax])
+    names = ["param", "exp_avg codes", "exp_avg absmax", "exp_avg_sq codes", "exp_avg_sq absmax"]
+    for name, aligned, offset in zip(names, *results, strict=True):
+        assert torch.equal(aligned.view(torch.uint8), offset.view(torch.uint8)), f"{name} differs when misaligned"
+    assert results[1][1].data_ptr() % 16 and results[1][0].data_ptr() % 16, "the offset copies are misaligned"
+
+
 def test_a_backend_without_8bit_moments_says_so_and_auto_passes_it_over(monkeypatch):
     """Dispatch checks the features a step needs: a backend module without EIGHT_BIT in its FEATURES (the
     torch backend's functions, without the list) is refused by name and skipped by auto."""
