@@ -108,28 +108,6 @@ __device__ __forceinline__ void adam_update(float& p, float g, float& m, float& 
   p -= s.step_size * (m / denom);
 }
 
-// A param's value and its write-back under each master mode (one element).
-template <typename P, int MASTER>
-__device__ __forceinline__ float load_param(const P* param, const void* master, long long i) {
-  if constexpr (MASTER == kFp32Master) {
-    return static_cast<const float*>(master)[i];
-  } else if constexpr (MASTER == kLeanMaster) {
-    return lean_master(param[i], static_cast<const short*>(master)[i]);
-  } else {
-    return to_float(param[i]);
-  }
-}
-
-template <typename P, int MASTER>
-__device__ __forceinline__ void store_param(P* param, void* master, long long i, float value) {
-  if constexpr (MASTER == kLeanMaster) {
-    split_lean_master(value, param[i], static_cast<short*>(master)[i]);
-  } else {
-    param[i] = Store<P>::from(value);
-    if constexpr (MASTER == kFp32Master) static_cast<float*>(master)[i] = value;
-  }
-}
-
 // 8-bit moments (adam_gpu/quantization.py): uint8 codes of a 256-entry ascending map, one fp32 absmax per
 // kQuantBlock elements. The moment type S is `unsigned char` exactly when the moments are quantized.
 constexpr int kQuantBlock = 256;
@@ -274,8 +252,9 @@ __device__ __forceinline__ void step_quantized_block(P* param, const P* grad, un
   const Pack<P, kPerLane> g = load_pack<kPerLane>(grad, first, n_elements, whole);
   Pack<unsigned char, kPerLane> m_codes = load_pack<kPerLane>(exp_avg, first, n_elements, whole);
   Pack<unsigned char, kPerLane> v_codes = load_pack<kPerLane>(exp_avg_sq, first, n_elements, whole);
+  MasterT* master_copy = static_cast<MasterT*>(master);
   Pack<MasterT, kPerLane> full;
-  if constexpr (MASTER != kNoMaster) full = load_pack<kPerLane>(static_cast<MasterT*>(master), first, n_elements, whole);
+  if constexpr (MASTER != kNoMaster) full = load_pack<kPerLane>(master_copy, first, n_elements, whole);
   float m[kPerLane], v[kPerLane];
   float m_max = 0.0f, v_max = 0.0f;  // a NaN or Inf moment counts as Inf: the block's absmax is then NaN
 #pragma unroll
@@ -304,7 +283,7 @@ __device__ __forceinline__ void step_quantized_block(P* param, const P* grad, un
     }
   }
   store_pack<kPerLane>(param, p, first, n_elements, whole);  // the param needs no absmax: written now, not kept
-  if constexpr (MASTER != kNoMaster) store_pack<kPerLane>(static_cast<MasterT*>(master), full, first, n_elements, whole);
+  if constexpr (MASTER != kNoMaster) store_pack<kPerLane>(master_copy, full, first, n_elements, whole);
   m_max = warp_max(m_max);
   v_max = warp_max(v_max);
   const float m_divisor = m_max > 0.0f ? m_max : 1.0f, v_divisor = v_max > 0.0f ? v_max : 1.0f;
