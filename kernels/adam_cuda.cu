@@ -151,9 +151,10 @@ __device__ __forceinline__ float code_value(unsigned int code) {
 // give the magnitude code k of the last entry <= |x|, off by one only within a few ulps of an entry, where the
 // nearer of m[k] and m[k + 1] is that entry anyway. The distances are those of the map's own rule,
 // (upper - x) < (x - lower), on magnitudes: rounding to nearest is symmetric, so for a negative x the same two
-// distances decide, and a tie goes to the larger magnitude (the lower code). The same code as a binary search of the
-// map for every fp32 x in [-1.0001, 1.0001] (all 2^31, checked in numpy, 2026-11-26); tests/test_quantization.py
-// checks this function at every decision point.
+// distances decide, and a tie goes to the larger magnitude (the lower code). The rule on the map's own pairs gave the
+// same code as a binary search of the map for every fp32 x in [-1.0001, 1.0001] (all 2^31, checked in numpy,
+// 2026-11-26), and on magnitudes it takes the same decisions; tests/test_quantization.py checks this function at
+// every decision point.
 template <bool SIGNED>
 __device__ __forceinline__ unsigned char nearest_code(float x) {
   // Exponent bias 15 or 31: smallest normal 2^-14 or 2^-30, subnormal step that / 8.
