@@ -1,22 +1,35 @@
-"""The ``adam-gpu`` command: ``adam-gpu info`` says what runs here and why the rest does not;
-``adam-gpu bench`` measures every backend against the framework optimizers (adam_gpu.bench);
-``adam-gpu tune`` measures the kernel backends' launch configurations (adam_gpu/bench/tune.py)."""
+"""The adam-gpu command.
+
+  adam-gpu info    what runs here: devices, versions, and each backend's availability (or why not)
+  adam-gpu bench   every backend against torch.optim and other optimizers (needs the bench extra)
+  adam-gpu tune    the triton and cupy backends' launch configurations (needs the bench extra)
+
+``info`` needs torch only; ``bench`` and ``tune`` import their modules (and rich, matplotlib) when run.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
+import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
-from adam_gpu import __version__, dispatch, step_signature
-from adam_gpu.bench import command as bench_command
-from adam_gpu.bench import tune_command
+from adam_gpu import __version__, dispatch
 from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES
 from adam_gpu.versions import package_version
+
+DESCRIPTION = "Fused Adam/AdamW kernels for PyTorch: what runs here, benchmarks and launch-configuration sweeps."
+INFO_HELP = "devices, versions, and which backends run here (and why the others don't)"
+# The commands of the bench extra: their help, and the module with add_arguments(parser) and run_command(args, console).
+BENCH_COMMANDS = {
+    "bench": ("benchmark every backend against torch.optim and other optimizers", "adam_gpu.bench.command"),
+    "tune": ("measure the triton and cupy backends' launch configurations", "adam_gpu.bench.tune_command"),
+}
+BENCH_EXTRA_HINT = "pip install 'adam-gpu[bench]'"
 
 
 def _devices() -> list[torch.device]:
@@ -37,6 +50,7 @@ _STEP_KINDS = {
     "16-bit": ({torch.bfloat16, torch.float16}, ()),
     "8-bit moments": ({torch.bfloat16}, (EIGHT_BIT,)),
 }
+AUTO_PICKS = "auto picks"
 
 
 def _auto_picks(device: torch.device) -> str:
@@ -52,45 +66,63 @@ def _auto_picks(device: torch.device) -> str:
     return ", ".join(f"{kind}: {name}" for kind, name in picks.items())
 
 
-def info(console: Console) -> None:
-    console.print(f"adam-gpu {__version__}, Python {platform.python_version()}")
-    console.print(
+def info_lines() -> list[str]:
+    """``adam-gpu info``'s output: versions, then each device with every backend's availability on it."""
+    lines = [
+        f"adam-gpu {__version__}, Python {platform.python_version()}",
         f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}), "
-        f"triton {package_version('triton')}, cupy {package_version('cupy')}"
-    )
+        f"triton {package_version('triton')}, cupy {package_version('cupy')}",
+    ]
     if torch.cuda.is_available():
-        console.print(f"CUDA devices: {torch.cuda.device_count()}, torch built for CUDA {torch.version.cuda}")
+        lines.append(f"CUDA devices: {torch.cuda.device_count()}, torch built for CUDA {torch.version.cuda}")
     else:
-        console.print("CUDA: no device visible (torch.cuda.is_available() is False); only the CPU row applies")
-    console.print(f"Reused steps (tensors unchanged since the last full check): {step_signature.reuse_description()}")
-    table = Table(title="Backends: available for float32/float16/bfloat16 params, or why not")
-    table.add_column("device")
-    for name in dispatch.BACKENDS:
-        table.add_column(name)
-    table.add_column("auto picks")
+        lines.append("CUDA: no device visible (torch.cuda.is_available() is False); only the CPU applies")
+    lines += ["", "Backends for float32/float16/bfloat16 params on each device: available, or why not"]
+    width = max(map(len, [*dispatch.BACKENDS, AUTO_PICKS])) + 1
     for device in _devices():
-        reasons = {name: dispatch.unavailable_reason(name, device, KERNEL_DTYPES) for name in dispatch.BACKENDS}
-        picked = _auto_picks(device)
-        cells = ["[green]available[/]" if reason is None else f"[red]no[/]: {reason}" for reason in reasons.values()]
-        table.add_row(_device_name(device), *cells, picked)
-    console.print(table)
+        cells = {name: dispatch.unavailable_reason(name, device, KERNEL_DTYPES) for name in dispatch.BACKENDS}
+        cells = {name: "available" if reason is None else f"no: {reason}" for name, reason in cells.items()}
+        cells[AUTO_PICKS] = _auto_picks(device)
+        lines.append(_device_name(device))
+        lines += [f"  {name + ':':<{width}} {cell}" for name, cell in cells.items()]
+    return lines
+
+
+def _bench_module(command: str) -> ModuleType:
+    """The module of a bench-extra command, or SystemExit naming the extra when its packages are missing."""
+    try:
+        return importlib.import_module(BENCH_COMMANDS[command][1])
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.split(".")[0] == "adam_gpu":
+            raise
+        raise SystemExit(f"adam-gpu {command} needs {error.name}, from the bench extra: {BENCH_EXTRA_HINT}") from error
+
+
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    """The command line; only ``command``'s own arguments are loaded, so that ``info`` and ``--help`` import
+    nothing of the bench extra."""
+    parser = argparse.ArgumentParser(
+        prog="adam-gpu", description=DESCRIPTION, epilog="adam-gpu COMMAND --help lists a command's options."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("info", help=INFO_HELP, description=INFO_HELP)
+    for name, (help_text, _) in BENCH_COMMANDS.items():
+        subparser = commands.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            _bench_module(name).add_arguments(subparser)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="adam-gpu", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("info", help="device, versions, and which backends run here (and why the others don't)")
-    bench = commands.add_parser("bench", help="benchmark every backend against torch.optim and other optimizers")
-    bench_command.add_arguments(bench)
-    tune = commands.add_parser("tune", help="measure the triton and cupy backends' launch configurations")
-    tune_command.add_arguments(tune)
-    args = parser.parse_args(argv)
-    console = Console()
-    if args.command == "bench":
-        return bench_command.run_command(args, console)
-    if args.command == "tune":
-        return tune_command.run_command(args, console)
-    info(console)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The top-level parser has no option taking a value, so the first word that is not an option is the command.
+    command = next((word for word in argv if not word.startswith("-")), None)
+    args = _parser(command).parse_args(argv)
+    if args.command in BENCH_COMMANDS:
+        from rich.console import Console  # (the bench extra's: its module imported above)
+
+        return _bench_module(args.command).run_command(args, Console())
+    print("\n".join(info_lines()))
     return 0
 
 

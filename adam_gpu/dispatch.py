@@ -18,7 +18,7 @@ import torch
 from adam_gpu.step_tensors import EIGHT_BIT
 
 AUTO = "auto"
-# Replaces backend="auto" everywhere when set, e.g. ADAM_GPU_BACKEND=torch to rule out the kernels.
+# Replaces backend="auto" everywhere when set (and not empty), e.g. ADAM_GPU_BACKEND=torch to rule out the kernels.
 BACKEND_ENV_VAR = "ADAM_GPU_BACKEND"
 
 
@@ -46,13 +46,8 @@ BACKENDS: dict[str, Backend] = {
     )
 }
 
-# What backend="auto" tries, in order, by device type and the kind of step (step_kind); a pair not listed gets
-# the default order. CUDA, measured side by side (benchmarks/results/2026-11-26-h200, before the launch
-# configurations were tuned): triton leads fp32 params (GPT-2 124M 0.861 ms a step vs cupy's 0.922, Llama-3.2-1B
-# 8.36 vs 8.94) and 8-bit moments (0.904 vs 1.41, 8.70 vs 13.7); cupy leads 16-bit params (0.637 vs 0.843, 4.72
-# vs 5.72, ResNet-50 as a CUDA graph 0.113 vs 0.148; the tuned triton still trailed it on one bf16 tensor of
-# 2^28 elements, 1.04 ms vs 0.98). With the tuned configurations (benchmarks/results/2026-11-26-h200-tuned) the
-# order holds: fp32 triton 0.835 vs 0.894 and 8.14 vs 8.78, 8-bit 0.923 vs 1.37, bf16 cupy 0.471 vs 0.545.
+# What backend="auto" tries, in order, by device type and kind of step (step_kind); a pair not listed gets the
+# default order. The CUDA order is the fastest per kind in the H200 benchmark (docs/benchmarks.md, "Auto's order").
 FP32_PARAMS, SIXTEEN_BIT_PARAMS, EIGHT_BIT_MOMENTS = "fp32 params", "16-bit params", EIGHT_BIT
 AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
     ("cuda", FP32_PARAMS): ("triton", "cupy", "torch"),
@@ -80,8 +75,57 @@ def auto_order(device: torch.device, dtypes: Iterable[torch.dtype], features: It
 def check_backend_name(name: str) -> None:
     """Raise ValueError unless ``name`` is ``"auto"`` or a registered backend."""
     if name != AUTO and name not in BACKENDS:
-        known = ", ".join([AUTO, *BACKENDS])
-        raise ValueError(f"unknown backend {name!r}; choose one of: {known}")
+        raise ValueError(f"unknown backend {name!r}; choose one of: {_known_names()}")
+
+
+def _known_names() -> str:
+    return ", ".join([AUTO, *BACKENDS])
+
+
+def requested_backend(name: str) -> str:
+    """The backend ``backend=name`` asks for: ``name`` itself, or for ``"auto"`` the one the environment
+    variable ADAM_GPU_BACKEND names (``"auto"`` when it is unset or empty).
+
+    Raises ValueError for an unknown name, saying whether it came from the argument or the variable.
+    """
+    check_backend_name(name)
+    if name != AUTO:
+        return name
+    chosen = os.environ.get(BACKEND_ENV_VAR) or AUTO
+    if chosen != AUTO and chosen not in BACKENDS:
+        raise ValueError(
+            f"unknown backend {chosen!r} in the environment variable {BACKEND_ENV_VAR} "
+            f"(it replaces backend='auto'); choose one of: {_known_names()}"
+        )
+    return chosen
+
+
+def _unavailable(argument: str, name: str, reason: str) -> BackendUnavailableError:
+    """The error for backend ``name``, asked for as ``backend=argument`` (``"auto"``: by the environment)."""
+    message = f"backend {name} unavailable: {reason}"
+    if argument == AUTO:
+        message += f" (chosen by the environment variable {BACKEND_ENV_VAR}={name}, which replaces backend='auto')"
+    return BackendUnavailableError(message)
+
+
+def _missing_package(backend: Backend) -> str | None:
+    """Why ``backend`` cannot be imported at all (its package is not installed), or None."""
+    if backend.requires and importlib.util.find_spec(backend.requires) is None:
+        return f"{backend.requires} is not installed ({backend.install_hint})"
+    return None
+
+
+def check_requested(name: str) -> None:
+    """What an optimizer checks when it is built: ``name`` (or ADAM_GPU_BACKEND, for ``"auto"``) is a backend,
+    and a backend asked for by name is installed. Whether it can run the tensors is known at the step.
+
+    Raises ValueError for an unknown name, BackendUnavailableError for a backend that is not installed.
+    """
+    requested = requested_backend(name)
+    if requested != AUTO:
+        reason = _missing_package(BACKENDS[requested])
+        if reason is not None:
+            raise _unavailable(name, requested, reason)
 
 
 # Optional capabilities a step may need (step_tensors.EIGHT_BIT, ...); a backend module lists the ones
@@ -94,8 +138,9 @@ def unavailable_reason(
     """None when backend ``name`` can update tensors of these dtypes on ``device`` with these features,
     else the reason."""
     backend = BACKENDS[name]
-    if backend.requires and importlib.util.find_spec(backend.requires) is None:
-        return f"{backend.requires} is not installed ({backend.install_hint})"
+    missing_package = _missing_package(backend)
+    if missing_package is not None:
+        return missing_package
     try:
         module = backend.load()
     except ImportError as error:  # installed but broken, e.g. a mismatched build
@@ -113,21 +158,19 @@ def unavailable_reason(
 def resolve(
     requested: str, device: torch.device, dtypes: Iterable[torch.dtype], features: Iterable[str] = ()
 ) -> tuple[str, ModuleType]:
-    """The backend that will run: ``requested`` itself, or for ``"auto"`` the first available one.
+    """The backend that will run: ``requested`` itself, or for ``"auto"`` the one ADAM_GPU_BACKEND names, else the
+    first available one.
 
     Raises ValueError for an unknown name and BackendUnavailableError, with the reason, for a backend
-    that cannot run these tensors.
+    that cannot run these tensors (saying so when ADAM_GPU_BACKEND chose it).
     """
-    check_backend_name(requested)
     dtypes, features = set(dtypes), set(features)
-    if requested == AUTO:
-        requested = os.environ.get(BACKEND_ENV_VAR, AUTO)
-        check_backend_name(requested)
-    if requested != AUTO:
-        reason = unavailable_reason(requested, device, dtypes, features)
+    name = requested_backend(requested)
+    if name != AUTO:
+        reason = unavailable_reason(name, device, dtypes, features)
         if reason is not None:
-            raise BackendUnavailableError(f"backend {requested} unavailable: {reason}")
-        return requested, BACKENDS[requested].load()
+            raise _unavailable(requested, name, reason)
+        return name, BACKENDS[name].load()
     for name in auto_order(device, dtypes, features):
         if unavailable_reason(name, device, dtypes, features) is None:
             return name, BACKENDS[name].load()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -35,18 +36,26 @@ class AdamHyperparameters:
         Kernels do fp32 math, so every derived scalar is formed here first: ``1 - beta2`` formed in
         fp32 from a rounded beta2 = 0.999 is off by 1.3e-5 relative, here by at most an fp32 rounding.
         """
-        return StepScalars(
+        head, tail = self._constant_scalars
+        return StepScalars(*head, self.lr / (1.0 - self.beta1**step), math.sqrt(1.0 - self.beta2**step), *tail)
+
+    @functools.cached_property
+    def _constant_scalars(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The StepScalars that do not depend on the step: those before step_size, and those after
+        bias_correction2_sqrt."""
+        head = StepScalars._make([0.0] * len(StepScalars._fields))._replace(
             one_minus_beta1=1.0 - self.beta1,
             one_minus_beta2=1.0 - self.beta2,
             eps=self.eps,
             l2_weight_decay=0.0 if self.decoupled else self.weight_decay,
             param_decay=1.0 - self.lr * self.weight_decay if self.decoupled else 1.0,
-            step_size=self.lr / (1.0 - self.beta1**step),
-            bias_correction2_sqrt=math.sqrt(1.0 - self.beta2**step),
             decoupled_weight_decay=self.weight_decay if self.decoupled else 0.0,
             ln_beta1=_ln(self.beta1),
             ln_beta2=_ln(self.beta2),
         )
+        step_size = StepScalars._fields.index("step_size")
+        assert StepScalars._fields[step_size + 1] == "bias_correction2_sqrt"
+        return head[:step_size], head[step_size + 2 :]
 
 
 def _ln(beta: float) -> float:

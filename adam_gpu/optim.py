@@ -2,8 +2,9 @@
 
 Arguments, defaults and the ``state_dict`` layout are torch's (``step`` a float32 tensor on the CPU,
 ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``), so a state_dict moves between torch.optim and these
-classes both ways. Extra arguments: ``backend`` (``"auto"``, ``"triton"``, ``"torch"``) and
-``state_dtype`` (None: moments in the param dtype, as torch; ``torch.float32``: fp32 moments).
+classes both ways. Extra arguments (``FusedAdam``'s docstring says each in full): ``backend`` (``"auto"`` or a
+name in ``adam_gpu.BACKENDS``: ``"triton"``, ``"cupy"``, ``"torch"``), ``state_dtype`` (None, ``torch.float32``,
+``torch.bfloat16``, ``"8bit"``), ``master_weights`` (False, True, ``"lean"``) and ``max_grad_norm``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+from torch.optim import optimizer as torch_optimizer
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from adam_gpu import dispatch, masters, step_signature
@@ -64,6 +66,24 @@ _GROUP_OPTIONS = (
 
 # Group keys only adam-gpu has (FusedAdam.state_dict leaves them out where they hold the optimizer's defaults).
 ADAM_GPU_GROUP_KEYS = ("state_dtype", "master_weights")
+
+
+# torch.optim's wrapper of an optimizer's step in its hooks and profiler range (torch's own API; where a torch lacks it,
+# torch's Optimizer wraps FusedAdam.step itself).
+_profile_hook_step = getattr(Optimizer, "profile_hook_step", None)
+_set_grad_enabled = getattr(torch._C, "_set_grad_enabled", torch.set_grad_enabled)
+
+
+def _watched(optimizer: Optimizer) -> bool:
+    """Whether a step hook is registered (on ``optimizer`` or globally) or torch's profiler is recording: the step
+    then runs inside torch.optim's wrapper, which otherwise costs more than the rest of a one-tensor step."""
+    return bool(
+        optimizer._optimizer_step_pre_hooks
+        or optimizer._optimizer_step_post_hooks
+        or torch_optimizer._global_optimizer_pre_hooks
+        or torch_optimizer._global_optimizer_post_hooks
+        or torch.autograd._profiler_enabled()
+    )
 
 
 # torch.compile breaks the graph at step() and runs it eagerly (README). torch.compiler.disable would import
@@ -141,7 +161,7 @@ class FusedAdam(Optimizer):
         check_tensor_hyperparameters(lr, betas, foreach, capturable)
         check_hyperparameters(lr, betas, eps, weight_decay)
         _check_master_weights(master_weights)
-        dispatch.check_backend_name(backend)
+        dispatch.check_requested(backend)
         if max_grad_norm is not None and not float(max_grad_norm) > 0:
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         if differentiable:
@@ -216,8 +236,6 @@ class FusedAdam(Optimizer):
             self.param_groups.pop()
             raise
 
-    @_eager_under_torch_compile
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One step for every param with a grad.
 
@@ -225,6 +243,24 @@ class FusedAdam(Optimizer):
         every group untouched. Should a launch itself fail, the groups before it have taken their step
         and the failing group and those after it have not (params, moments and step counts untouched);
         the error says which group."""
+        # torch.optim's step hooks and profiler range, run as torch runs them, where any applies (_watched).
+        if type(self).step is _fused_adam_step and _watched(self):
+            return _step_with_hooks(self, closure)
+        return self._step(closure)
+
+    if _profile_hook_step is not None:  # (else torch wraps step in them at every call, as for its own optimizers)
+        step.hooked = True  # type: ignore[attr-defined]
+
+    @_eager_under_torch_compile
+    def _step(self, closure: Callable[[], float] | None) -> float | None:
+        grad_enabled = torch.is_grad_enabled()
+        _set_grad_enabled(False)  # (cheaper than entering torch.no_grad())
+        try:
+            return self._step_without_grad(closure)
+        finally:
+            _set_grad_enabled(grad_enabled)
+
+    def _step_without_grad(self, closure: Callable[[], float] | None) -> float | None:
         if self.defaults["differentiable"]:
             self.selected_backends = ["torch"] * len(self.param_groups)
             return _torch_differentiable_step(self, closure)
@@ -281,7 +317,7 @@ class FusedAdam(Optimizer):
 
     def _plan(self, group: dict[str, Any]) -> _GroupPlan | None:
         everyone = group["params"]
-        grads = list(map(_grad, everyone))  # (each .grad read once a step: 0.4 us each)
+        grads = list(map(_grad, everyone))  # (each .grad read once a step)
         if all(map(is_not, grads, repeat(None))):
             params = list(everyone)
         else:
@@ -289,40 +325,31 @@ class FusedAdam(Optimizer):
             grads = [grad for grad in grads if grad is not None]
         if not params:
             return None
-        beta1, beta2 = group["betas"]
-        lr = group["lr"]
-        # A capturable group's lr tensor is read on the device; float() here would wait for it.
-        on_device_lr = group["capturable"] and isinstance(lr, torch.Tensor)
-        hp = AdamHyperparameters(
-            lr=0.0 if on_device_lr else float(lr),
-            beta1=float(beta1),
-            beta2=float(beta2),
-            eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            decoupled=bool(group["decoupled_weight_decay"]),
-            amsgrad=bool(group["amsgrad"]),
-            maximize=bool(group["maximize"]),
-        )
+        hp = _hyperparameters(group, self._prepared.get(id(group)))
+        reused = self._reusable(group, params, grads)
+        capturing = is_capturing(params[0].device)
+        if reused is not None:  # (its options, so its state dtype and master mode, are those of a full check)
+            if capturing:
+                _check_capturable(group, params, self.state)
+            prepared = self._prepared[id(group)]
+            key = (self.backend, os.environ.get(dispatch.BACKEND_ENV_VAR))
+            if prepared.resolved is None or prepared.resolved[0] != key:
+                features = {EIGHT_BIT} if prepared.eight_bit else set()
+                resolved = dispatch.resolve(self.backend, params[0].device, prepared.dtypes, features)
+                prepared.resolved = (key, resolved)
+            name, backend = prepared.resolved[1]
+            return _GroupPlan(group, params, hp, name, backend, reused)
         _check_state_dtype(group["state_dtype"], group["amsgrad"])
         _check_master_weights(group["master_weights"])
-        reused = self._reusable(group, params, grads)
-        written = self._check_tensors(group, params) if reused is None else None
-        if is_capturing(params[0].device):
+        written = self._check_tensors(group, params)
+        if capturing:
             _check_capturable(group, params, self.state)
         if group["state_dtype"] == EIGHT_BIT_STATE and any(is_dtensor(p) for p in params):
             # The absmax blocks would follow each rank's shard, which a DTensor state cannot describe.
             raise TypeError("state_dtype='8bit' is not supported for DTensor params (FSDP2): use None or torch.float32")
-        eight_bit = group["state_dtype"] == EIGHT_BIT_STATE and any(p.numel() >= SMALL_TENSOR for p in params)
-        features = {EIGHT_BIT} if eight_bit else set()
-        if reused is None:
-            name, backend = dispatch.resolve(self.backend, params[0].device, {p.dtype for p in params}, features)
-            return _GroupPlan(group, params, hp, name, backend, reused, written)
-        prepared = self._prepared[id(group)]
-        key = (self.backend, os.environ.get(dispatch.BACKEND_ENV_VAR), eight_bit)
-        if prepared.resolved is None or prepared.resolved[0] != key:
-            prepared.resolved = (key, dispatch.resolve(self.backend, params[0].device, prepared.dtypes, features))
-        name, backend = prepared.resolved[1]
-        return _GroupPlan(group, params, hp, name, backend, reused)
+        features = {EIGHT_BIT} if _eight_bit(group, params) else set()
+        name, backend = dispatch.resolve(self.backend, params[0].device, {p.dtype for p in params}, features)
+        return _GroupPlan(group, params, hp, name, backend, None, written)
 
     def _check_tensors(self, group: dict[str, Any], params: list[torch.Tensor]) -> WrittenSpans:
         """Every check of the group's params, grads and state, naming the first bad tensor: what the step will
@@ -399,7 +426,8 @@ class FusedAdam(Optimizer):
         if signature is not None:
             options = _layout_options(plan.group)
             buffer = shared_step_buffer(gathered.steps)
-            record = PreparedGroup.of(plan.group, options, signature, tensors, buffer, written)
+            eight_bit = _eight_bit(plan.group, plan.params)
+            record = PreparedGroup.of(plan.group, options, signature, tensors, buffer, written, eight_bit)
             self._prepared[id(plan.group)] = record.with_states(self.state, states)
         tensors.copy_grads(written.aliased_grads(tensors.grads))
         gathered.tensors = tensors
@@ -503,6 +531,10 @@ class FusedAdam(Optimizer):
                     state.pop(key, None)
                 elif key in saved:
                     state[key] = saved[key].to(param.device, copy=True)
+
+
+_fused_adam_step = FusedAdam.step
+_step_with_hooks = _profile_hook_step(FusedAdam._step) if _profile_hook_step is not None else FusedAdam._step
 
 
 class FusedAdamW(FusedAdam):
@@ -697,6 +729,48 @@ def _gather_lists(
     """_gather's tensors and step counts (step_signature.reused gathers with it)."""
     gathered = _gather(group, params, states)
     return gathered.tensors, gathered.steps
+
+
+def _eight_bit(group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+    """Whether the group's step has 8-bit moments (tensors under SMALL_TENSOR elements keep fp32 ones)."""
+    return group["state_dtype"] == EIGHT_BIT_STATE and any(p.numel() >= SMALL_TENSOR for p in params)
+
+
+_HYPERPARAMETER_KEYS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize")
+
+
+def _hyperparameters(group: dict[str, Any], prepared: PreparedGroup | None) -> AdamHyperparameters:
+    """The group's AdamHyperparameters: those ``prepared`` keeps from its last step where the group's values are
+    the same plain numbers (then checked already)."""
+    values = tuple(map(group.__getitem__, _HYPERPARAMETER_KEYS))
+    last = prepared.hyperparameters if prepared is not None else None
+    if last is not None and _same_numbers(last[0], values):
+        return last[1]
+    beta1, beta2 = group["betas"]
+    lr = group["lr"]
+    # A capturable group's lr tensor is read on the device; float() here would wait for it.
+    on_device_lr = group["capturable"] and isinstance(lr, torch.Tensor)
+    hp = AdamHyperparameters(
+        lr=0.0 if on_device_lr else float(lr),
+        beta1=float(beta1),
+        beta2=float(beta2),
+        eps=float(group["eps"]),
+        weight_decay=float(group["weight_decay"]),
+        decoupled=bool(group["decoupled_weight_decay"]),
+        amsgrad=bool(group["amsgrad"]),
+        maximize=bool(group["maximize"]),
+    )
+    if prepared is not None and all(type(value) in _PLAIN for value in (*values, *group["betas"])):
+        prepared.hyperparameters = (values, hp)  # (not a tensor's: its value may change in place)
+    return hp
+
+
+_PLAIN = {float, int, bool, tuple}
+
+
+def _same_numbers(last: tuple, values: tuple) -> bool:
+    """Whether ``values`` are ``last`` (plain numbers and tuples of them), type for type."""
+    return last == values and list(map(type, last)) == list(map(type, values))
 
 
 def _layout_options(group: dict[str, Any]) -> tuple:

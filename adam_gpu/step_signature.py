@@ -16,15 +16,13 @@ them and reuses its tensor tables. What a step reads to know it:
   against each new set of grad addresses (``_grads_apart``);
 - torch's ``TensorGuards`` over all of them, step counts and grads included: the C++ check torch.compile runs on
   a compiled graph's inputs (type, dtype, device, dispatch keys, which tell dense from sparse, requires_grad, sizes and
-  strides). For 1000 params (4000 tensors) it takes 0.2 ms where reading the same in Python took 1.9 ms.
+  strides), in one C call (docs/benchmarks.md, "Host time of a step", says what each part costs).
 
 Where the state dicts are the very dicts of the last full check, unmodified since, the kept tensors are known to
 be the same objects without reading them from the dicts: CPython tags every dict with a version from a global
 counter at its creation and at every change (Python < 3.12: the dict's own tag; 3.12 on: a dict watcher torch
 installs), which torch's guards read in C (``dict_version``). One read per param then replaces gathering its
-tensors into lists, splitting them and comparing their identity (FusedAdam's check of a reused step of 1000
-params: 0.91 ms on the CI machine's CPU, where gathering and comparing took 1.15; the whole step 1.35 ms, was
-1.8, launch stubbed).
+tensors into lists, splitting them and comparing their identity.
 Where that reader is missing or does not behave as relied on (checked once, ``_dict_version_reader``), every
 step gathers (``matches``).
 
@@ -127,20 +125,11 @@ def state_mapping_version(mapping: Mapping) -> int | None:
         return None
 
 
-def reuse_description() -> str:
-    """How FusedAdam tells a step whose tensors are those of its group's last full check, here (adam-gpu info)."""
-    if _tensor_guards_type() is None:
-        return "none: every step takes the full checks (this torch has no TensorGuards)"
-    if _dict_version is None:
-        return "a step's tensors are gathered and compared (this torch's dict_version is missing or failed its check)"
-    return "by the state dicts' version tags (torch's dict_version), then addresses and TensorGuards"
-
-
-def state_versions(states: Sequence[Mapping[str, Any]]) -> list[int] | None:
+def state_versions(states: Sequence[Mapping[str, Any]], all_dicts: bool = False) -> list[int] | None:
     """The version tags of these state dicts, or None where they cannot be read (no usable reader, a state that
     is not exactly a dict: a missing one, a user's mapping; or the reader failing, as torch's does on Python 3.12
-    where it cannot add its dict watcher)."""
-    if _dict_version is None or set(map(type, states)) != {dict}:
+    where it cannot add its dict watcher). ``all_dicts``: the caller knows each is exactly a dict."""
+    if _dict_version is None or not (all_dicts or set(map(type, states)) == {dict}):
         return None
     try:
         return list(map(_dict_version, states))
@@ -209,7 +198,7 @@ def matches(expected: StepSignature, tensors: StepTensors, steps: Sequence[torch
     masks, kept, grads = _split(tensors)
     return (
         masks == expected.masks
-        and all(map(is_, kept, map(_alive, expected.kept)))  # (0.12 ms for 3000 tensors)
+        and all(map(is_, kept, map(_alive, expected.kept)))
         and all(map(is_, steps, map(_alive, expected.steps)))  # (so that TensorGuards sees no other object)
         and list(map(_data_ptr, chain(kept, steps))) == expected.addresses
         and expected.guards.check(*kept, *steps, *grads)
@@ -272,6 +261,7 @@ class PreparedGroup:
     dtypes: set[torch.dtype]  # of the params
     written: WrittenSpans  # the memory the step writes: a new grad must not lie in it
     grad_bytes: torch.Tensor  # int64: each grad's span at the full check (new grads are alike: TensorGuards)
+    eight_bit: bool  # whether the step has 8-bit moments (the group's state dtype, and a tensor large enough)
     memo: LaunchMemo = field(default_factory=LaunchMemo)
     # Grad addresses of reused steps found outside ``written`` (the last few: backward reuses freed memory).
     grads_apart: OrderedDict[tuple[int, ...], None] = field(default_factory=OrderedDict)
@@ -279,25 +269,29 @@ class PreparedGroup:
     # environment's, 8-bit moments): the dtypes and device are those of the full check (TensorGuards saw them).
     resolved: tuple[tuple, tuple[str, ModuleType]] | None = None
     # The params' state dicts, found in the optimizer's state mapping of this version (state_mapping_version):
-    # while it is unchanged, it maps each param to the same dict (a lookup a param, 0.5 us, is saved).
+    # while it is unchanged, it maps each param to the same dict (a lookup a param is saved).
     states: list | None = None
     state_mapping: Mapping | None = None
     state_mapping_version: int | None = None
+    # The group's hyperparameter values (optim._hyperparameters) at its last step, and what they made.
+    hyperparameters: tuple[tuple, Any] | None = None
 
     def with_states(self, mapping: Mapping, states: list) -> PreparedGroup:
-        """This record, keeping ``states`` (the params' dicts in ``mapping``, the optimizer's state)."""
-        self.states, self.state_mapping = states, mapping
-        self.state_mapping_version = state_mapping_version(mapping)
+        """This record, keeping ``states`` (the params' dicts in ``mapping``, the optimizer's state) where each is
+        exactly a dict."""
+        exact = all(type(state) is dict for state in states)
+        self.states, self.state_mapping = (states, mapping) if exact else (None, None)
+        self.state_mapping_version = state_mapping_version(mapping) if exact else None
         return self
 
-    def states_of(self, mapping: Mapping, params: Sequence[torch.Tensor]) -> list:
-        """The state dicts of ``params`` in ``mapping``: those kept where the mapping is unchanged since (and
-        ``params`` as many: ``unchanged`` then checks they are the same), else looked up."""
+    def states_of(self, mapping: Mapping, params: Sequence[torch.Tensor]) -> tuple[list, bool]:
+        """The state dicts of ``params`` in ``mapping``, and whether they are those kept, where the mapping is
+        unchanged since (and ``params`` as many: ``unchanged`` then checks they are the same); else looked up."""
         version = self.state_mapping_version
         if version is not None and mapping is self.state_mapping and self.states and len(params) == len(self.states):
             if state_mapping_version(mapping) == version:
-                return self.states
-        return list(map(mapping.get, params))
+                return self.states, True
+        return list(map(mapping.get, params)), False
 
     @classmethod
     def of(
@@ -308,10 +302,11 @@ class PreparedGroup:
         tensors: StepTensors,
         step_buffer: torch.Tensor | None,
         written: WrittenSpans,
+        eight_bit: bool,
     ) -> PreparedGroup:
         """The record of a full check that passed ``tensors`` (the kernels' plain tensors, grads as given)."""
         grad_bytes = torch.tensor([end - start for start, end in map(memory_span, tensors.grads)], dtype=torch.int64)
-        return cls(group, options, signature, step_buffer, tensors.dtypes, written, grad_bytes)
+        return cls(group, options, signature, step_buffer, tensors.dtypes, written, grad_bytes, eight_bit)
 
 
 def reused(
@@ -325,8 +320,8 @@ def reused(
     their states in ``mapping``, the optimizer's) whose last full check still holds for them; None where anything
     may have changed (or for anything unusual: a missing state, a non-tensor), so that the full checks run.
     ``gather`` reads the lists from the states."""
-    states = prepared.states_of(mapping, params)
-    versions = state_versions(states)
+    states, kept = prepared.states_of(mapping, params)
+    versions = state_versions(states, all_dicts=kept)  # (the kept ones were found exact dicts: with_states)
     signature = prepared.signature
     try:
         if versions is not None and versions == signature.state_versions:  # the same dicts, unchanged

@@ -20,8 +20,8 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class LaunchMemo:
     """Where the backends keep what they derive from a step's tensors' addresses, dtypes, shapes and layouts. A
     caller passes the same memo again only with tensors alike in all of these, but for the grads, which may be
-    other tensors of the same dtypes, shapes and strides lying outside the memory the step writes (their
-    addresses and contiguity are read every step): FusedAdam does, while adam_gpu.step_signature proves it."""
+    other tensors of the same dtypes, shapes and strides (so contiguous where those were) lying outside the memory
+    the step writes (their addresses are read every step): FusedAdam does, while adam_gpu.step_signature proves it."""
 
     # adam_gpu.backends.tensor_table's launches (their tables), by (chunk, amsgrad, device step counts).
     launches: dict[tuple[int, bool, bool], list] = field(default_factory=dict)

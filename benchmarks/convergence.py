@@ -23,7 +23,8 @@ target, 1.5x the lowest final loss of any optimizer.
 Writes ``convergence.json`` (every curve), ``convergence.md`` (tables) and ``convergence.png``,
 ``lr_sweep.png`` (plots), all drawn from the JSON (``--report convergence.json`` redraws them).
 Full run: about a minute on one CPU core (53 s here); ``--quick``: seconds. Each run writes a new folder under
-bench-results/ unless told ``--out``; ``--refresh`` rewrites the committed results the README shows.
+bench-results/ unless told ``--out``; ``--refresh`` rewrites the committed results that
+docs/optimizer-comparison.md shows.
 """
 
 from __future__ import annotations
@@ -401,7 +402,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="output folder (default: a new bench-results/convergence-<date>[-N])")
     parser.add_argument(
-        "--refresh", action="store_true", help=f"write the committed results the README shows ({DEFAULT_OUT})"
+        "--refresh",
+        action="store_true",
+        help=f"rewrite the committed results docs/optimizer-comparison.md shows ({DEFAULT_OUT})",
     )
     parser.add_argument("--quick", action="store_true", help="1 seed, 3 learning rates, 40 steps: seconds")
     parser.add_argument("--report", type=Path, help="redraw the table and plots from this JSON, train nothing")

@@ -1,25 +1,33 @@
 """Host time of one ``step()``: the Python work adam-gpu does around its single launch, on any machine.
 
 On a GPU the launch is asynchronous, so an optimizer step costs the device its memory traffic and the host
-its Python: checks, state, the tensor table, step counts. With many small tensors the host part decides
-eager step time. This measures it without a GPU: the Triton kernel's launch is replaced by a no-op (the
-kernels are not run), and the baselines are torch.optim.AdamW's fused, foreach and for-loop implementations
-on 1-element CPU tensors (their arithmetic is then negligible beside their host work), measured in the same
-run. Each is timed twice: with the same grad tensors every step, and with new ones every step, as after
+its Python: checks, state, the tensor table, step counts, Triton's own per-call work. With many small tensors the
+host part decides eager step time. This measures it without a GPU, stubbing only the lowest call: Triton compiles
+the kernel for an sm_90 target (no GPU needed) and a stand-in driver (``stub_triton_driver``) loads it without a
+device and gives it a launcher that does nothing, so everything above the compiled launcher is timed (in a child
+process where this one runs Triton's interpreter). The baselines are torch.optim.AdamW's fused, foreach and for-loop
+implementations on 1-element CPU tensors (their arithmetic is then negligible beside their host work), measured in
+the same run. Each is timed twice: with the same grad tensors every step, and with new ones every step, as after
 ``zero_grad()`` (set_to_none, torch's default) and backward: there grads are swapped in, outside the timing,
 from GRAD_SETS sets (more than the tables adam-gpu keeps per launch for other grads, so the worst case).
-Reported: milliseconds per step and microseconds per tensor (median of --repeat timings).
+Reported: milliseconds of the thread's CPU time per step and microseconds per tensor (median of --repeat
+timings), and each row's ratio to torch fused.
 
-    python benchmarks/host_overhead.py [--tensors 148 1000] [--repeat 30] [--quick]
+    python benchmarks/host_overhead.py [--tensors 1 161 1000] [--repeat 30] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 
 import torch
 from rich.console import Console
@@ -28,12 +36,76 @@ from rich.table import Table
 from adam_gpu import FusedAdamW
 from adam_gpu.backends import triton as triton_backend
 
+ADAM_GPU = "adam-gpu FusedAdamW (launcher stubbed)"
+
 
 class _NoLaunch:
-    """Stands in for the Triton kernel: ``kernel[grid](...)`` does nothing."""
+    """Stands in for the Triton kernel: ``kernel[grid](...)`` does nothing (benchmarks/profile_step.py's stub,
+    where the kernel runs under Triton's interpreter)."""
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
         return lambda *args, **kwargs: None
+
+
+def _no_launch(*args: object) -> None:
+    """The stand-in driver's launcher: takes the grid, stream, kernel and arguments a CUDA launch would."""
+
+
+class StubCudaDriver:
+    """A Triton driver on a machine without a GPU: an sm_90 target, kernels loaded without a device (no module,
+    function handle 1), and a launcher that does nothing. Triton's compiler runs as for a GPU."""
+
+    def __init__(self) -> None:
+        properties = {"max_shared_mem": 227 * 1024, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+        self.utils = SimpleNamespace(
+            load_binary=lambda name, kernel, shared, device: (None, 1, 0, 0, 1024),
+            get_device_properties=lambda device: properties,
+        )
+        self.launcher_cls = lambda source, metadata: _no_launch
+
+    @staticmethod
+    def is_active() -> bool:
+        return True
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def set_current_device(self, device: int) -> None:
+        pass
+
+    def get_current_stream(self, device: int | None = None) -> int:
+        return 0
+
+    def get_device_capability(self, device: int = 0) -> tuple[int, int]:
+        return (9, 0)
+
+    def get_current_target(self) -> object:
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def get_device_interface(self) -> object:
+        return torch.cuda
+
+
+@contextlib.contextmanager
+def stub_triton_driver() -> Iterator[StubCudaDriver]:
+    """Triton's active driver is a StubCudaDriver inside the block (the kernel module must be imported compiled,
+    TRITON_INTERPRET unset or 0), and the Triton backend takes CPU tensors; both restored after."""
+    from triton.runtime.driver import driver
+
+    if triton_backend.runs_interpreted():
+        raise RuntimeError("the kernel module runs under Triton's interpreter here: run with TRITON_INTERPRET=0")
+    stub, saved = StubCudaDriver(), (driver._active, triton_backend.runs_interpreted)
+    driver.set_active(stub)
+    triton_backend.runs_interpreted = lambda: True  # (the backend's check that CPU tensors can be launched)
+    try:
+        yield stub
+    finally:
+        driver._active, triton_backend.runs_interpreted = saved
 
 
 # Grad sets the "new each step" timing cycles through (tensor_table keeps tables for 4 other sets per launch).
@@ -47,9 +119,9 @@ def _median_ms(step: Callable[[], object], repeat: int, before: Callable[[], obj
     times = []
     for _ in range(repeat):
         before()
-        start = time.perf_counter()
+        start = time.thread_time()  # (this thread's CPU time: other processes on the cores do not count)
         step()
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((time.thread_time() - start) * 1e3)
     return statistics.median(times)
 
 
@@ -74,7 +146,8 @@ def _new_grads(params: list[torch.Tensor]) -> Callable[[], None]:
 
 @contextlib.contextmanager
 def _launch_stubbed() -> Iterator[None]:
-    """The Triton backend with its kernel replaced by ``_NoLaunch`` (and available on CPU tensors), restored after."""
+    """The Triton backend with its kernel replaced by ``_NoLaunch`` (and available on CPU tensors), restored after:
+    for a process whose kernel runs under the interpreter (Triton's per-call work is then not timed)."""
     kernels = triton_backend._kernels()
     saved = kernels.adam_step_kernel, triton_backend.runs_interpreted
     kernels.adam_step_kernel, triton_backend.runs_interpreted = _NoLaunch(), lambda: True
@@ -85,14 +158,22 @@ def _launch_stubbed() -> Iterator[None]:
 
 
 def measure(counts: list[int], repeat: int) -> list[dict[str, object]]:
-    """One row per (tensor count, optimizer, grads kept or new): ms per step and us per tensor."""
-    with _launch_stubbed():
+    """One row per (tensor count, optimizer, grads kept or new): ms per step and us per tensor; measured in a
+    child process where this one runs Triton's interpreter."""
+    if triton_backend.runs_interpreted():
+        command = [sys.executable, __file__, "--rows-json", "--repeat", str(repeat), "--tensors", *map(str, counts)]
+        environment = {**os.environ, "TRITON_INTERPRET": "0"}
+        done = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
+        if done.returncode:
+            raise RuntimeError(f"the measuring process failed:\n{done.stderr[-4000:]}")
+        return json.loads(done.stdout.splitlines()[-1])
+    with stub_triton_driver():
         return [row for count in counts for row in _measure(count, repeat)]
 
 
 def _measure(count: int, repeat: int) -> list[dict[str, object]]:
     contenders = {
-        "adam-gpu FusedAdamW (launch stubbed)": lambda params: FusedAdamW(params, lr=1e-3, backend="triton"),
+        ADAM_GPU: lambda params: FusedAdamW(params, lr=1e-3, backend="triton"),
         "torch AdamW fused": lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True),
         "torch AdamW foreach": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=True),
         "torch AdamW for-loop": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=False),
@@ -110,21 +191,30 @@ def _measure(count: int, repeat: int) -> list[dict[str, object]]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tensors", type=int, nargs="+", default=[148, 1000], help="tensors per group")
+    parser.add_argument("--tensors", type=int, nargs="+", default=[1, 161, 1000], help="tensors per group")
     parser.add_argument("--repeat", type=int, default=30, help="timed steps per optimizer (median)")
     parser.add_argument("--quick", action="store_true", help="10 tensors, 3 steps: checks the script")
+    parser.add_argument("--rows-json", action="store_true", help=argparse.SUPPRESS)  # (the measuring child process)
     args = parser.parse_args(argv)
     counts, repeat = ([10], 3) if args.quick else (args.tensors, args.repeat)
     rows = measure(counts, repeat)
-    table = Table(title="Host time of one step() (CPU; adam-gpu's kernel launch stubbed, torch on 1-element tensors)")
-    for column in ("tensors", "grads", "optimizer", "ms / step", "us / tensor"):
-        table.add_column(column, justify="right" if column in ("tensors", "ms / step", "us / tensor") else "left")
+    if args.rows_json:
+        print(json.dumps(rows))
+        return rows
+    title = "Host time of one step() (CPU; adam-gpu's compiled launcher stubbed, torch on 1-element tensors)"
+    table = Table(title=title)
+    numbers = ("tensors", "ms / step", "us / tensor", "x torch fused")
+    for column in ("tensors", "grads", "optimizer", *numbers[1:]):
+        table.add_column(column, justify="right" if column in numbers else "left")
+    fused = {(row["tensors"], row["grads"]): row["ms"] for row in rows if row["optimizer"] == "torch AdamW fused"}
     for row in rows:
         cells = (str(row["tensors"]), str(row["grads"]), str(row["optimizer"]))
-        table.add_row(*cells, f"{row['ms']:.2f}", f"{row['us_per_tensor']:.1f}")
-    Console().print(table)
+        ratio = row["ms"] / fused[row["tensors"], row["grads"]]
+        table.add_row(*cells, f"{row['ms']:.3f}", f"{row['us_per_tensor']:.1f}", f"{ratio:.2f}")
+    Console(width=120).print(table)
     return rows
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "0")  # (read when the kernel module is imported, at the first step)
     main()

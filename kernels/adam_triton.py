@@ -25,28 +25,19 @@ LEAN_MASTER: tl.constexpr = tl.constexpr(2)
 # (adam_gpu/quantization.py is the specification). BLOCK and CHUNK are multiples of it.
 QUANT_BLOCK: tl.constexpr = tl.constexpr(256)
 
-# Elements a program updates per loop iteration on a GPU, and per program (one chunk of one tensor), with
-# backends/triton.py's NUM_WARPS (8): 4 elements a thread, one 16-byte access per fp32 tensor in the vector path
-# (8 bytes for 16-bit). Best of 15 launch configurations (adam-gpu tune, NVIDIA H200, 2026-11-26), flat 2^28:
-# fp32 1.77 ms (99.8 % of copy bandwidth), bf16 1.04 ms, where the former 4096/512/4 warps took 1.82 and 1.21.
+# Elements a program updates per iteration (with NUM_WARPS) and per chunk: `adam-gpu tune`'s best (docs/benchmarks.md).
 BLOCK = 1024
 CHUNK = 2048
-# 8-bit moments keep 512 elements an iteration with 4 warps (QUANTIZED_NUM_WARPS): 1.89 ms over the shared
-# 2048-element chunks, where 1024 with 8 warps took 2.13 (same sweep). Their own best was 512/4 over 8192-element
-# chunks (1.85; 1.86 at the former 4096): the chunk is shared by every launch of a step, and 2048 wins the
-# others. A multiple of QUANT_BLOCK that divides CHUNK.
+# BLOCK with 8-bit moments (with QUANTIZED_NUM_WARPS), a multiple of QUANT_BLOCK: the same sweep (docs/benchmarks.md).
 QUANTIZED_BLOCK = 512
-# Under TRITON_INTERPRET=1 a program costs about 1.5 ms whatever its size: 1e6 elements take 0.16 s at
-# 16384 and 1.4 s at 1024 (measured on the CI machine), so the interpreter gets large blocks and chunks.
+# The interpreter's BLOCK and CHUNK: a program costs it the same at any size (docs/testing.md, "Triton on the CPU").
 INTERPRETER_BLOCK = 16384
 INTERPRETER_CHUNK = 65536
 # Contract a * b + c into FMAs (one rounding instead of two). Triton 3.10 turns fusion off by default,
 # so the choice is stated at every launch.
 FP_FUSION = True
-# Divisions and square roots are IEEE round-to-nearest (tl.div_rn, tl.sqrt_rn), as torch's and the CUDA C
-# kernel's: on NVIDIA GPUs Triton lowers `/` to div.full.f32 (2 ulp) and tl.sqrt to sqrt.approx.ftz.f32
-# (approximate, and a subnormal second moment flushed to 0), while its CPU interpreter computes both exactly,
-# so the CPU tests would not see the difference (PTX of sm_90, triton 3.9, 2026-11-25).
+# Divisions and square roots are IEEE round-to-nearest (tl.div_rn, tl.sqrt_rn), as torch's: on NVIDIA GPUs `/` lowers
+# to div.full.f32 and tl.sqrt to sqrt.approx.ftz.f32, which the CPU interpreter hides (tests/test_aot_compile.py).
 
 
 @triton.jit

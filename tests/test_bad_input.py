@@ -248,16 +248,57 @@ def uninstalled_backend(monkeypatch) -> str:
 
 @pytest.mark.parametrize("kind", OPTIMIZERS)
 def test_uninstalled_backend_names_the_package_and_auto_skips_it(kind, uninstalled_backend):
+    """auto steps past a backend that is not installed; asked for by name, it is refused when the optimizer is
+    built, not at its first step."""
     generator = seeded_generator("uninstalled", kind)
     optimizer = _stepped(kind, "auto", generator)
     assert optimizer.selected_backends[0] in dispatch.BACKENDS
     assert optimizer.selected_backends[0] != uninstalled_backend
-    explicit = OPTIMIZERS[kind][0](optimizer.param_groups[0]["params"], backend=uninstalled_backend)
-    _assert_step_refused(
-        explicit,
-        BackendUnavailableError,
-        "^backend fake unavailable: not_a_real_package_xyz is not installed \\(hint\\)$",
-    )
+    match = "^backend fake unavailable: not_a_real_package_xyz is not installed \\(hint\\)$"
+    with pytest.raises(BackendUnavailableError, match=match):
+        OPTIMIZERS[kind][0](optimizer.param_groups[0]["params"], backend=uninstalled_backend)
+
+
+# ---- the environment variable that replaces backend="auto" ----
+
+ENV_NAMES = "chosen by the environment variable ADAM_GPU_BACKEND=fake, which replaces backend='auto'"
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_unknown_backend_in_the_environment_is_refused_at_construction(kind, monkeypatch):
+    monkeypatch.setenv(dispatch.BACKEND_ENV_VAR, "bogus")
+    params = small_params(seeded_generator("env bogus", kind))
+    match = "^unknown backend 'bogus' in the environment variable ADAM_GPU_BACKEND .*; choose one of: auto, "
+    with pytest.raises(ValueError, match=match):
+        OPTIMIZERS[kind][0](params)
+    with pytest.raises(ValueError, match=match):
+        fused_adam([], [], [], [], [], [], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0)
+    OPTIMIZERS[kind][0](params, backend="torch")  # a backend named in the call is not replaced: no error
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_uninstalled_backend_in_the_environment_is_refused_at_construction_saying_so(
+    kind, uninstalled_backend, monkeypatch
+):
+    monkeypatch.setenv(dispatch.BACKEND_ENV_VAR, uninstalled_backend)
+    params = small_params(seeded_generator("env uninstalled", kind))
+    with pytest.raises(BackendUnavailableError, match=f"^backend fake unavailable: .* \\({ENV_NAMES}\\)$"):
+        OPTIMIZERS[kind][0](params)
+
+
+@pytest.mark.parametrize("kind", OPTIMIZERS)
+def test_backend_the_environment_chose_that_cannot_run_says_so(kind, monkeypatch):
+    """A backend that is installed but cannot step these tensors (float64) is refused at the step, naming the
+    variable that chose it."""
+    name = next((name for name in ("triton", "cupy") if dispatch.unavailable_reason(name, DEVICE, ()) is None), None)
+    if name is None:
+        pytest.skip("neither kernel backend is importable here")
+    monkeypatch.delenv(dispatch.BACKEND_ENV_VAR, raising=False)
+    generator = seeded_generator("env float64", kind)
+    optimizer = _stepped(kind, "auto", generator, [p.double() for p in small_params(generator)])
+    monkeypatch.setenv(dispatch.BACKEND_ENV_VAR, name)
+    match = f"^backend {name} unavailable: .*float64 \\({ENV_NAMES.replace('fake', name)}\\)$"
+    _assert_step_refused(optimizer, BackendUnavailableError, match)
 
 
 @pytest.mark.parametrize("kind", OPTIMIZERS)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -11,10 +13,11 @@ import time
 
 import pytest
 import torch
+from rich.console import Console
 
 from adam_gpu.bench.cases import POLICIES, gpt2_124m, llama_3_2_1b, many_small, plan, resnet_50
 from adam_gpu.bench.contenders import contenders
-from adam_gpu.bench.records import OK, Run
+from adam_gpu.bench.records import OK, TOO_SLOW, Record, Run
 from adam_gpu.bench.run import state_bytes_per_param
 
 
@@ -63,13 +66,27 @@ def test_quick_run_measures_the_torch_backend_against_torch_optim(quick_run):
         assert record.bytes_per_param == POLICIES[record.policy].bytes_per_param()
         expected_gbps = record.numel * record.bytes_per_param / (record.median_ms * 1e-3) / 1e9
         assert record.gbps == pytest.approx(expected_gbps)
-        assert record.pct_copy == pytest.approx(100 * record.gbps / run.copy_gbps)
+        assert record.pct_copy is None, "the CPU's copy bandwidth is no roofline of its steps"
         policy = POLICIES[record.policy]
         master = {False: 0, True: 4, "lean": 2}[policy.master_weights]
         assert record.state_bytes_per_param == pytest.approx(2 * policy.moment_bytes + master, rel=0.05)
         fused = medians[(record.case, record.policy, "torch fused")]
         if fused is not None:
             assert record.speedup_vs_torch_fused == pytest.approx(fused / record.median_ms)
+
+
+def test_quick_run_logs_a_line_per_pair_when_not_on_a_terminal(quick_run):
+    """Its output is a pipe here, as in a log file: the progress bar draws nothing, the log lines stay."""
+    out, stdout = quick_run
+    run = Run.from_json(out / "results.json")
+    pairs = plan(True, "cpu")
+    logged = [line for line in stdout.splitlines() if line.startswith("[")]
+    assert len(logged) == len(pairs)
+    for line, (case, policy) in zip(logged, pairs, strict=True):
+        measured = sum(r.status == OK for r in run.records if (r.case, r.policy) == (case.name, policy.name))
+        assert f"] {case.name}, {policy.name}: {measured} measured" in line and line.endswith(" s)")
+    assert f"{len(pairs)} (case, policy) pairs x {len(contenders())} contenders" in stdout
+    assert "adam-gpu bench on" in stdout and "done in " in stdout
 
 
 def test_quick_run_redraws_from_json(quick_run, tmp_path):
@@ -218,3 +235,125 @@ def test_runs_by_default_each_get_a_new_folder(tmp_path):
     (tmp_path / "given").mkdir()
     (tmp_path / "given" / "results.json").write_text("{}")
     assert output_folder(tmp_path / "given", True, "unused") == tmp_path / "given"
+
+
+def test_memory_budget_comes_from_the_machines_free_memory(tmp_path, monkeypatch):
+    from adam_gpu.bench import memory
+    from adam_gpu.bench.run import MEMORY_SHARE, input_sets
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:         1000 kB\nMemAvailable:   21000000 kB\n")
+    assert memory.meminfo_available(meminfo) == 21_000_000 * 1024
+    assert memory.meminfo_available(tmp_path / "absent") is None
+    meminfo.write_text("MemTotal:       24000000 kB\n")
+    assert memory.meminfo_available(meminfo) is None
+    assert memory.free_bytes(torch.device("cpu")) > 0
+    case, policy = many_small(4, 1000), POLICIES["fp32"]
+    need = 2 * case.numel * policy.resident_bytes_per_param()
+    refused = input_sets(case, policy, torch.device("cpu"), lambda device: int(need / MEMORY_SHARE) - 1000)
+    assert isinstance(refused, str) and refused.startswith("needs 0.0 GiB")
+    sets = input_sets(case, policy, torch.device("cpu"), lambda device: int(need / MEMORY_SHARE) + 1000)
+    assert len(sets) == 1 and [p.numel() for p in sets[0]] == [1000] * 4
+    if importlib.util.find_spec("psutil") is None:
+        monkeypatch.setattr(memory, "meminfo_available", lambda: 12345)
+        assert memory.host_available() == 12345
+        monkeypatch.setattr(memory, "meminfo_available", lambda: None)  # no MemAvailable, no psutil: the fallback
+        assert memory.host_available() == memory.FALLBACK_BYTES
+
+
+def test_planned_steps_count_warm_up_timed_and_host_samples():
+    from adam_gpu.bench import timing
+
+    slow = 1e4  # ms: every loop stops at its minimum
+    assert timing.planned_steps(slow) == 1 + timing.MIN_SAMPLES + timing.HOST_MIN_STEPS
+    assert timing.planned_steps(1.0) == 1 + timing.REPEAT_MS + timing.HOST_STEPS
+    assert timing.planned_steps(1.0, quick=True) == 1 + timing.QUICK_REPEAT_MS + timing.HOST_STEPS
+
+
+def test_case_time_limit_judges_the_first_step():
+    from adam_gpu.bench import timing
+    from adam_gpu.bench.run import TooSlow, check_time
+
+    steps = 2 + timing.planned_steps(2000.0)  # three input sets: two more first steps
+    check_time(2.0, 3, False, None)
+    check_time(2.0, 3, False, 2.0 * steps + 0.01)
+    with pytest.raises(TooSlow, match=rf"first step 2.00 s: {steps} more would take about {2 * steps} s, over"):
+        check_time(2.0, 3, False, 2.0 * steps - 0.01)
+
+
+def test_a_measurement_over_the_case_time_limit_is_skipped_and_reported():
+    from adam_gpu.bench import report
+    from adam_gpu.bench.run import benchmark
+
+    lines = []
+    run = benchmark(torch.device("cpu"), True, only=["flat 2^12"], case_time_limit_s=1e-9, log=lines.append)
+    assert run.case_time_limit_s == 1e-9 and len(run.records) == 2 * len(contenders())
+    slow = [r for r in run.records if r.status == TOO_SLOW]
+    assert {r.contender for r in slow} == {"torch for-loop", "torch foreach", "torch fused", "adam-gpu torch"}
+    assert all(r.reason.startswith("first step ") and r.median_ms is None for r in slow)
+    assert len(lines) == 2 and "too slow: torch for-loop, torch foreach, torch fused, adam-gpu torch" in lines[0]
+    markdown = report.markdown_table(run)
+    assert "*too slow: first step " in markdown and "case time limit 0 s" in markdown
+
+
+def test_the_cpu_default_plan_is_short_and_the_full_one_behind_an_option():
+    default = [(c.name, p.name) for c, p in plan(False, "cpu", full=False)]
+    full = [(c.name, p.name) for c, p in plan(False, "cpu")]
+    assert {c for c, _ in default} == {"resnet-50", "1000x4096", "flat 2^24", "flat 2^20", "flat 2^16", "flat 2^12"}
+    assert len(default) == 6 * 2 + 2 * (len(POLICIES) - 2) and set(default) < set(full)
+    assert "gpt2-124m" in {c for c, _ in full} and "llama-3.2-1b" not in {c for c, _ in full}
+    assert plan(False, "cuda") == plan(False, "cuda", full=False), "a GPU run is always full"
+    named = plan(False, "cpu", ["gpt2-124m"], ["fp32"], full=False)
+    assert [c.name for c, _ in named] == ["gpt2-124m"], "cases named: of the full plan"
+
+
+def test_a_cpu_run_is_limited_by_default_and_full_on_request(tmp_path, monkeypatch):
+    import argparse
+
+    from adam_gpu.bench import command
+
+    seen = []
+
+    def fake_benchmark(device, quick, progress, **options):
+        seen.append(options)
+        return Run({"device": "cpu", "device_type": "cpu"}, 1.0, elapsed_s=0.0)
+
+    threads = []
+    monkeypatch.setattr(command, "benchmark", fake_benchmark)
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # this process's own threads stay as they are
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    console = Console(file=io.StringIO(), width=100)
+    options = ([], ["--full", "--threads", "2"], ["--time-limit", "20", "--case-time-limit", "0", "--threads", "0"])
+    for number, extra in enumerate(options):
+        args = parser.parse_args(["--device", "cpu", "--out", str(tmp_path / str(number)), *extra])
+        assert command.run_command(args, console) == 0
+    assert [(o["time_limit_s"], o["case_time_limit_s"], o["full"]) for o in seen] == [
+        (command.CPU_TIME_LIMIT_S, command.CASE_TIME_LIMIT_S, False),
+        (None, command.CASE_TIME_LIMIT_S, True),
+        (20.0, None, False),
+    ]
+    assert threads == [command.CPU_THREADS, 2], "one thread by default; 0 leaves torch's own"
+    assert "about 3 minutes on 2 cores (--full: the full CPU sweep" in console.file.getvalue()
+
+
+def test_the_summary_fits_100_columns_with_every_policy_whole():
+    from adam_gpu.bench import command
+
+    records = []
+    for index, policy in enumerate(POLICIES):
+        for contender, family in (("torch fused", "torch"), ("adam-gpu triton", "adam-gpu")):
+            median = 123.456 if contender == "torch fused" else 1.234 + index
+            records.append(
+                Record(contender, family, "llama-3.2-1b", policy, 1_235_814_400, 146, median_ms=median,
+                       p20_ms=median * 0.5, p80_ms=median * 2, gbps=12345.0, pct_copy=100.0,
+                       speedup_vs_torch_fused=123.45)
+            )  # fmt: skip
+    run = Run({"device": "NVIDIA H200", "device_type": "cuda"}, 4250.0, records)
+    console = Console(file=io.StringIO(), width=command.SUMMARY_WIDTH)
+    console.print(command.summary(run))
+    lines = console.file.getvalue().splitlines()
+    assert max(map(len, lines)) <= command.SUMMARY_WIDTH
+    for policy in POLICIES:
+        assert any(f" {policy} " in line for line in lines), policy
+    assert "150 %*" in console.file.getvalue() and "123.45x*" in console.file.getvalue()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from adam_gpu.bench import report
-from adam_gpu.bench.records import GRAPH_FAILED, NOT_INSTALLED, UNSUPPORTED, Record, Run
+from adam_gpu.bench.records import GRAPH_FAILED, NOT_INSTALLED, TOO_SLOW, UNSUPPORTED, WIDE_SPREAD, Record, Run
 
 COPY_GBPS = 3000.0
 BYTES_PER_PARAM = {"fp32": 28.0, "bf16": 14.0, "bf16+fp32-moments": 22.0}  # read p, g, m, v + write p, m, v
@@ -191,9 +191,9 @@ def test_cpu_run_starts_by_saying_gpu_kernels_were_not_measured(run: Run) -> Non
 def test_every_case_and_contender_appears_in_order(run: Run) -> None:
     markdown = report.markdown_table(run)
     headings = [line[3:] for line in markdown.splitlines() if line.startswith("## ")]
-    assert headings == [*(f"flat 2^{n}" for n in FLAT_LOG2), "gpt2-124m", "1000x4096"]
-    for case in headings:
-        expected = {(r.contender, r.policy) for r in run.records if r.case == case}
+    assert headings == ["Not measured", *(f"flat 2^{n}" for n in FLAT_LOG2), "gpt2-124m", "1000x4096"]
+    for case in headings[1:]:
+        expected = {(r.contender, r.policy) for r in run.records if r.case == case and r.status == "ok"}
         rows = _case_table(markdown, case)
         assert {(r["contender"], r["policy"]) for r in rows} == expected
         policies = [r["policy"] for r in rows]
@@ -228,13 +228,58 @@ def test_milliseconds_keep_three_significant_digits(value: float, text: str) -> 
     assert report.format_ms(value) == text
 
 
-def test_records_not_measured_show_status_and_reason(run: Run) -> None:
+def test_contenders_that_cannot_run_are_one_line_each_not_rows(run: Run) -> None:
+    """Not installed or unsupported: one line per contender and reason under "Not measured", with the pairs it
+    concerns where it is not all of them; no rows in the case tables."""
     markdown = report.markdown_table(run)
-    apex = _row(markdown, "flat 2^26", "apex FusedAdam", "bf16")
-    assert apex["median ms (p20–p80)"] == "*not installed: apex is not importable*"
-    assert apex["GB/s"] == "—"
-    fused = _row(markdown, "gpt2-124m", "torch fused", "bf16+fp32-moments")
-    assert fused["median ms (p20–p80)"] == "*unsupported: torch keeps moments in the param dtype*"
+    section = markdown[markdown.index("## Not measured\n") : markdown.index("\n## flat 2^12")]
+    assert "- apex FusedAdam: not installed: apex is not importable; 2 of 13 pairs (policies fp32, bf16)" in section
+    fused = "- torch fused: unsupported: torch keeps moments in the param dtype; 1 of 13 pairs (policies bf16+fp32"
+    assert fused in section
+    assert section.count("\n- ") == 2
+    assert not [r for r in _case_table(markdown, "flat 2^26") if r["contender"] == "apex FusedAdam"]
+    flat = [dataclasses.replace(r, status=NOT_INSTALLED) for r in run.records if report.flat_log2(r.case)]
+    lines = report.unmeasurable_lines(Run(run.environment, COPY_GBPS, flat))
+    assert "- adam-gpu triton: not installed; every pair" in lines and len(lines) == len(FAMILIES) + 1
+
+
+def test_a_measurement_that_failed_or_was_too_slow_keeps_its_row(run: Run) -> None:
+    record = _find(run, "torch for-loop", "gpt2-124m", "fp32")
+    record.status, record.reason, record.median_ms = TOO_SLOW, "first step 9.00 s: ...", None
+    row = _row(report.markdown_table(run), "gpt2-124m", "torch for-loop", "fp32")
+    assert row["median ms (p20–p80)"] == "*too slow: first step 9.00 s: ...*" and row["GB/s"] == "—"
+
+
+def test_a_wide_spread_is_said_and_marks_the_speedups_drawn_from_it(run: Run) -> None:
+    fused = _find(run, "torch fused", "gpt2-124m", "fp32")
+    fused.p20_ms, fused.p80_ms = fused.median_ms * 0.5, fused.median_ms * (0.5 + WIDE_SPREAD + 0.01)
+    assert fused.wide and fused.spread == pytest.approx(WIDE_SPREAD + 0.01)
+    markdown = report.markdown_table(run)
+    assert _row(markdown, "gpt2-124m", "torch fused", "fp32")["spread"] == f"{100 * fused.spread:.0f} % wide"
+    cupy = _row(markdown, "gpt2-124m", "adam-gpu cupy", "fp32")
+    assert cupy["spread"] == "5 %", "p20 and p80 of the fixture: 0.98 and 1.03 of the median"
+    assert cupy["speed-up vs torch fused"] == "1.10x wide", "drawn from a wide baseline"
+    assert cupy["speed-up vs torch foreach"] == "2.20x", "torch foreach's median is steady"
+    measured = sum(r.median_ms is not None for r in run.records)
+    assert f"**1 of {measured}** above {100 * WIDE_SPREAD:.0f} % are marked *wide*" in markdown
+
+
+def test_percent_of_copy_is_shown_only_where_the_records_have_it(run: Run) -> None:
+    assert "% of copy bandwidth" in report.markdown_table(run) and "CUDA-graph ms" in report.markdown_table(run)
+    run.environment = _environment("cpu")
+    for record in run.records:
+        record.pct_copy = None
+    markdown = report.markdown_table(run)
+    assert "% of copy bandwidth |" not in markdown and "No % of copy bandwidth on the CPU" in markdown
+    assert "CUDA-graph ms" not in markdown
+    assert "spread" in _case_table(markdown, "flat 2^26")[0]
+
+
+def test_gpu_targets_are_not_graded_on_a_cpu_run(run: Run) -> None:
+    run.environment = _environment("cpu")
+    section = report.targets_markdown(run)
+    assert section.startswith("## Targets\n") and "not graded on a CPU run" in section
+    assert "| ≥" not in section and "**no**" not in section
 
 
 def test_a_step_that_could_not_be_captured_keeps_its_eager_numbers(run: Run) -> None:
@@ -319,6 +364,26 @@ def test_write_reports_writes_markdown_and_plot(run: Run, tmp_path: Path) -> Non
     markdown = paths["markdown"].read_text()
     assert markdown.startswith(report.markdown_table(run)) and "## Targets" in markdown
     _assert_png(paths["plot"])
+
+
+def test_plot_says_where_it_ran_and_draws_the_model_cases(run: Run, tmp_path: Path) -> None:
+    figure = report.plot(run, tmp_path / "gpu.png")
+    flat_axes, models = figure.axes[:2], figure.axes[2]
+    assert [ax.get_title() for ax in flat_axes] == ["flat tensors, policy fp32", "flat tensors, policy bf16"]
+    labels = [label.get_text() for label in models.get_xticklabels()]
+    assert labels == ["gpt2-124m\nfp32", "1000x4096\nfp32", "gpt2-124m\nbf16+fp32-moments"]
+    bars = sum(len(container) for container in models.containers)
+    assert bars == sum(r.status == "ok" and report.flat_log2(r.case) is None for r in run.records)
+    title = figure.get_suptitle()
+    assert DEVICE in title and "CPU" not in title and "adam-gpu cupy" in title
+    assert any(line.get_linestyle() == "--" for line in flat_axes[0].get_lines()), "the copy bandwidth ceiling"
+    run.environment = _environment("cpu")
+    for record in run.records:
+        record.pct_copy = None
+    figure = report.plot(run, tmp_path / "cpu.png")
+    assert "CPU only: the GPU kernels were not measured" in figure.get_suptitle()
+    assert not any(line.get_linestyle() == "--" for line in figure.axes[0].get_lines()), "no ceiling on a CPU"
+    _assert_png(tmp_path / "cpu.png")
 
 
 def test_plot_without_flat_cases(run: Run, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from support import (
     small_params,
     snapshot,
 )
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from adam_gpu import FusedAdam, FusedAdamW, dispatch
 from adam_gpu.step_tensors import EIGHT_BIT
@@ -320,3 +321,89 @@ def test_defaults_are_torch_optims(kind):
     assert {key: ours[key] for key in theirs} == theirs
     assert ours["state_dtype"] is None and ours["master_weights"] is False
     assert ours["weight_decay"] == (1e-2 if kind == "adamw" else 0)
+
+
+class _Subclassed(FusedAdamW):
+    """A user's subclass overriding step (torch.optim then wraps that step in the hooks)."""
+
+    def step(self, closure=None):
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("cls", [FusedAdamW, _Subclassed], ids=["FusedAdamW", "subclass"])
+def test_step_hooks_run_once_each_step_as_on_torch_optim(backend, cls):
+    generator = seeded_generator("hooks", backend, cls.__name__)
+    params = [p.requires_grad_() for p in small_params(generator)]
+    for param in params:
+        param.grad = torch.randn(param.shape, generator=generator).to(DEVICE)
+    optimizer = cls(params, backend=backend, **OPTIONS)
+    calls: list[str] = []
+    before = {}
+
+    def pre_hook(opt, args, kwargs):
+        calls.append("pre")
+        before["step"] = {p: opt.state[p]["step"].item() for p in params if p in opt.state}
+
+    handles = [
+        optimizer.register_step_pre_hook(pre_hook),
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("post")),
+        register_optimizer_step_pre_hook(lambda opt, args, kwargs: calls.append("global pre")),
+        register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append("global post")),
+    ]
+    try:
+        for count in (1, 2, 3):
+            optimizer.step()
+            assert calls == ["global pre", "pre", "post", "global post"] * count
+            assert all(optimizer.state[p]["step"].item() == count for p in params)
+        assert set(before["step"].values()) == {2.0}, "the pre hook runs before the step"
+    finally:
+        for handle in handles:
+            handle.remove()
+    optimizer.step()  # without hooks: nothing more is called
+    assert len(calls) == 12
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_the_profiler_sees_the_step_as_torch_optims(backend):
+    generator = seeded_generator("profiled", backend)
+    params = [p.requires_grad_() for p in small_params(generator)]
+    for param in params:
+        param.grad = torch.randn(param.shape, generator=generator).to(DEVICE)
+    optimizer = FusedAdamW(params, backend=backend, **OPTIONS)
+    optimizer.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        optimizer.step()
+    names = [event.name for event in profile.events()]
+    assert names.count("Optimizer.step#FusedAdamW.step") == 1
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("lr", 3e-3),
+        ("betas", (0.8, 0.99)),
+        ("eps", 1e-3),
+        ("weight_decay", 0.5),
+        ("maximize", True),
+        ("lr", torch.tensor(4e-3)),  # a tensor lr (not capturable) is read at each step
+    ],
+    ids=["lr", "betas", "eps", "weight_decay", "maximize", "tensor-lr"],
+)
+def test_a_hyperparameter_changed_between_steps_is_the_next_steps(backend, change):
+    key, value = change
+    generator = seeded_generator("hyperparameter", backend, key)
+    params = [p.requires_grad_() for p in small_params(generator)]
+    expected = [p.detach().clone().requires_grad_() for p in params]
+    ours, theirs = FusedAdamW(params, backend=backend, **OPTIONS), torch.optim.AdamW(expected, foreach=False, **OPTIONS)
+    for step in range(4):
+        if step == 2:
+            for optimizer in (ours, theirs):
+                optimizer.param_groups[0][key] = value
+        if step == 3 and isinstance(value, torch.Tensor):
+            value.fill_(1e-3)  # changed in place: the same object
+        new_grads(generator, params, expected)
+        ours.step()
+        theirs.step()
+        _assert_same_params_and_state(ours, params, theirs, expected, rtol=1e-5)

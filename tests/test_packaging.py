@@ -1,4 +1,5 @@
-"""The package as shipped: the wheel carries the kernels, and importing adam_gpu has no side effects.
+"""The package as shipped: the wheel carries the kernels, importing adam_gpu has no side effects, and the
+package needs torch only (rich and matplotlib are the benchmark's, in the bench extra).
 
 The top-level ``kernels/`` folder ships as ``adam_gpu.kernels`` through a setuptools package-dir mapping, which
 an editable install hides (it maps the folder at run time), so the wheel itself is built and inspected here.
@@ -16,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KERNEL_SUFFIXES = (".py", ".cu", ".cuh")
@@ -123,3 +125,66 @@ def test_kernel_sources_are_package_resources() -> None:
     names = {path.name for path in importlib.resources.files("adam_gpu.kernels").iterdir()}
     assert "adam_triton.py" in names
     assert top_level_kernel_sources() <= names
+
+
+def _project() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # (Python 3.11 on)
+    return tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_package_depends_on_torch_only_and_the_test_extra_brings_the_benchmarks() -> None:
+    project = _project()
+    assert {Requirement(line).name for line in project["dependencies"]} == {"torch"}, project["dependencies"]
+    extras = project["optional-dependencies"]
+    assert {Requirement(line).name for line in extras["bench"]} >= {"rich", "matplotlib"}
+    missing = set(extras["bench"]) - set(extras["test"])
+    assert not missing, f"the tests run the benchmark, but the test extra lacks {sorted(missing)}"
+
+
+# Run in a fresh interpreter with the bench extra's packages (its arguments) made unimportable, as where they are
+# not installed.
+BENCH_ONLY = ("rich", "matplotlib")
+WITHOUT_BENCH_EXTRA = """
+import contextlib, io, json, sys
+
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in sys.argv[1:]:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
+
+sys.meta_path.insert(0, Blocked())
+import torch
+import adam_gpu
+from adam_gpu import cli
+
+param = torch.randn(10, requires_grad=True)
+param.grad = torch.randn(10)
+optimizer = adam_gpu.FusedAdamW([param], lr=1e-2)
+optimizer.step()
+report = {"backends": optimizer.selected_backends}
+for argv in (["info"], ["--help"], ["bench", "--quick"]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            report[argv[0]] = cli.main(argv)
+        except SystemExit as exit:
+            report[argv[0]] = exit.code
+    report[argv[0] + " output"] = out.getvalue()
+report["loaded"] = sorted(m for m in sys.modules if m.split(".")[0] in sys.argv[1:])
+print(json.dumps(report))
+"""
+
+
+def test_adam_gpu_imports_steps_and_says_info_without_the_bench_extra() -> None:
+    """Without rich and matplotlib, ``import adam_gpu``, a step, ``adam-gpu info`` and ``--help`` work; ``adam-gpu
+    bench`` stops with a message naming the extra."""
+    env = {key: value for key, value in os.environ.items() if key != "ADAM_GPU_BACKEND"}
+    command = [sys.executable, "-c", WITHOUT_BENCH_EXTRA, *BENCH_ONLY]
+    result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["backends"] == ["torch"], report
+    assert report["info"] == 0 and "torch" in report["info output"], report
+    assert report["--help"] == 0 and "bench" in report["--help output"], report
+    assert "needs rich, from the bench extra: pip install 'adam-gpu[bench]'" in str(report["bench"]), report
+    assert report["loaded"] == [], report

@@ -1,6 +1,15 @@
-"""One thin launcher module per backend.
+"""One thin launcher module per backend: ``triton.py``, ``cupy.py``, ``torch.py``.
 
-Each module defines ``unavailable_reason(device, dtype) -> str | None`` and
-``adam_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparameters) -> None``, which updates
-params and moments in place. ``adam_gpu.dispatch`` lists them and imports them only when asked.
+Each module defines:
+
+- ``FEATURES``: the optional capabilities it has (``step_tensors.EIGHT_BIT``, 8-bit moments);
+- ``unavailable_reason(device, dtype) -> str | None``: None when it can update params of ``dtype`` on
+  ``device``, else why not;
+- ``adam_step(tensors, steps, hp, device_inputs=None) -> None``: one step over a checked ``StepTensors``,
+  updating params, moments and masters in place; ``steps`` holds each tensor's incremented host step count,
+  or is None when the counts (and lr, grad scale, found_inf) are on the device in ``device_inputs``
+  (capturable steps).
+
+``adam_gpu.dispatch`` lists them and imports one only when asked about it. The other modules here
+(``tensor_table.py``, ``layout.py``, ``launch_config.py``, ``cuda_source.py``) are the kernels' shared helpers.
 """

@@ -19,13 +19,8 @@ from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 
 # Threads per block (a multiple of 32: 8-bit moments take a warp per quantization block), blocks per SM the
-# grid-stride loop over chunks is sized for (16 x 256 = 4096 threads: twice what an sm_80/sm_90 SM holds at
-# once, so a second wave waits), and elements per chunk (8 passes of 256 threads x 8 bf16 params). The best
-# score of 35 launch configurations (adam-gpu tune, NVIDIA H200, 2026-11-26: the geometric mean over fp32,
-# bf16 and bf16 + 8-bit moments on a flat 2^28 tensor): 1.90, 0.977 and 2.89 ms, where the former 8192/256/8
-# took 1.94, 1.03 and 2.96. Alone, bf16 was best at 512 threads (0.927) and 8-bit worst there (3.83). The second
-# H200 sweep, with the launch-bound cases (GPT-2, 1000 x 4096 as CUDA graphs), scored this 0.969 against 0.977
-# for a 32768-element chunk: within its noise, kept.
+# grid-stride loop over chunks is sized for, and elements per chunk: the best of adam-gpu tune on an H200
+# (docs/benchmarks.md, "Launch configurations").
 THREADS_PER_BLOCK = 256
 BLOCKS_PER_SM = 16
 CHUNK = 16384

@@ -8,7 +8,7 @@ elements of one tensor). A program (Triton) or a block iteration (CUDA C) takes 
 its tensor by binary search in ``chunk_offsets``.
 Tables are cached by the tensors' addresses and sizes, so a training loop builds them once. New grad tensors
 (``zero_grad()`` frees them, backward makes new ones) get a copy of the kept table with their addresses put in
-(0.06 ms for 1000 tensors, where building a table from its rows takes 0.7): see launch_groups.
+(a tenth of the time building it from its rows takes): see launch_groups.
 
 Under CUDA graph capture (a whole training step captured, grads allocated inside it) a table may be built
 while capturing: its values are then written by kernels of the graph that carry them as arguments
@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -199,51 +199,70 @@ def _keep_if_captured(key: tuple, table: TensorTable, device: torch.device) -> N
         _captured[key] = _tables.pop(key, table)
 
 
-@contextlib.contextmanager
+class _LaunchBlock:
+    """What ``with launch_groups(...) as launches`` enters: the launches, and the stand-ins made for them (an
+    ExitStack, or None where the tensors are their own)."""
+
+    __slots__ = ("launches", "stand_ins")
+
+    def __init__(self, launches: list[LaunchGroup], stand_ins: contextlib.ExitStack | None) -> None:
+        self.launches, self.stand_ins = launches, stand_ins
+
+    def __enter__(self) -> list[LaunchGroup]:
+        return self.launches
+
+    def __exit__(self, *error: object) -> bool:
+        return self.stand_ins.__exit__(*error) if self.stand_ins is not None else False
+
+
 def launch_groups(
     tensors: StepTensors,
     steps: list[float] | None,
     hp: AdamHyperparameters,
     chunk: int,
     device_steps: Sequence[torch.Tensor] | None = None,
-) -> Iterator[list[LaunchGroup]]:
-    """The launches one step needs (usually one), while contiguous stand-ins of non-contiguous tensors
-    exist; the stand-ins are written back when the block ends without an error.
+) -> _LaunchBlock:
+    """The launches one step needs (usually one), for a ``with`` block while contiguous stand-ins of
+    non-contiguous tensors exist; the stand-ins are written back when the block ends without an error.
 
     ``steps`` are host step counts (one launch per distinct count), or None with ``device_steps``: the
     step counts' addresses then go into the table and the kernel reads them. With ``tensors.memo``, the
     launches of a step whose tensors are contiguous and whose host step counts are equal are kept there and
-    found again (1000 tensors: 3 ms of rows, grouping and table lookup saved), their tables given this
-    step's grads (which may be new tensors, see StepTensors.memo)."""
+    found again (rows, grouping and table lookup saved), their tables given this
+    step's grads (which may be new tensors, see StepTensors.memo: alike in strides, so contiguous too)."""
     step_values = steps if steps is not None else [None] * len(tensors)
     one_step = not step_values or step_values.count(step_values[0]) == len(step_values)
-    memo_key = (chunk, hp.amsgrad, device_steps is not None)
     memo = tensors.memo if one_step else None
-    with contextlib.ExitStack() as stack:
-        kept = memo.launches.get(memo_key) if memo is not None else None
-        if kept is not None and all(map(torch.Tensor.is_contiguous, tensors.grads)):
-            # The same launches, all for this step's count.
-            step = step_values[0] if step_values else None
-            grad_pointers = tensors.grad_pointers or tuple(map(_data_ptr, tensors.grads))
-            launches = [(launch, step, _with_grads(launch, grad_pointers, tensors.device)) for launch in kept]
-        else:
-            built, contiguous = _launch_tables(tensors, step_values, hp, chunk, device_steps, stack)
-            if memo is not None and contiguous:
-                memo.launches[memo_key] = built
-            launches = [(launch, launch.step, launch.table) for launch in built]
-        if _unwritten and not is_capturing(tensors.device):
-            for _, _, table in launches:
-                _write_if_unwritten(table)
-        yield [
-            LaunchGroup(
-                launch.param_dtype,
-                launch.state_dtype,
-                launch.master_mode,
-                hp.step_scalars(1.0 if step is None else step),
-                table,
-            )
-            for launch, step, table in launches
-        ]
+    kept = memo.launches.get((chunk, hp.amsgrad, device_steps is not None)) if memo is not None else None
+    stand_ins = None
+    if kept is not None:  # the same launches, all for this step's count
+        step = step_values[0] if step_values else None
+        grad_pointers = tensors.grad_pointers or tuple(map(_data_ptr, tensors.grads))
+        launches = [(launch, step, _with_grads(launch, grad_pointers, tensors.device)) for launch in kept]
+    else:
+        stand_ins = contextlib.ExitStack()
+        try:
+            built, contiguous = _launch_tables(tensors, step_values, hp, chunk, device_steps, stand_ins)
+        except BaseException:
+            stand_ins.close()
+            raise
+        if memo is not None and contiguous:
+            memo.launches[chunk, hp.amsgrad, device_steps is not None] = built
+        launches = [(launch, launch.step, launch.table) for launch in built]
+    if _unwritten and not is_capturing(tensors.device):
+        for _, _, table in launches:
+            _write_if_unwritten(table)
+    groups = [
+        LaunchGroup(
+            launch.param_dtype,
+            launch.state_dtype,
+            launch.master_mode,
+            hp.step_scalars(1.0 if step is None else step),
+            table,
+        )
+        for launch, step, table in launches
+    ]
+    return _LaunchBlock(groups, stand_ins)
 
 
 def _launch_tables(

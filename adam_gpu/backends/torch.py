@@ -3,6 +3,8 @@
 It is the CPU fallback and the backend for float64 params. Low-precision tensors are upcast to fp32
 working copies and rounded back once at the end, so its numbers match the kernels' fp32 math. Master
 weights are the working values where a param has them (an fp32 copy, or the lean bf16 + remainder).
+On CPU tensors the step goes through torch's fused CPU kernel: directly where the tensors are as it takes them,
+else on fp32 working chunks (torch_chunks.py).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from collections.abc import Sequence
 
 import torch
 
+from adam_gpu.backends import torch_chunks
 from adam_gpu.backends.layout import contiguous_stand_ins
+from adam_gpu.backends.lean_master import lean_master, split_lean_master
+from adam_gpu.backends.torch_codes import dequantize_into, quantize_into
 from adam_gpu.device_inputs import FOUND_INF, GRAD_MULTIPLIER, LR, DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
-from adam_gpu.quantization import code_maps_on
 from adam_gpu.step_tensors import EIGHT_BIT, GRAD, LaunchMemo, StepTensors
 
 FEATURES = frozenset({EIGHT_BIT})
@@ -32,29 +36,6 @@ def _working_copies(tensors: Sequence[torch.Tensor], copy: bool = False) -> list
     return [t.to(torch.promote_types(t.dtype, torch.float32), copy=copy) for t in tensors]
 
 
-def lean_master(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
-    """fp32 whose bits are the bf16 param's bits << 16 plus the signed int16 remainder."""
-    high = param.view(torch.int16).to(torch.int64) << 16
-    return ((high + remainder.to(torch.int64)) & 0xFFFFFFFF).to(torch.uint32).view(torch.float32)
-
-
-def split_lean_master(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bf16 param, int16 remainder) with ``lean_master(param, remainder) == value`` bit for bit; the
-    param is rounded half-up on the bits, as the kernels do, so the remainder fits int16."""
-    bits = value.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    param_bits = torch.where(value.isnan(), (bits >> 16) | 0x40, (bits + 0x8000) >> 16)
-    remainder = (bits - (param_bits << 16)) & 0xFFFF
-
-    def as_int16(u16: torch.Tensor) -> torch.Tensor:
-        return torch.where(u16 >= 0x8000, u16 - 0x10000, u16).to(torch.int16)
-
-    return as_int16(param_bits).view(torch.bfloat16), as_int16(remainder)
-
-
-def _code_map(signed: bool, device: torch.device) -> torch.Tensor:
-    return code_maps_on(device)[0 if signed else 1]
-
-
 def _moment_values(
     moments: Sequence[torch.Tensor], absmaxes: Sequence[torch.Tensor | None], signed: bool, copy: bool
 ) -> list[torch.Tensor]:
@@ -64,25 +45,18 @@ def _moment_values(
         if absmax is None:
             values += _working_copies([moment], copy)
             continue
-        scale = absmax.repeat_interleave(QUANT_BLOCK)[: moment.numel()].view(moment.shape)
-        values.append(_code_map(signed, moment.device)[moment.long()] * scale)
+        flat = torch.empty(moment.numel(), device=moment.device)
+        values.append(dequantize_into(moment.reshape(-1), absmax, signed, out=flat).view(moment.shape))
     return values
 
 
 def _quantize(value: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 codes, fp32 absmax per block) of ``value``, in fp32 as the kernels do: the nearest entry of
-    the code map to value / absmax, the lower one on a tie."""
-    flat = value.float().flatten()
-    blocks = torch.nn.functional.pad(flat, (0, (-flat.numel()) % QUANT_BLOCK)).view(-1, QUANT_BLOCK)
-    absmax = blocks.abs().amax(dim=1)
-    scale = absmax.repeat_interleave(QUANT_BLOCK)[: flat.numel()]
-    absmax = torch.where(absmax.isfinite(), absmax, float("nan"))  # a NaN/Inf in the block: NaN (quantization)
-    normalized = flat / torch.where(scale > 0, scale, 1.0)  # an all-zero block: zeros
-    code_map = _code_map(signed, value.device)
-    low = (torch.searchsorted(code_map, normalized, right=True) - 1).clamp(0, 255)
-    high = (low + 1).clamp(max=255)
-    nearer_high = (code_map[high] - normalized) < (normalized - code_map[low])
-    return torch.where(nearer_high, high, low).to(torch.uint8).view(value.shape), absmax
+    """(uint8 codes, fp32 absmax per block) of ``value``, in fp32 as the kernels do (torch_codes)."""
+    flat = value.to(torch.float32, copy=True).flatten()
+    codes = torch.empty(flat.shape, dtype=torch.uint8, device=value.device)
+    absmax = torch.empty(-(-flat.numel() // QUANT_BLOCK), device=value.device)
+    quantize_into(flat, signed, codes, absmax)
+    return codes.view(value.shape), absmax
 
 
 def _store_moments(
@@ -141,14 +115,13 @@ def _store_params(tensors: StepTensors, values: Sequence[torch.Tensor], keep: to
 # torch's fused CPU kernel: what it steps as adam-gpu does (fp32 math, moments in the param dtype). Its amsgrad max
 # drops a NaN second moment in its scalar tail, which the for-loop keeps: a second pass restores it. It pairs the
 # elements of non-contiguous tensors in memory order, not by index (torch 2.13): they get contiguous stand-ins.
-_FUSED_CPU = {False: getattr(torch, "_fused_adam_", None), True: getattr(torch, "_fused_adamw_", None)}
 _FUSED_CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _fused_cpu_applies(tensors: StepTensors, hp: AdamHyperparameters, device_inputs: DeviceInputs | None) -> bool:
     """Whether torch's fused CPU kernel steps these tensors as adam-gpu does; what depends on the tensors alone is
     kept in ``tensors.memo`` (a reused step's tensors are alike, grads' strides included: 1000 tensors, 1 ms)."""
-    if device_inputs is not None or _FUSED_CPU[hp.decoupled] is None or tensors.device.type != "cpu":
+    if device_inputs is not None or torch_chunks.FUSED_CPU[hp.decoupled] is None or tensors.device.type != "cpu":
         return False
     memo = tensors.memo if tensors.memo is not None else LaunchMemo()
     if memo.fused_cpu is None:
@@ -193,7 +166,7 @@ def _fused_cpu_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparam
     state_steps = list(map(counts.__getitem__, steps))
     maxima = list(tensors.max_exp_avg_sqs) if hp.amsgrad else []
     moments = list(tensors.exp_avgs), list(tensors.exp_avg_sqs)
-    _FUSED_CPU[hp.decoupled](
+    torch_chunks.FUSED_CPU[hp.decoupled](
         list(tensors.params), list(tensors.grads), *moments, maxima, state_steps,
         amsgrad=hp.amsgrad, lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, weight_decay=hp.weight_decay, eps=hp.eps,
         maximize=hp.maximize,
@@ -210,6 +183,9 @@ def adam_step(
         return
     if device_inputs is not None:
         _adam_step_device_inputs(tensors, steps, hp, device_inputs)
+        return
+    if torch_chunks.applies(tensors, hp):
+        torch_chunks.chunked_step(tensors, steps, hp)
         return
     params = _param_values(tensors, copy=False)
     grads, max_exp_avg_sqs = _working_copies(tensors.grads), _working_copies(tensors.max_exp_avg_sqs)

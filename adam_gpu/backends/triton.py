@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from adam_gpu.backends import tensor_table
+from adam_gpu.backends.compiled_launch import CompiledLaunches
 from adam_gpu.backends.launch_config import Override, is_power_of_two
 from adam_gpu.device_inputs import DeviceInputs, unused_values
 from adam_gpu.hyperparameters import AdamHyperparameters
@@ -36,9 +37,8 @@ TRITON_TYPES = {
 }
 
 
-# Warps per program on a GPU (the interpreter ignores it), with the kernel module's BLOCK and CHUNK: best of 15
-# launch configurations (adam-gpu tune, NVIDIA H200, 2026-11-26). Launches of 8-bit moments keep 4 warps with
-# their QUANTIZED_BLOCK (kernels/adam_triton.py says what was measured).
+# Warps per program on a GPU (the interpreter ignores it), for plain and 8-bit launches: the best of adam-gpu tune
+# on an H200 (docs/benchmarks.md, "Launch configurations").
 NUM_WARPS = 8
 QUANTIZED_NUM_WARPS = 4
 
@@ -73,6 +73,13 @@ def _kernels() -> ModuleType:
     return adam_triton
 
 
+@functools.cache
+def _launcher() -> CompiledLaunches | None:
+    """The compiled kernel's launches (None under the interpreter: ``kernel[grid]`` runs it)."""
+    kernel = _kernels().adam_step_kernel
+    return CompiledLaunches(kernel) if isinstance(kernel, triton.runtime.jit.JITFunction) else None
+
+
 def runs_interpreted() -> bool:
     """Whether the kernel runs under Triton's CPU interpreter (decided when the kernel module is imported)."""
     if _kernels.cache_info().currsize:
@@ -80,7 +87,7 @@ def runs_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=256)  # (a step asks twice; building and validating one took 3.6 us of a 70 us step)
+@functools.lru_cache(maxsize=256)  # (a step asks twice: kept, not built and validated each time)
 def default_launch_config(device: torch.device, largest: int | None = None, quantized: bool = False) -> LaunchConfig:
     """The kernel module's constants (``quantized``: for a launch of 8-bit moments; the chunk is the same, as
     one step's launches share their tables' chunking): large blocks and chunks under the CPU interpreter, where
@@ -129,7 +136,7 @@ def _weight_decay_mode(hp: AdamHyperparameters, kernels: ModuleType) -> int:
 
 
 def _largest_numel(tensors: StepTensors) -> int:
-    """The most elements of one param, kept in ``tensors.memo`` (1000 params: 0.1 ms a step on the CPU)."""
+    """The most elements of one param, kept in ``tensors.memo`` (a read per param otherwise)."""
     memo = tensors.memo if tensors.memo is not None else LaunchMemo()
     if memo.largest_numel is None:
         memo.largest_numel = max((p.numel() for p in tensors.params), default=0)
@@ -144,9 +151,13 @@ def adam_step(
     on_cpu = device.type == "cpu"
     largest = _largest_numel(tensors) if on_cpu else None
     chunk = current_launch_config(device, largest).chunk
-    device_guard = contextlib.nullcontext() if on_cpu else torch.cuda.device(device)
+    # (Triton launches on the current device: entering the guard costs a few us where it already is.)
+    index = 0 if on_cpu else device.index
+    current = on_cpu or torch.cuda.current_device() == index
+    device_guard = contextlib.nullcontext() if current else torch.cuda.device(device)
     device_steps = device_inputs.steps if device_inputs else None
     values = device_inputs.values if device_inputs else unused_values(device)
+    launcher = _launcher()
     with device_guard, tensor_table.launch_groups(tensors, steps, hp, chunk, device_steps) as launches:
         for launch in launches:
             table = launch.table
@@ -154,25 +165,29 @@ def adam_step(
             config = current_launch_config(device, largest, quantized)
             if quantized and config.block % QUANT_BLOCK:
                 raise ValueError(f"8-bit moments need a block that is a multiple of {QUANT_BLOCK}, got {config}")
-            kernels.adam_step_kernel[(table.n_chunks,)](
+            args = (
                 table.pointers,
                 table.numels,
                 table.chunk_offsets,
                 table.n_tensors,
                 values,
                 *code_maps_on(device),
-                *launch.scalars,
-                PARAM_TYPE=TRITON_TYPES[launch.param_dtype],
-                STATE_TYPE=TRITON_TYPES[launch.state_dtype],
-                WEIGHT_DECAY=_weight_decay_mode(hp, kernels),
-                AMSGRAD=hp.amsgrad,
-                MAXIMIZE=hp.maximize,
-                MASTER=launch.master_mode,
-                QUANTIZED=quantized,
-                DEVICE_STEP=device_steps is not None,
-                GRAD_SCALING=bool(device_inputs and device_inputs.grad_scaling),
-                CHUNK=config.chunk,
-                BLOCK=config.block,
-                num_warps=config.num_warps,
-                enable_fp_fusion=kernels.FP_FUSION,
             )
+            constexprs = {
+                "PARAM_TYPE": TRITON_TYPES[launch.param_dtype],
+                "STATE_TYPE": TRITON_TYPES[launch.state_dtype],
+                "WEIGHT_DECAY": _weight_decay_mode(hp, kernels),
+                "AMSGRAD": hp.amsgrad,
+                "MAXIMIZE": hp.maximize,
+                "MASTER": launch.master_mode,
+                "QUANTIZED": quantized,
+                "DEVICE_STEP": device_steps is not None,
+                "GRAD_SCALING": bool(device_inputs and device_inputs.grad_scaling),
+                "CHUNK": config.chunk,
+                "BLOCK": config.block,
+            }
+            options = (("num_warps", config.num_warps), ("enable_fp_fusion", kernels.FP_FUSION))
+            if launcher is None:
+                kernels.adam_step_kernel[(table.n_chunks,)](*args, *launch.scalars, **constexprs, **dict(options))
+            else:
+                launcher(table.n_chunks, index, args, launch.scalars, constexprs, options)

@@ -125,21 +125,36 @@ def model_cases() -> list[Case]:
     return [gpt2_124m(), llama_3_2_1b(), resnet_50(), many_small()]
 
 
+# A CPU run's default plan, about 3 minutes on 2 cores (benchmarks/README.md, "Running on a CPU"): the model
+# lists a CPU steps in well under a second, and flat tensors up to 2^24 elements (a 2^24 fp32 step moves 470 MB).
+CPU_MODELS = ("resnet-50", "1000x4096")
+CPU_FLAT_LOG2 = (24, 20, 16, 12)
+
+
 def plan(
-    quick: bool, device_type: str, only: Collection[str] | None = None, policies: Collection[str] | None = None
+    quick: bool,
+    device_type: str,
+    only: Collection[str] | None = None,
+    policies: Collection[str] | None = None,
+    full: bool = True,
 ) -> list[tuple[Case, Policy]]:
     """The (case, policy) pairs of a run. Flat tensors in fp32 and bf16, 2^12 to 2^30 elements (the
     runner drops what does not fit in memory); every model list in every policy (the master-weight
     policies, which only adam-gpu offers, for the model lists). ``quick`` keeps a
-    few small cases, for a check that the whole pipeline works (seconds on a CPU).
+    few small cases, for a check that the whole pipeline works (seconds on a CPU). On the CPU, ``full`` False
+    (what `adam-gpu bench` runs there by default) keeps CPU_MODELS and CPU_FLAT_LOG2, unless ``only`` names
+    cases; the full CPU plan leaves Llama out.
 
     Ordered by what the targets are read from, so that a run stopped by its time limit keeps them: fp32 on
     every case first (model lists, then flat tensors from the largest down), then bf16, then the other
-    policies on the model lists, the 8-bit one first. ``only``: these case names alone; ``policies``: these
-    policy names alone (a rerun of some pairs)."""
+    policies on the model lists, the 8-bit one first. ``only``: these case names alone (of the full plan);
+    ``policies``: these policy names alone (a rerun of some pairs)."""
     if quick:
         flats = [flat(n) for n in (12, 16, 20)]
         models = [many_small(100, 4096)]
+    elif device_type == "cpu" and not full and only is None:
+        flats = [flat(n) for n in CPU_FLAT_LOG2]
+        models = [case for case in model_cases() if case.name in CPU_MODELS]
     else:
         flats = [flat(n) for n in range(30, 11, -2)]
         models = model_cases()

@@ -13,7 +13,11 @@ OK = "ok"
 NOT_INSTALLED = "not installed"
 UNSUPPORTED = "unsupported"
 ERROR = "error"
+TOO_SLOW = "too slow"  # its first step said the measurement would run past the case time limit
 GRAPH_FAILED = "CUDA graph failed"  # starts the reason of an OK record whose step could not be captured
+# Noise: a measurement whose samples spread, (p80 - p20) / median, wider than this is marked wide in the report
+# (the spreads this was chosen from: benchmarks/README.md, "Running on a CPU").
+WIDE_SPREAD = 0.25
 
 
 @dataclass
@@ -33,7 +37,7 @@ class Record:
     policy: str  # "fp32", "bf16", "bf16+fp32-moments"
     numel: int
     tensors: int
-    status: str = OK  # OK, NOT_INSTALLED, UNSUPPORTED, or "error: ..."
+    status: str = OK  # OK, NOT_INSTALLED, UNSUPPORTED, TOO_SLOW, or "error: ..."
     reason: str = ""  # why not measured; for an OK record, why it has no CUDA-graph time (GRAPH_FAILED: ...)
     median_ms: float | None = None
     p20_ms: float | None = None
@@ -48,16 +52,31 @@ class Record:
     speedup_vs_torch_foreach: float | None = None
     seconds: float | None = None  # wall time spent measuring it (setup, timing, capture): for planning runs
 
+    @property
+    def spread(self) -> float | None:
+        """(p80 - p20) / median of the timed samples, or None where not measured."""
+        if self.median_ms is None or self.p20_ms is None or self.p80_ms is None or self.median_ms <= 0:
+            return None
+        return (self.p80_ms - self.p20_ms) / self.median_ms
+
+    @property
+    def wide(self) -> bool:
+        """The samples spread more than WIDE_SPREAD: its median, and any ratio drawn from it, is noisy."""
+        return self.spread is not None and self.spread > WIDE_SPREAD
+
 
 @dataclass
 class Run:
     """A whole benchmark run: the environment, the copy bandwidth measured in it (GB/s, read + write
-    counted), and its records. ``environment`` keys: device, device_type ("cuda"/"cpu"), driver,
-    adam_gpu, torch, triton, cupy, python, date, quick. ``time_limit_s``: the limit it ran under (None:
-    none); ``elapsed_s``: what it took (None: stopped before the end); ``not_measured``: the "case, policy"
-    pairs the time limit left out; ``merged_from``: where ``merged`` made it of several runs, each one's date,
-    copy bandwidth and number of pairs it gave. A subclass with its own record type (``adam-gpu tune``'s) sets
-    ``record_type`` and may add fields; the JSON round trip keeps them."""
+    counted), and its records. ``environment`` keys: device, device_type ("cuda"/"cpu"), driver, adam_gpu,
+    torch, triton, cupy, python, date, quick, plan ("quick", "default" or "full"), threads (torch's
+    on the CPU); older runs lack the last two.
+    ``time_limit_s``: the limit it ran under (None: none); ``case_time_limit_s``: the most one measurement was
+    let run (TOO_SLOW records were skipped by it; None: none); ``elapsed_s``: what it took (None: stopped
+    before the end); ``not_measured``: the "case, policy" pairs the time limit left out; ``merged_from``: where
+    ``merged`` made it of several runs, each one's date, copy bandwidth and number of pairs it gave. A subclass
+    with its own record type (``adam-gpu tune``'s) sets ``record_type`` and may add fields; the JSON round trip
+    keeps them."""
 
     record_type: ClassVar[type[Record]] = Record
 
@@ -65,6 +84,7 @@ class Run:
     copy_gbps: float
     records: list[Record] = field(default_factory=list)
     time_limit_s: float | None = None
+    case_time_limit_s: float | None = None
     elapsed_s: float | None = None
     not_measured: list[str] = field(default_factory=list)
     merged_from: list[dict[str, Any]] = field(default_factory=list)  # per run merged in: date, copy_gbps, pairs
@@ -111,6 +131,7 @@ class Run:
             copy_gbps=runs[0].copy_gbps,
             records=[record for records in by_pair.values() for record in records],
             time_limit_s=runs[0].time_limit_s if left else None,
+            case_time_limit_s=runs[0].case_time_limit_s,
             elapsed_s=None if any(run.elapsed_s is None for run in runs) else sum(run.elapsed_s for run in runs),
             not_measured=list(dict.fromkeys(left)),
             merged_from=parts,

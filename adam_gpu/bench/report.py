@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adam_gpu.bench.records import GRAPH_FAILED, OK, UNSUPPORTED, Record, Run
+from adam_gpu.bench.records import GRAPH_FAILED, NOT_INSTALLED, OK, UNSUPPORTED, WIDE_SPREAD, Record, Run
 
 DASH = "—"
 ADAM_GPU_FAMILY = "adam-gpu"
@@ -26,6 +26,9 @@ LARGE_FLAT_LOG2 = 24
 LARGE_FLAT_PLACEHOLDER = f"flat 2^{LARGE_FLAT_LOG2} or larger"
 ANY_POLICY = "any"
 PLOT_DPI = 120
+WIDE = "wide"  # marks a spread above WIDE_SPREAD, and a speed-up drawn from such a median
+# Statuses of contenders that could not run here at all: listed once each, under the tables, not row by row.
+UNMEASURABLE = (NOT_INSTALLED, UNSUPPORTED)
 
 COLUMNS = (
     ("contender", ":---"),
@@ -33,6 +36,7 @@ COLUMNS = (
     ("tensors", "---:"),
     ("numel", "---:"),
     ("median ms (p20–p80)", "---:"),
+    ("spread", "---:"),
     ("CUDA-graph ms", "---:"),
     ("host ms", "---:"),
     ("GB/s", "---:"),
@@ -69,6 +73,28 @@ def format_pct(value: float | None) -> str:
 def format_speedup(value: float | None) -> str:
     """A ratio of medians to two decimals: "1.23x"."""
     return DASH if value is None else f"{value:.2f}x"
+
+
+def format_spread(record: Record, mark: str = f" {WIDE}") -> str:
+    """(p80 - p20) / median as a whole percentage, ``mark`` after it above WIDE_SPREAD: "12 %", "85 % wide"."""
+    if record.spread is None:
+        return DASH
+    return f"{100 * record.spread:.0f} %" + (mark if record.wide else "")
+
+
+def _baseline(run: Run, record: Record, field: str) -> Record | None:
+    name = SPEEDUP_BASELINES[field]
+    return next((r for r in run.records if (r.case, r.policy, r.contender) == (record.case, record.policy, name)), None)
+
+
+def speedup_text(run: Run, record: Record, field: str, mark: str = f" {WIDE}") -> str:
+    """A speed-up (``field`` of ``record``), ``mark`` after it where its median or the baseline's is noisy."""
+    value = getattr(record, field)
+    if value is None:
+        return DASH
+    baseline = _baseline(run, record, field)
+    noisy = record.wide or (baseline is not None and baseline.wide)
+    return format_speedup(value) + (mark if noisy else "")
 
 
 def _format_number(value: float | None) -> str:
@@ -119,12 +145,13 @@ def environment_lines(run: Run) -> list[str]:
     """The Markdown list items saying where and with what a run measured: date, device, versions, copy bandwidth."""
     env = run.environment
     driver = f", driver {env['driver']}" if env.get("driver") else ""
+    threads = f", torch on {env['threads']} thread{'s' if env['threads'] > 1 else ''}" if env.get("threads") else ""
     # None: the runner looked and found no package; a missing key: an older JSON that did not say.
     packages = ("adam_gpu", "torch", "triton", "cupy")
     versions = ", ".join(f"{name} {env.get(name, 'unknown') or 'not installed'}" for name in packages)
     return [
         f"- date: {env.get('date', 'unknown')}",
-        f"- device: {env.get('device', 'unknown device')} ({env.get('device_type', 'unknown')}{driver})",
+        f"- device: {env.get('device', 'unknown device')} ({env.get('device_type', 'unknown')}{driver}{threads})",
         f"- versions: {versions}, python {env.get('python', 'unknown')}",
         _bandwidth_line(run),
     ]
@@ -142,6 +169,19 @@ def _bandwidth_line(run: Run) -> str:
     )
 
 
+def _noise_line(run: Run) -> str:
+    measured = [r for r in run.records if r.spread is not None]
+    if not measured:
+        return "- noise: nothing measured"
+    spreads = sorted(r.spread for r in measured)
+    wide, middle = sum(r.wide for r in measured), spreads[len(spreads) // 2]
+    return (
+        f"- noise: spread (p80 - p20) / median of each measurement's samples, median {100 * middle:.0f} "
+        f"%, largest {100 * spreads[-1]:.0f} %; **{wide} of {len(measured)}** above {100 * WIDE_SPREAD:.0f} % "
+        f"are marked *{WIDE}*, and so is every speed-up drawn from such a median"
+    )
+
+
 def _header(run: Run) -> list[str]:
     env = run.environment
     device = env.get("device", "unknown device")
@@ -154,42 +194,85 @@ def _header(run: Run) -> list[str]:
             "",
         ]
     timer = "device time (CUDA events)" if device_type == "cuda" else "wall time"
-    lines += [f"# Adam step benchmark: {device}", "", *environment_lines(run)]
+    lines += [f"# Adam step benchmark: {device}", "", *environment_lines(run), _noise_line(run)]
     if env.get("quick"):
         lines.append("- quick run: fewer cases and repetitions than a full run")
+    elif env.get("plan") == "default" and device_type == "cpu":
+        lines.append("- the CPU's default plan: a few cases in about 3 minutes (`adam-gpu bench --full`: every case)")
+    if run.case_time_limit_s is not None:
+        lines.append(
+            f"- case time limit {run.case_time_limit_s:.0f} s: a contender whose first step said its measurement "
+            "would take longer is listed *too slow*"
+        )
     if run.not_measured:
         lines.append(
             f"- **stopped by its time limit ({run.time_limit_s:.0f} s): {len(run.not_measured)} (case, policy) "
             f"pairs not measured**: {'; '.join(run.not_measured)}"
         )
+    graph = "CUDA-graph ms is the median of a captured step replayed; " if device_type == "cuda" else ""
+    copy = (
+        "% of copy bandwidth divides it by the copy bandwidth above, where the step's input sets overflow the L2 "
+        "cache as the copy does; "
+        if _has_pct(run)
+        else ""
+    )
     lines += [
         "",
         f"Times are milliseconds per `step()`: the median of {timer}, 20th–80th percentile in parentheses; "
-        "CUDA-graph ms is the median of a captured step replayed; host ms is CPU time spent inside `step()`. "
-        "GB/s counts the bytes one step must read and write; % of copy bandwidth divides it by the copy "
-        "bandwidth above; speed-ups are the torch optimizer's median over this median, same case and policy.",
+        f"{graph}host ms is CPU time spent inside `step()`. GB/s counts the bytes one step must read and write; "
+        f"{copy}speed-ups are the torch optimizer's median over this median, same case and policy.",
     ]
+    if device_type == "cpu":
+        lines += [
+            "",
+            "No % of copy bandwidth on the CPU: its caches hold the small cases whole, and a step there is bound "
+            'by arithmetic, not by the memory the copy measures (benchmarks/README.md, "Running on a CPU").',
+        ]
     return lines
 
 
-def _row(record: Record) -> list[str]:
-    head = [record.contender, record.policy, str(record.tensors), f"{record.numel:,}"]
+def _has_pct(run: Run) -> bool:
+    return any(r.pct_copy is not None for r in run.records)
+
+
+def _has_graphs(run: Run) -> bool:
+    return run.environment.get("device_type") != "cpu"
+
+
+def _columns(run: Run) -> list[tuple[str, str]]:
+    """COLUMNS less those this run has nothing in: % of copy bandwidth, CUDA-graph ms on a CPU run."""
+    dropped = set()
+    if not _has_pct(run):
+        dropped.add("% of copy bandwidth")
+    if not _has_graphs(run):
+        dropped.add("CUDA-graph ms")
+    return [column for column in COLUMNS if column[0] not in dropped]
+
+
+def _row(run: Run, record: Record) -> dict[str, str]:
+    head = {
+        "contender": record.contender,
+        "policy": record.policy,
+        "tensors": str(record.tensors),
+        "numel": f"{record.numel:,}",
+    }
     if record.status != OK:
-        return [*head, f"*{status_text(record)}*", *([DASH] * (len(COLUMNS) - len(head) - 1))]
+        return head | {"median ms (p20–p80)": f"*{status_text(record)}*"}
     median = format_ms(record.median_ms)
     if record.p20_ms is not None and record.p80_ms is not None:
         median += f" ({format_ms(record.p20_ms)}–{format_ms(record.p80_ms)})"
-    return [
-        *head,
-        median,
-        f"*{record.reason}*" if record.reason.startswith(GRAPH_FAILED) else format_ms(record.graph_median_ms),
-        format_ms(record.host_ms),
-        format_gbps(record.gbps),
-        format_pct(record.pct_copy),
-        format_speedup(record.speedup_vs_torch_fused),
-        format_speedup(record.speedup_vs_torch_foreach),
-        _format_number(record.state_bytes_per_param),
-    ]
+    graph = f"*{record.reason}*" if record.reason.startswith(GRAPH_FAILED) else format_ms(record.graph_median_ms)
+    return head | {
+        "median ms (p20–p80)": median,
+        "spread": format_spread(record),
+        "CUDA-graph ms": graph,
+        "host ms": format_ms(record.host_ms),
+        "GB/s": format_gbps(record.gbps),
+        "% of copy bandwidth": format_pct(record.pct_copy),
+        "speed-up vs torch fused": speedup_text(run, record, "speedup_vs_torch_fused"),
+        "speed-up vs torch foreach": speedup_text(run, record, "speedup_vs_torch_foreach"),
+        "state bytes/param": _format_number(record.state_bytes_per_param),
+    }
 
 
 def table_lines(rows: list[list[str]], columns: Iterable[tuple[str, str]]) -> list[str]:
@@ -199,16 +282,45 @@ def table_lines(rows: list[list[str]], columns: Iterable[tuple[str, str]]) -> li
     return lines + ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
 
 
+def unmeasurable_lines(run: Run) -> list[str]:
+    """One line per contender and reason it could not run (not installed, unsupported), with the pairs it
+    concerns where not all: these records get no table rows."""
+    pairs = _unique(f"{r.case}, {r.policy}" for r in run.records)
+    grouped: dict[tuple[str, str], list[Record]] = {}
+    for record in run.records:
+        if record.status in UNMEASURABLE:
+            grouped.setdefault((record.contender, status_text(record)), []).append(record)
+    lines = []
+    for (contender, why), records in grouped.items():
+        if len(records) == len(pairs):
+            where = "every pair"
+        else:
+            policies = ", ".join(_unique(r.policy for r in records))
+            where = f"{len(records)} of {len(pairs)} pairs (policies {policies})"
+        lines.append(f"- {contender}: {why}; {where}")
+    return lines
+
+
 def markdown_table(run: Run) -> str:
-    """The run as Markdown: device, date, versions and copy bandwidth, then one table per case.
+    """The run as Markdown: device, date, versions, copy bandwidth and noise, the contenders that could not run
+    (one line each), then one table per case.
 
     On a CPU run (``environment["device_type"] == "cpu"``) the text starts with a bold line saying that no
-    GPU kernel was measured. Records that were not measured show their status and reason instead of numbers.
+    GPU kernel was measured. Records that were measured but failed or were too slow show their status and
+    reason instead of numbers.
     """
     lines = _header(run)
+    unmeasurable = unmeasurable_lines(run)
+    if unmeasurable:
+        lines += ["", "## Not measured", "", *unmeasurable]
+    columns = _columns(run)
     for case in cases(run):
+        rows = [_row(run, r) for r in _case_rows(run, case) if r.status not in UNMEASURABLE]
         lines += ["", f"## {case}", ""]
-        lines += table_lines([_row(r) for r in _case_rows(run, case)], COLUMNS)
+        if not rows:
+            lines.append("*no contender could run this case: see Not measured*")
+            continue
+        lines += table_lines([[row.get(name, DASH) for name, _ in columns] for row in rows], columns)
     return "\n".join(lines) + "\n"
 
 
@@ -333,7 +445,8 @@ def _format_target_value(value: float | None, unit: str) -> str:
 
 
 def targets_markdown(run: Run) -> str:
-    """The "Targets" section: one row per target, case and policy, from ``targets(run)``."""
+    """The "Targets" section: one row per target, case and policy, from ``targets(run)``; on a CPU run, a line
+    saying they are not graded (they are about the GPU kernels)."""
     rows = [
         [
             row["target"],
@@ -349,6 +462,8 @@ def targets_markdown(run: Run) -> str:
     ]
     columns = [(name, ":---") for name in ("target", "case", "policy", "best adam-gpu contender")]
     columns += [("measured", "---:"), ("target", "---:"), ("met", ":---:"), ("as CUDA graphs", "---:")]
+    if run.environment.get("device_type") == "cpu":
+        return "## Targets\n\nThe targets are the GPU kernels': not graded on a CPU run.\n"
     lines = [
         "## Targets",
         "",
@@ -370,62 +485,104 @@ def _power_of_two(value: float, _position: int) -> str:
     return f"$2^{{{round(math.log2(value))}}}$" if value > 0 else ""
 
 
-def plot(run: Run, path: Path) -> None:
-    """GB/s against numel for the flat-tensor cases: one subplot per policy, one line per measured contender.
+def _title(run: Run, contenders: list[str]) -> str:
+    env = run.environment
+    where = env.get("device", "unknown device")
+    if env.get("device_type") == "cpu":
+        where += " (CPU only: the GPU kernels were not measured)"
+    ran = ", ".join(contenders) or "nothing"
+    return f"Adam step bandwidth on {where}, {env.get('date', 'unknown date')}\nmeasured: {ran}"
 
-    The copy bandwidth measured in the same run is drawn as a dashed ceiling. Saved as PNG at ``PLOT_DPI``.
-    Without flat-tensor cases the figure still gets drawn, with a note saying so.
+
+def _plot_flat(ax: Any, run: Run, policy: str | None, measured: list[Record], colours: dict[str, str]) -> None:
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    families = {r.contender: r.family for r in measured}
+    for contender, colour in colours.items():
+        points = sorted((r.numel, r.gbps) for r in measured if r.policy == policy and r.contender == contender)
+        if points:
+            ours = families[contender] == ADAM_GPU_FAMILY
+            ax.plot(
+                *zip(*points, strict=True),
+                marker="o" if ours else "s",
+                linestyle="-" if ours else ":",
+                color=colour,
+                label=contender,
+            )
+    if _has_pct(run):  # the copy bandwidth is a ceiling only where the report divides by it
+        ceiling = f"copy bandwidth {format_gbps(run.copy_gbps)} GB/s"
+        ax.axhline(run.copy_gbps, color="black", linestyle="--", label=ceiling)
+        ax.text(0.01, run.copy_gbps, ceiling, transform=ax.get_yaxis_transform(), va="bottom", fontsize="small")
+    if policy is None:
+        ax.text(0.5, 0.5, "no flat-tensor cases measured", transform=ax.transAxes, ha="center", va="center")
+        ax.set_xticks([])
+    else:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(LogLocator(base=2, numticks=32))
+        ax.xaxis.set_major_formatter(FuncFormatter(_power_of_two))
+        ax.set_title(f"flat tensors, policy {policy}")
+    ax.set_xlabel("elements in one flat tensor")
+    ax.set_ylabel("GB/s (read + write)")
+    ax.grid(True, alpha=0.3)
+
+
+def _plot_models(ax: Any, records: list[Record], colours: dict[str, str]) -> None:
+    """Grouped bars: GB/s of each contender on each (model case, policy)."""
+    groups = _unique(f"{r.case}\n{r.policy}" for r in records)
+    present = [c for c in colours if any(r.contender == c for r in records)]
+    width = 0.8 / max(len(present), 1)
+    for index, contender in enumerate(present):
+        gbps = {f"{r.case}\n{r.policy}": r.gbps for r in records if r.contender == contender}
+        positions = [g + (index - (len(present) - 1) / 2) * width for g, name in enumerate(groups) if name in gbps]
+        heights = [gbps[name] for name in groups if name in gbps]
+        ax.bar(positions, heights, width, color=colours[contender], label=contender)
+    ax.set_xticks(range(len(groups)), groups, fontsize="small", rotation=30, ha="right", rotation_mode="anchor")
+    ax.set_title("model parameter lists and many small tensors")
+    ax.set_ylabel("GB/s (read + write)")
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def plot(run: Run, path: Path) -> Any:
+    """GB/s of every measured contender: against numel for the flat-tensor cases (one subplot per policy), and
+    as bars for the other cases (model lists, many small tensors) in a row below. The title names the device,
+    says when it was a CPU (no GPU kernel measured) and lists who was measured; the copy bandwidth measured in
+    the same run is drawn as a dashed ceiling where the records have a % of it (GPU runs). Saved as PNG at
+    ``PLOT_DPI``, and returned (a matplotlib Figure). Without flat-tensor cases the figure still gets drawn, with
+    a note saying so.
     """
     # The Figure API without pyplot renders with Agg on any machine and leaves pyplot's global backend (and any
     # figures open in the caller's interactive session) alone; importing report.py imports no matplotlib at all.
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, LogLocator
 
-    flat = _flat_records(run)
-    policies = _unique(r.policy for r in flat) or [None]
-    measured = [r for r in flat if r.status == OK and r.gbps is not None]
-    contenders = _unique(r.contender for r in measured)
-    families = {r.contender: r.family for r in measured}
-    # Small tensors can sit in L2 and beat the DRAM copy bandwidth: keep every point and the ceiling in view.
-    top = max([run.copy_gbps, *(r.gbps for r in measured)]) * 1.1 or 1.0  # 1.0: no bandwidth at all
-    fig = Figure(figsize=(6.4 * len(policies), 5.2), layout="constrained")
-    axes = fig.subplots(1, len(policies), squeeze=False)[0]
+    measured = [r for r in run.records if r.status == OK and r.gbps is not None]
+    flat = [r for r in measured if flat_log2(r.case) is not None]
+    others = [r for r in measured if flat_log2(r.case) is None]
+    policies = _unique(r.policy for r in _flat_records(run)) or [None]
+    # A contender keeps its colour in every subplot, so one legend serves all.
+    colours = {c: f"C{i % 10}" for i, c in enumerate(_unique(r.contender for r in measured))}
+    rows = 2 if others else 1
+    fig = Figure(figsize=(max(6.4 * len(policies), 1.2 * len(_unique(r.case + r.policy for r in others))), 5.2 * rows))
+    fig.set_layout_engine("constrained")
+    grid = fig.add_gridspec(rows, len(policies))
+    axes = [fig.add_subplot(grid[0, column]) for column in range(len(policies))]
+    # Small tensors can sit in cache and beat the DRAM copy bandwidth: keep every point (and any ceiling) in view.
+    top = max([run.copy_gbps if _has_pct(run) else 0.0, *(r.gbps for r in flat)]) * 1.1 or 1.0
     for ax, policy in zip(axes, policies, strict=True):
-        for index, contender in enumerate(contenders):
-            points = sorted((r.numel, r.gbps) for r in measured if r.policy == policy and r.contender == contender)
-            if points:
-                ours = families[contender] == ADAM_GPU_FAMILY
-                ax.plot(
-                    *zip(*points, strict=True),
-                    marker="o" if ours else "s",
-                    linestyle="-" if ours else ":",
-                    color=f"C{index % 10}",  # a contender keeps its colour in every subplot, so one legend serves all
-                    label=contender,
-                )
-        ceiling = f"copy bandwidth {format_gbps(run.copy_gbps)} GB/s"
-        ax.axhline(run.copy_gbps, color="black", linestyle="--", label=ceiling)
-        ax.text(0.01, run.copy_gbps, ceiling, transform=ax.get_yaxis_transform(), va="bottom", fontsize="small")
-        if policy is None:
-            ax.text(0.5, 0.5, "no flat-tensor cases measured", transform=ax.transAxes, ha="center", va="center")
-            ax.set_xticks([])
-        else:
-            ax.set_xscale("log", base=2)
-            ax.xaxis.set_major_locator(LogLocator(base=2, numticks=32))
-            ax.xaxis.set_major_formatter(FuncFormatter(_power_of_two))
-            ax.set_title(f"policy {policy}")
-        ax.set_xlabel("elements in one flat tensor")
-        ax.set_ylabel("GB/s (read + write)")
+        _plot_flat(ax, run, policy, flat, colours)
         ax.set_ylim(0, top)
-        ax.grid(True, alpha=0.3)
+    if others:
+        axes.append(fig.add_subplot(grid[1, :]))
+        _plot_models(axes[-1], others, colours)
     # One legend under all subplots: inside an axes it covers the lines of whichever contender plateaus there.
     labelled = {}
     for ax in axes:
         handles, labels = ax.get_legend_handles_labels()
         labelled.update(zip(labels, handles, strict=True))
-    fig.legend(labelled.values(), labelled.keys(), loc="outside lower center", ncols=min(len(labelled), 4))
-    env = run.environment
-    fig.suptitle(f"Adam step bandwidth: {env.get('device', 'unknown device')}, {env.get('date', 'unknown date')}")
+    if labelled:
+        fig.legend(labelled.values(), labelled.keys(), loc="outside lower center", ncols=min(len(labelled), 4))
+    fig.suptitle(_title(run, list(colours)))
     fig.savefig(path, dpi=PLOT_DPI, format="png")
+    return fig
 
 
 # --- files ---------------------------------------------------------------------------------------------------------

@@ -13,17 +13,18 @@ from collections.abc import Callable, Collection
 import torch
 
 from adam_gpu import __version__
-from adam_gpu.bench import timing
+from adam_gpu.bench import memory, timing
 from adam_gpu.bench.cases import Case, Policy, plan
 from adam_gpu.bench.contenders import Contender, adam_gpu_unavailable, contenders
-from adam_gpu.bench.records import ERROR, GRAPH_FAILED, OK, Record, Run
+from adam_gpu.bench.records import ERROR, GRAPH_FAILED, NOT_INSTALLED, OK, TOO_SLOW, UNSUPPORTED, Record, Run
 from adam_gpu.versions import package_version
 
 # Input sets rotated from step to step so that, together, they overflow the L2 cache (50 MB on H100).
 ROTATION_BYTES = 256 * 2**20
 MAX_INPUT_SETS = 8
-# Fraction of free device memory one case may take: params, grads and moments of every input set, twice
-# over for torch foreach's temporaries (about one more moment) and a captured optimizer's own state.
+# Fraction of free memory (the device's; the host's on the CPU) one case may take: params, grads and moments of
+# every input set, twice over for torch foreach's temporaries (about one more moment) and a captured optimizer's
+# own state.
 # (Llama-3.2-1B in fp32 holds 20 GB a set: 40 GB with the margin fits an 80 GB H100.)
 MEMORY_SHARE = 0.8
 # Cases with this many elements or fewer, or with several tensors, are launch-bound: also timed as CUDA graphs.
@@ -41,7 +42,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: torch.device, quick: bool) -> dict[str, object]:
+def environment(device: torch.device, quick: bool, plan_name: str | None = None) -> dict[str, object]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         try:
@@ -61,6 +62,8 @@ def environment(device: torch.device, quick: bool) -> dict[str, object]:
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
         "quick": quick,
+        "plan": plan_name,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
     }
 
 
@@ -70,18 +73,18 @@ def launch_bound(case: Case) -> bool:
     return case.tensors > 1 or case.numel <= LAUNCH_BOUND_NUMEL
 
 
-def input_sets(case: Case, policy: Policy, device: torch.device) -> list[list[torch.Tensor]] | str:
+def set_bytes(case: Case, policy: Policy) -> float:
+    """What one input set holds (not what a step moves: the moments are read and written but stored once)."""
+    return case.numel * policy.resident_bytes_per_param()
+
+
+def input_sets(
+    case: Case, policy: Policy, device: torch.device, free_bytes: Callable[[torch.device], int] = memory.free_bytes
+) -> list[list[torch.Tensor]] | str:
     """Random params with random grads (never zeros), as many sets as the L2 rotation wants and memory
-    allows; or why the case does not fit."""
-    # What a set holds (not what a step moves: the moments are read and written but stored once).
-    per_set = case.numel * policy.resident_bytes_per_param()
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()  # the last case's sets, freed but cached by torch, count as used otherwise
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        free = 8 * 2**30
-    budget = MEMORY_SHARE * free
+    allows; or why the case does not fit (in MEMORY_SHARE of ``free_bytes(device)``)."""
+    per_set = set_bytes(case, policy)
+    budget = MEMORY_SHARE * free_bytes(device)
     if per_set * 2 > budget:  # foreach's temporaries can double a set
         return f"needs {2 * per_set / 2**30:.1f} GiB, {budget / 2**30:.1f} GiB available"
     count = max(1, min(MAX_INPUT_SETS, math.ceil(ROTATION_BYTES / per_set), int(budget // (2 * per_set))))
@@ -115,12 +118,23 @@ def state_bytes_per_param(optimizer: torch.optim.Optimizer, numel: int) -> float
     return total / numel
 
 
+class TooSlow(Exception):
+    """The first step said the whole measurement would run past the case time limit."""
+
+
 def _measure(
-    contender: Contender, sets: list[list[torch.Tensor]], case: Case, policy: Policy, device: torch.device, quick: bool
+    contender: Contender,
+    sets: list[list[torch.Tensor]],
+    case: Case,
+    policy: Policy,
+    device: torch.device,
+    quick: bool,
+    case_time_limit_s: float | None = None,
 ) -> Record:
     record = Record(contender.name, contender.family, case.name, policy.name, case.numel, case.tensors)
     with torch.no_grad():
-        _time_eager(record, [contender.make(params, policy, False) for params in sets], device, quick)
+        optimizers = [contender.make(params, policy, False) for params in sets]
+        _time_eager(record, optimizers, device, quick, case_time_limit_s)
         if device.type == "cuda" and launch_bound(case) and contender.graphable:
             try:
                 graphed = contender.make(sets[0], policy, True)
@@ -132,10 +146,40 @@ def _measure(
     return record
 
 
-def _time_eager(record: Record, optimizers: list[torch.optim.Optimizer], device: torch.device, quick: bool) -> None:
+def _first_step_s(optimizer: torch.optim.Optimizer, device: torch.device) -> float:
+    started = time.perf_counter()
+    optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def check_time(first_step_s: float, sets: int, quick: bool, case_time_limit_s: float | None) -> None:
+    """Raise TooSlow where a measurement whose first step took ``first_step_s`` would run past the limit: one
+    first step per input set, then the steps timing.planned_steps counts."""
+    if case_time_limit_s is None:
+        return
+    steps = sets - 1 + timing.planned_steps(first_step_s * 1e3, quick)
+    if first_step_s * steps > case_time_limit_s:
+        raise TooSlow(
+            f"first step {first_step_s:.2f} s: {steps} more would take about {first_step_s * steps:.0f} s, over "
+            f"the case time limit ({case_time_limit_s:.0f} s)"
+        )
+
+
+def _time_eager(
+    record: Record,
+    optimizers: list[torch.optim.Optimizer],
+    device: torch.device,
+    quick: bool,
+    case_time_limit_s: float | None = None,
+) -> None:
     """Device and host time of ``step()``, rotating over one optimizer per input set."""
-    for optimizer in optimizers:
-        optimizer.step()  # creates the state: the timed steps never see zero moments
+    # The first step of each creates the state (the timed steps never see zero moments); the first one's time
+    # says whether the rest fits the case time limit.
+    check_time(_first_step_s(optimizers[0], device), len(optimizers), quick, case_time_limit_s)
+    for optimizer in optimizers[1:]:
+        optimizer.step()
     turn = iter(range(2**62))
 
     def step() -> None:
@@ -147,13 +191,22 @@ def _time_eager(record: Record, optimizers: list[torch.optim.Optimizer], device:
     record.state_bytes_per_param = state_bytes_per_param(optimizers[0], record.numel)
 
 
-def _fill_ratios(records: list[Record], copy_gbps: float) -> None:
+def copy_comparable(device: torch.device, sets: int, per_set: float) -> bool:
+    """Whether a step's GB/s may be read as a share of the copy bandwidth: on a GPU where the rotated input
+    sets together overflow the L2 cache (ROTATION_BYTES), as the copy's do. Never on the CPU: its caches hold
+    the small cases whole, and its step is not bound by the memory the copy measures (benchmarks/README.md)."""
+    return device.type == "cuda" and sets * per_set >= ROTATION_BYTES
+
+
+def _fill_ratios(records: list[Record], copy_gbps: float | None) -> None:
+    """GB/s and speed-ups of each measured record; % of copy bandwidth where ``copy_gbps`` is given."""
     medians = {r.contender: r.median_ms for r in records if r.status == OK}
     for record in records:
         if record.status != OK:
             continue
         record.gbps = record.numel * record.bytes_per_param / (record.median_ms * 1e-3) / 1e9
-        record.pct_copy = 100 * record.gbps / copy_gbps
+        if copy_gbps:
+            record.pct_copy = 100 * record.gbps / copy_gbps
         if medians.get("torch fused"):
             record.speedup_vs_torch_fused = medians["torch fused"] / record.median_ms
         if medians.get("torch foreach"):
@@ -164,6 +217,37 @@ def _skipped(contender: Contender, case: Case, policy: Policy, status: str, reas
     return Record(contender.name, contender.family, case.name, policy.name, case.numel, case.tensors, status, reason)
 
 
+def pair_line(position: int, total: int, elapsed_s: float, records: list[Record], seconds: float) -> str:
+    """One log line for a finished (case, policy): what was measured, what was too slow or failed, how long."""
+    first = records[0]
+    measured = [r for r in records if r.status == OK]
+    parts = [f"{len(measured)} measured"]
+    noisy = [r.contender for r in measured if r.wide]
+    if noisy:
+        parts.append(f"wide spread: {', '.join(noisy)}")
+    slow = [r.contender for r in records if r.status == TOO_SLOW]
+    if slow:
+        parts.append(f"too slow: {', '.join(slow)}")
+    failed = [r.contender for r in records if r.status not in (OK, TOO_SLOW, NOT_INSTALLED, UNSUPPORTED)]
+    if failed:
+        parts.append(f"failed: {', '.join(failed)}")
+    width = len(str(total))
+    return (
+        f"[{position:>{width}}/{total} {elapsed_s:4.0f} s] {first.case}, {first.policy}: {'; '.join(parts)} "
+        f"({seconds:.1f} s)"
+    )
+
+
+def _why_not(contender: Contender, device: torch.device, policy: Policy, sets: object) -> tuple[str, str] | None:
+    why_not = contender.unavailable(device, policy) or adam_gpu_unavailable(contender, device, policy)
+    if why_not is None and device.type == "cpu" and contender.family == "adam-gpu":
+        if contender.name != "adam-gpu torch":
+            why_not = (UNSUPPORTED, "a GPU kernel: not measured on the CPU")
+    if why_not is None and isinstance(sets, str):
+        why_not = (UNSUPPORTED, f"does not fit: {sets}")
+    return why_not
+
+
 def benchmark(
     device: torch.device,
     quick: bool,
@@ -172,45 +256,57 @@ def benchmark(
     time_limit_s: float | None = None,
     only: Collection[str] | None = None,
     policies: Collection[str] | None = None,
+    full: bool = False,
+    case_time_limit_s: float | None = None,
+    log: Callable[[str], None] = lambda line: None,
 ) -> Run:
     """Measure every contender on every (case, policy) of the plan. ``progress`` is told before each
-    measurement; ``checkpoint`` gets the run so far after each (case, policy), so that a run killed
-    from outside keeps what it measured. With ``time_limit_s`` no (case, policy) starts after that many
-    seconds but the first (the plan puts the headline cases first); those left are listed in
-    ``run.not_measured``. ``only``, ``policies``: the plan's pairs of these cases, these policies alone (cases.plan)."""
+    measurement; ``log`` gets a line after each (case, policy) (pair_line); ``checkpoint`` gets the run so far
+    after each, so that a run killed from outside keeps what it measured. With ``time_limit_s`` no (case,
+    policy) starts after that many seconds but the first (the plan puts the headline cases first); those left
+    are listed in ``run.not_measured``. With ``case_time_limit_s`` a contender whose first step says its
+    measurement would take longer is recorded TOO_SLOW. ``only``, ``policies``, ``full``: which pairs
+    (cases.plan)."""
     started = time.monotonic()
-    run = Run(environment(device, quick), timing.copy_bandwidth_gbps(device, quick), time_limit_s=time_limit_s)
-    pairs = plan(quick, device.type, only, policies)
+    pairs = plan(quick, device.type, only, policies, full)
+    plan_name = "quick" if quick else "full" if full or only is not None or device.type == "cuda" else "default"
+    run = Run(
+        environment(device, quick, plan_name),
+        timing.copy_bandwidth_gbps(device, quick),
+        time_limit_s=time_limit_s,
+        case_time_limit_s=case_time_limit_s,
+    )
     for position, (case, policy) in enumerate(pairs):
         if position and time_limit_s is not None and time.monotonic() - started > time_limit_s:
             run.not_measured = [f"{case.name}, {policy.name}" for case, policy in pairs[position:]]
             break
+        pair_started = time.monotonic()
         sets = input_sets(case, policy, device)
         records = []
         for contender in contenders():
             progress(f"{case.name} {policy.name}: {contender.name}")
-            why_not = contender.unavailable(device, policy) or adam_gpu_unavailable(contender, device, policy)
-            if why_not is None and device.type == "cpu" and contender.family == "adam-gpu":
-                if contender.name != "adam-gpu torch":
-                    why_not = ("unsupported", "a GPU kernel: not measured on the CPU")
-            if why_not is None and isinstance(sets, str):
-                why_not = ("unsupported", f"does not fit: {sets}")
+            why_not = _why_not(contender, device, policy, sets)
             if why_not is not None:
                 records.append(_skipped(contender, case, policy, *why_not))
                 continue
             try:
                 measuring = time.monotonic()
-                records.append(_measure(contender, sets, case, policy, device, quick))
+                records.append(_measure(contender, sets, case, policy, device, quick, case_time_limit_s))
                 records[-1].seconds = time.monotonic() - measuring
+            except TooSlow as slow:
+                records.append(_skipped(contender, case, policy, TOO_SLOW, str(slow)))
             except Exception as error:  # one failing contender must not end the run: its record says why
                 records.append(_skipped(contender, case, policy, f"{ERROR}: {type(error).__name__}", str(error)))
             finally:
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-        _fill_ratios(records, run.copy_gbps)
+        comparable = not isinstance(sets, str) and copy_comparable(device, len(sets), set_bytes(case, policy))
+        _fill_ratios(records, run.copy_gbps if comparable else None)
         run.records += records
         del sets
         checkpoint(run)
+        now = time.monotonic()
+        log(pair_line(position + 1, len(pairs), now - started, records, now - pair_started))
     run.elapsed_s = time.monotonic() - started
     return run

@@ -5,6 +5,7 @@ every result is compared with."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ REPEAT_MS = 100
 QUICK_REPEAT_MS = 20
 HOST_STEPS = 20  # step() calls whose CPU time is the host-time sample, at most
 HOST_MIN_STEPS, HOST_MS = 5, 250  # ... and at least; more than HOST_MS spent ends the sample (see time_host)
+MIN_SAMPLES = 5  # timed calls of a measurement however long each takes (without Triton and on the CPU)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ def _time_cuda_events(function: Callable[[], object], repeat_ms: float) -> Timin
         function()
     torch.cuda.synchronize()
     samples, spent = [], 0.0
-    while spent < repeat_ms or len(samples) < 5:
+    while spent < repeat_ms or len(samples) < MIN_SAMPLES:
         flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -82,12 +84,21 @@ def _time_cuda_events(function: Callable[[], object], repeat_ms: float) -> Timin
 def _time_wall(function: Callable[[], object], repeat_ms: float) -> Timing:
     function()  # warm-up
     samples, spent = [], 0.0
-    while spent < repeat_ms or len(samples) < 5:
+    while spent < repeat_ms or len(samples) < MIN_SAMPLES:
         start = time.perf_counter()
         function()
         samples.append((time.perf_counter() - start) * 1e3)
         spent += samples[-1]
     return _quantiles(samples)
+
+
+def planned_steps(step_ms: float, quick: bool = False, repeat_ms: float | None = None) -> int:
+    """About how many calls ``time_device`` and then ``time_host`` make of a step that takes ``step_ms``: a
+    warm-up, the timed samples, the host-time samples (do_bench's own warm-up on a GPU is not counted)."""
+    step_ms = max(step_ms, 1e-6)
+    timed = max(MIN_SAMPLES, math.ceil(_repeat_ms(quick, repeat_ms) / step_ms))
+    host = min(HOST_STEPS, max(HOST_MIN_STEPS, math.ceil(HOST_MS / step_ms)))
+    return 1 + timed + host
 
 
 def time_host(function: Callable[[], object], device: torch.device) -> float:
