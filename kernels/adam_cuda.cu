@@ -152,8 +152,8 @@ __device__ __forceinline__ float code_value(unsigned int code) {
 // nearer of m[k] and m[k + 1] is that entry anyway. The distances are those of the map's own rule,
 // (upper - x) < (x - lower), on magnitudes: rounding to nearest is symmetric, so for a negative x the same two
 // distances decide, and a tie goes to the larger magnitude (the lower code). The rule on the map's own pairs gave the
-// same code as a binary search of the map for every fp32 x in [-1.0001, 1.0001] (all 2^31, checked in numpy,
-// 2026-11-26), and on magnitudes it takes the same decisions; tests/test_quantization.py checks this function at
+// same code as a binary search of the map for every fp32 x in [-1.0001, 1.0001] (all 2^31, checked in numpy),
+// and on magnitudes it takes the same decisions; tests/test_quantization.py checks this function at
 // every decision point.
 template <bool SIGNED>
 __device__ __forceinline__ unsigned char nearest_code(float x) {

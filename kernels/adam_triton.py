@@ -145,7 +145,7 @@ def _nearest_code(value, SIGNED: tl.constexpr):
     distances are those of the map's own rule, (upper - value) < (value - lower), on magnitudes: rounding to nearest
     is symmetric, so for a negative value the same two distances decide, and a tie goes to the larger magnitude
     (the lower code). The rule on the map's own pairs gave the same code as a binary search of the map for every
-    fp32 value in [-1.0001, 1.0001] (all 2^31 of them, checked in numpy, 2026-11-26), and on magnitudes it takes the
+    fp32 value in [-1.0001, 1.0001] (all 2^31 of them, checked in numpy), and on magnitudes it takes the
     same decisions; tests/test_quantization.py checks this function at every decision point.
     """
     distance = tl.abs(value)
