@@ -9,8 +9,13 @@
 // block's absmax).
 //
 // Specializations are template instantiations named by NVRTC name expressions, e.g.
-//   adam_gpu::adam_step<__nv_bfloat16, float, 2, true, false, 0>
-// (param type, moment type, weight-decay mode, amsgrad, maximize, master mode).
+//   adam_gpu::adam_step<__nv_bfloat16, float, true, 0>
+// (param type, moment type, amsgrad, master mode): only what changes the types or the memory traffic. The
+// weight-decay mode and maximize are run-time values, uniform across a launch (docs/kernel-abi.md).
+//
+// The table's columns, the device scalars, the modes (kL2, kLeanMaster ...) and the kernel's parameter list
+// (ADAM_GPU_STEP_PARAMETERS) are defined by adam_gpu/kernel_abi.py, whose definitions
+// adam_gpu/backends/cuda_source.py puts before this file.
 //
 // The same file builds on the host with g++ and tests/cuda_host_shim.h, which defines
 // ADAM_GPU_HOST_BUILD: the tests run it on the CPU through the shared correctness tests (the threads of a
@@ -23,13 +28,8 @@
 
 namespace adam_gpu {
 
-// Weight-decay modes, as in kernels/adam_triton.py: none, L2 added to the gradient (Adam), decoupled (AdamW).
-enum WeightDecay : int { kNoWeightDecay = 0, kL2 = 1, kDecoupled = 2 };
-// Master modes, as in kernels/adam_triton.py: the param is the value; an fp32 master copy is (the param is
-// its rounding); the bf16 param plus an int16 remainder reconstruct the fp32 master exactly.
-enum Master : int { kNoMaster = 0, kFp32Master = 1, kLeanMaster = 2 };
-
-// The per-step scalars of adam_gpu.hyperparameters.StepScalars, formed in float64 on the host.
+// The per-step scalars of adam_gpu.hyperparameters.StepScalars, formed in float64 on the host, and the launch's
+// modes.
 struct StepScalars {
   float one_minus_beta1;
   float one_minus_beta2;
@@ -38,7 +38,9 @@ struct StepScalars {
   float param_decay;
   float step_size;
   float bias_correction2_sqrt;
-  float grad_multiplier;  // 1, or from the device: 1 / AMP grad scale x clip coefficient
+  // 1, or from the device: 1 / AMP grad scale x clip coefficient; negated to maximize (-(g x) is g (-x) exactly).
+  float grad_multiplier;
+  int weight_decay;  // kNoWeightDecay, kL2 or kDecoupled
 };
 
 __device__ __forceinline__ float to_float(float x) { return x; }
@@ -80,20 +82,20 @@ __device__ __forceinline__ void split_lean_master(float value, __nv_bfloat16& pa
 __device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
 
 // start + weight * (end - start) formed from the nearer end, as torch.lerp does: weight 1 (beta 0) gives
-// end exactly, and a bf16 moment then rounds as torch's.
+// end exactly, and a bf16 moment then rounds as torch's. From the end it is end + (weight - 1) * (end - start)
+// (weight - 1 is exact for weight >= 0.5). Written as one product and a select of its operands, not two
+// branches: the weight is uniform, and the compiler keeps one loop body for both ends (docs/kernel-abi.md).
 __device__ __forceinline__ float lerp_from_nearer_end(float start, float end, float weight) {
-  return weight < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.0f - weight);
+  const bool from_start = weight < 0.5f;
+  return (from_start ? start : end) + (from_start ? weight : weight - 1.0f) * (end - start);
 }
 
-template <int WEIGHT_DECAY, bool AMSGRAD, bool MAXIMIZE>
+template <bool AMSGRAD>
 __device__ __forceinline__ void adam_update(float& p, float g, float& m, float& v, float& v_max,
                                             const StepScalars& s) {
-  static_assert(WEIGHT_DECAY == kNoWeightDecay || WEIGHT_DECAY == kL2 || WEIGHT_DECAY == kDecoupled,
-                "unknown weight-decay mode");
   g *= s.grad_multiplier;
-  if (MAXIMIZE) g = -g;
-  if (WEIGHT_DECAY == kL2) g += s.l2_weight_decay * p;
-  if (WEIGHT_DECAY == kDecoupled) p *= s.param_decay;
+  if (s.weight_decay == kL2) g += s.l2_weight_decay * p;
+  if (s.weight_decay == kDecoupled) p *= s.param_decay;
   // The textbook beta * m + (1 - beta) * g written as a lerp: see StepScalars in hyperparameters.py.
   m = lerp_from_nearer_end(m, g, s.one_minus_beta1);
   // An infinite v stays infinite (NaN with a NaN grad), as in torch's beta2 * v + (1 - beta2) * g²;
@@ -238,7 +240,7 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-template <typename P, int WEIGHT_DECAY, bool MAXIMIZE, int MASTER>
+template <typename P, int MASTER>
 __device__ __forceinline__ void step_quantized_block(P* param, const P* grad, unsigned char* exp_avg,
                                                      unsigned char* exp_avg_sq, float* exp_avg_absmax,
                                                      float* exp_avg_sq_absmax, void* master, long long block,
@@ -271,7 +273,7 @@ __device__ __forceinline__ void step_quantized_block(P* param, const P* grad, un
     m[k] = code_value<true>(m_codes.lane[k]) * m_scale;
     v[k] = code_value<false>(v_codes.lane[k]) * v_scale;
     float unused = 0.0f;
-    adam_update<WEIGHT_DECAY, false, MAXIMIZE>(pk, to_float(g.lane[k]), m[k], v[k], unused, s);
+    adam_update<false>(pk, to_float(g.lane[k]), m[k], v[k], unused, s);
     if constexpr (MASTER == kLeanMaster) {
       split_lean_master(pk, p.lane[k], full.lane[k]);
     } else {
@@ -309,7 +311,7 @@ __device__ __forceinline__ void assume_global(const T* ptr) {
 }
 
 // Update the N elements of pack number `index` (element index * N onwards).
-template <int N, typename P, typename S, int WEIGHT_DECAY, bool AMSGRAD, bool MAXIMIZE, int MASTER>
+template <int N, typename P, typename S, bool AMSGRAD, int MASTER>
 __device__ __forceinline__ void step_pack(P* param, const P* grad, S* exp_avg, S* exp_avg_sq, S* max_exp_avg_sq,
                                           void* master, long long index, const StepScalars& s) {
   Pack<P, N> p = reinterpret_cast<const Pack<P, N>*>(param)[index];
@@ -335,7 +337,7 @@ __device__ __forceinline__ void step_pack(P* param, const P* grad, S* exp_avg, S
     float mk = to_float(m.lane[k]);
     float vk = to_float(v.lane[k]);
     float v_max_k = AMSGRAD ? to_float(v_max.lane[k]) : 0.0f;
-    adam_update<WEIGHT_DECAY, AMSGRAD, MAXIMIZE>(pk, to_float(g.lane[k]), mk, vk, v_max_k, s);
+    adam_update<AMSGRAD>(pk, to_float(g.lane[k]), mk, vk, v_max_k, s);
     if constexpr (MASTER == kLeanMaster) {
       split_lean_master(pk, p.lane[k], low.lane[k]);
     } else {
@@ -368,34 +370,28 @@ __device__ __forceinline__ int tensor_of_chunk(long long chunk, const long long*
   return low;
 }
 
-// One launch updates every tensor of a table (adam_gpu/backends/tensor_table.py): pointers [T][9] (param,
-// grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step count, master, exp_avg and exp_avg_sq absmax), numels [T],
-// chunk_offsets [T + 1]. Blocks stride
-// over the chunks (chunk_size elements of one tensor, a multiple of 8); threads over a chunk's packs.
+// One launch updates every tensor of a table (adam_gpu/backends/tensor_table.py): pointers [T][kRowWidth] (the
+// addresses of the columns k...Column), numels [T], chunk_offsets [T + 1]. Blocks stride over the chunks
+// (chunk_size elements of one tensor, a multiple of 8); threads over a chunk's packs.
 //
-// device_step (capturable mode): lr is device_scalars[0] and each tensor's step count (float) is read
+// device_step (capturable mode): lr is device_scalars[kLr] and each tensor's step count (float) is read
 // through the table; the kernel forms step_size, bias_correction2_sqrt and param_decay itself.
-// grad_scaling (AMP, fused clipping): grads are multiplied by device_scalars[1], and nothing is written
-// when device_scalars[2] (found_inf) is not zero. Both are runtime flags, uniform across the launch.
-// signed_map and unsigned_map (the 8-bit code maps) are not read: codes are decoded and encoded from their bits.
-template <typename P, typename S, int WEIGHT_DECAY, bool AMSGRAD, bool MAXIMIZE, int MASTER>
-__global__ void adam_step(const long long* __restrict__ pointers, const long long* __restrict__ numels,
-                          const long long* __restrict__ chunk_offsets, int n_tensors, long long n_chunks,
-                          long long chunk_size, const float* __restrict__ device_scalars,
-                          const float* __restrict__ signed_map, const float* __restrict__ unsigned_map,
-                          int device_step, int grad_scaling, float one_minus_beta1, float one_minus_beta2, float eps,
-                          float l2_weight_decay, float param_decay, float step_size, float bias_correction2_sqrt,
-                          float decoupled_weight_decay, float ln_beta1, float ln_beta2) {
-  if (grad_scaling && device_scalars[2] != 0.0f) return;  // found_inf: leave everything as it was
+// grad_scaling (AMP, fused clipping): grads are multiplied by device_scalars[kGradMultiplier], and nothing is
+// written when device_scalars[kFoundInf] is not zero. These, weight_decay and maximize are run-time values,
+// uniform across the launch.
+template <typename P, typename S, bool AMSGRAD, int MASTER>
+__global__ void adam_step(ADAM_GPU_STEP_PARAMETERS) {
+  if (grad_scaling && device_scalars[kFoundInf] != 0.0f) return;  // found_inf: leave everything as it was
   constexpr int kPack = 16 / sizeof(P);  // params per 16-byte load
   for (long long chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {
     const int tensor = tensor_of_chunk(chunk, chunk_offsets, n_tensors);
-    const long long* row = pointers + 9LL * tensor;
+    const long long* row = pointers + static_cast<long long>(kRowWidth) * tensor;
+    const float grad_multiplier = grad_scaling ? device_scalars[kGradMultiplier] : 1.0f;
     StepScalars s{one_minus_beta1, one_minus_beta2, eps, l2_weight_decay, param_decay, step_size,
-                  bias_correction2_sqrt, grad_scaling ? device_scalars[1] : 1.0f};
+                  bias_correction2_sqrt, maximize ? -grad_multiplier : grad_multiplier, weight_decay};
     if (device_step) {
-      const float lr = device_scalars[0];
-      const float* step_count = reinterpret_cast<const float*>(row[5]);
+      const float lr = device_scalars[kLr];
+      const float* step_count = reinterpret_cast<const float*>(row[kStepColumn]);
       assume_global(step_count);
       const float step = *step_count;
       // 1 - beta^step as -expm1(step ln beta): 1 - exp(...) cancels in fp32 (StepScalars).
@@ -403,12 +399,12 @@ __global__ void adam_step(const long long* __restrict__ pointers, const long lon
       s.bias_correction2_sqrt = sqrtf(-expm1f(step * ln_beta2));
       s.param_decay = 1.0f - lr * decoupled_weight_decay;
     }
-    P* param = reinterpret_cast<P*>(row[0]);
-    const P* grad = reinterpret_cast<const P*>(row[1]);
-    S* exp_avg = reinterpret_cast<S*>(row[2]);
-    S* exp_avg_sq = reinterpret_cast<S*>(row[3]);
-    S* max_exp_avg_sq = reinterpret_cast<S*>(row[4]);
-    void* master = reinterpret_cast<void*>(row[6]);
+    P* param = reinterpret_cast<P*>(row[kParamColumn]);
+    const P* grad = reinterpret_cast<const P*>(row[kGradColumn]);
+    S* exp_avg = reinterpret_cast<S*>(row[kExpAvgColumn]);
+    S* exp_avg_sq = reinterpret_cast<S*>(row[kExpAvgSqColumn]);
+    S* max_exp_avg_sq = reinterpret_cast<S*>(row[kMaxExpAvgSqColumn]);
+    void* master = reinterpret_cast<void*>(row[kMasterColumn]);
     // The table's addresses are torch's device allocations: global memory. Said so, loads and stores are
     // ld.global/st.global (LDG/STG) rather than generic ones, which first test the address space.
     assume_global(param);
@@ -423,8 +419,8 @@ __global__ void adam_step(const long long* __restrict__ pointers, const long lon
       // A warp per quantization block (blockDim.x is a multiple of 32); chunk_size is a multiple of
       // kQuantBlock, so blocks never straddle chunks.
       const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
-      float* exp_avg_absmax = reinterpret_cast<float*>(row[7]);
-      float* exp_avg_sq_absmax = reinterpret_cast<float*>(row[8]);
+      float* exp_avg_absmax = reinterpret_cast<float*>(row[kExpAvgAbsmaxColumn]);
+      float* exp_avg_sq_absmax = reinterpret_cast<float*>(row[kExpAvgSqAbsmaxColumn]);
       assume_global(exp_avg_absmax);
       assume_global(exp_avg_sq_absmax);
       using MasterT = typename MasterType<MASTER>::type;
@@ -432,9 +428,8 @@ __global__ void adam_step(const long long* __restrict__ pointers, const long lon
                            aligned_for<kPerLane>(exp_avg) && aligned_for<kPerLane>(exp_avg_sq) &&
                            (MASTER == kNoMaster || aligned_for<kPerLane>(static_cast<const MasterT*>(master)));
       for (long long block = start / kQuantBlock + warp; block * kQuantBlock < stop; block += warps) {
-        step_quantized_block<P, WEIGHT_DECAY, MAXIMIZE, MASTER>(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax,
-                                                                exp_avg_sq_absmax, master, block, numels[tensor],
-                                                                lane, aligned, s);
+        step_quantized_block<P, MASTER>(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, master,
+                                        block, numels[tensor], lane, aligned, s);
       }
     } else {
       const bool vectorized = aligned_for<kPack>(param) && aligned_for<kPack>(grad) && aligned_for<kPack>(exp_avg) &&
@@ -444,12 +439,10 @@ __global__ void adam_step(const long long* __restrict__ pointers, const long lon
       // Whole packs from `start` (a multiple of kPack) up to `packed_stop`, then single elements.
       const long long packed_stop = vectorized ? start + (stop - start) / kPack * kPack : start;
       for (long long i = start / kPack + threadIdx.x; i < packed_stop / kPack; i += blockDim.x) {
-        step_pack<kPack, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER>(param, grad, exp_avg, exp_avg_sq,
-                                                                        max_exp_avg_sq, master, i, s);
+        step_pack<kPack, P, S, AMSGRAD, MASTER>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, i, s);
       }
       for (long long i = packed_stop + threadIdx.x; i < stop; i += blockDim.x) {
-        step_pack<1, P, S, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                                                                    master, i, s);
+        step_pack<1, P, S, AMSGRAD, MASTER>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, i, s);
       }
     }
   }

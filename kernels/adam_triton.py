@@ -12,15 +12,29 @@ options are compile-time constants.
 import triton
 import triton.language as tl
 
-# WEIGHT_DECAY modes: none, L2 added to the gradient (Adam), decoupled from the moments (AdamW).
-NO_WEIGHT_DECAY: tl.constexpr = tl.constexpr(0)
-L2: tl.constexpr = tl.constexpr(1)
-DECOUPLED: tl.constexpr = tl.constexpr(2)
-# MASTER modes: the param itself is the value; an fp32 master copy is (the param is its rounding); or
-# the bf16 param plus a 16-bit remainder reconstruct the fp32 master exactly (2 bytes, not 4).
-NO_MASTER: tl.constexpr = tl.constexpr(0)
-FP32_MASTER: tl.constexpr = tl.constexpr(1)
-LEAN_MASTER: tl.constexpr = tl.constexpr(2)
+from adam_gpu.kernel_abi import ROW_WIDTH as _ROW_WIDTH
+from adam_gpu.kernel_abi import Column, DeviceScalar, Master, WeightDecay
+
+# The launch ABI (adam_gpu/kernel_abi.py) as constexprs: the table's columns, the device scalars, the modes.
+PARAM_COLUMN: tl.constexpr = tl.constexpr(Column.PARAM.value)
+GRAD_COLUMN: tl.constexpr = tl.constexpr(Column.GRAD.value)
+EXP_AVG_COLUMN: tl.constexpr = tl.constexpr(Column.EXP_AVG.value)
+EXP_AVG_SQ_COLUMN: tl.constexpr = tl.constexpr(Column.EXP_AVG_SQ.value)
+MAX_EXP_AVG_SQ_COLUMN: tl.constexpr = tl.constexpr(Column.MAX_EXP_AVG_SQ.value)
+STEP_COLUMN: tl.constexpr = tl.constexpr(Column.STEP.value)
+MASTER_COLUMN: tl.constexpr = tl.constexpr(Column.MASTER.value)
+EXP_AVG_ABSMAX_COLUMN: tl.constexpr = tl.constexpr(Column.EXP_AVG_ABSMAX.value)
+EXP_AVG_SQ_ABSMAX_COLUMN: tl.constexpr = tl.constexpr(Column.EXP_AVG_SQ_ABSMAX.value)
+ROW_WIDTH: tl.constexpr = tl.constexpr(_ROW_WIDTH)
+LR: tl.constexpr = tl.constexpr(DeviceScalar.LR.value)
+GRAD_MULTIPLIER: tl.constexpr = tl.constexpr(DeviceScalar.GRAD_MULTIPLIER.value)
+FOUND_INF: tl.constexpr = tl.constexpr(DeviceScalar.FOUND_INF.value)
+NO_WEIGHT_DECAY: tl.constexpr = tl.constexpr(WeightDecay.NO_WEIGHT_DECAY.value)
+L2: tl.constexpr = tl.constexpr(WeightDecay.L2.value)
+DECOUPLED: tl.constexpr = tl.constexpr(WeightDecay.DECOUPLED.value)
+NO_MASTER: tl.constexpr = tl.constexpr(Master.NO_MASTER.value)
+FP32_MASTER: tl.constexpr = tl.constexpr(Master.FP32_MASTER.value)
+LEAN_MASTER: tl.constexpr = tl.constexpr(Master.LEAN_MASTER.value)
 # 8-bit moments (QUANTIZED): uint8 codes of a 256-entry map, one fp32 absmax per QUANT_BLOCK elements
 # (adam_gpu/quantization.py is the specification). BLOCK and CHUNK are multiples of it.
 QUANT_BLOCK: tl.constexpr = tl.constexpr(256)
@@ -255,18 +269,18 @@ def _update_chunk(
     aligned and ``bound`` a multiple of CHUNK, which lets Triton load and store 16 bytes a thread at a time
     (it must know both the addresses' alignment and that the mask is the same over each 16 bytes).
     ``grad_multiplier`` is unused without GRAD_SCALING."""
-    param_ptr = _table_pointer(row, 0, PARAM_TYPE, ALIGNED)
-    grad_ptr = _table_pointer(row, 1, PARAM_TYPE, ALIGNED)
-    exp_avg_ptr = _table_pointer(row, 2, STATE_TYPE, ALIGNED)
-    exp_avg_sq_ptr = _table_pointer(row, 3, STATE_TYPE, ALIGNED)
-    max_exp_avg_sq_ptr = _table_pointer(row, 4, STATE_TYPE, ALIGNED)
+    param_ptr = _table_pointer(row, PARAM_COLUMN, PARAM_TYPE, ALIGNED)
+    grad_ptr = _table_pointer(row, GRAD_COLUMN, PARAM_TYPE, ALIGNED)
+    exp_avg_ptr = _table_pointer(row, EXP_AVG_COLUMN, STATE_TYPE, ALIGNED)
+    exp_avg_sq_ptr = _table_pointer(row, EXP_AVG_SQ_COLUMN, STATE_TYPE, ALIGNED)
+    max_exp_avg_sq_ptr = _table_pointer(row, MAX_EXP_AVG_SQ_COLUMN, STATE_TYPE, ALIGNED)
     if MASTER == FP32_MASTER:
-        master_ptr = _table_pointer(row, 6, tl.float32, ALIGNED)
+        master_ptr = _table_pointer(row, MASTER_COLUMN, tl.float32, ALIGNED)
     elif MASTER == LEAN_MASTER:
-        master_ptr = _table_pointer(row, 6, tl.int16, ALIGNED)
+        master_ptr = _table_pointer(row, MASTER_COLUMN, tl.int16, ALIGNED)
     if QUANTIZED:
-        exp_avg_absmax_ptr = tl.load(row + 7).to(tl.pointer_type(tl.float32))
-        exp_avg_sq_absmax_ptr = tl.load(row + 8).to(tl.pointer_type(tl.float32))
+        exp_avg_absmax_ptr = tl.load(row + EXP_AVG_ABSMAX_COLUMN).to(tl.pointer_type(tl.float32))
+        exp_avg_sq_absmax_ptr = tl.load(row + EXP_AVG_SQ_ABSMAX_COLUMN).to(tl.pointer_type(tl.float32))
     for block_start in range(0, CHUNK, BLOCK):
         first = chunk_start + block_start
         if QUANTIZED:  # a row per quantization block: its absmax is a reduction along the row, broadcast back
@@ -341,8 +355,6 @@ def adam_step_kernel(
     chunk_offsets,
     n_tensors,
     device_scalars,
-    signed_map,
-    unsigned_map,
     one_minus_beta1,
     one_minus_beta2,
     eps,
@@ -368,35 +380,36 @@ def adam_step_kernel(
     """p -= step_size * m / (sqrt(v) / sqrt(1 - beta2**t) + eps), with step_size = lr / (1 - beta1**t).
 
     The scalars are ``adam_gpu.hyperparameters.StepScalars``, formed in float64 on the host. With
-    DEVICE_STEP (capturable), lr is ``device_scalars[0]`` and each tensor's step count is read from the
+    DEVICE_STEP (capturable), lr is ``device_scalars[LR]`` and each tensor's step count is read from the
     table, and the kernel forms step_size, bias_correction2_sqrt and param_decay itself. With
-    GRAD_SCALING, grads are multiplied by ``device_scalars[1]`` (AMP unscaling and the clip coefficient)
-    and nothing is written when ``device_scalars[2]`` (found_inf) is not zero. ``signed_map`` and
-    ``unsigned_map`` (the fp32 code maps) are not read: codes are decoded and encoded from their bits.
+    GRAD_SCALING, grads are multiplied by ``device_scalars[GRAD_MULTIPLIER]`` (AMP unscaling and the clip
+    coefficient) and nothing is written when ``device_scalars[FOUND_INF]`` is not zero. 8-bit codes are decoded
+    and encoded from their bits (no map is read).
     """
     chunk = tl.program_id(0).to(tl.int64)
     tensor = _tensor_of_chunk(chunk, chunk_offsets, n_tensors).to(tl.int64)
     n_elements = tl.load(numels + tensor)
     chunk_start = (chunk - tl.load(chunk_offsets + tensor)) * CHUNK
-    row = pointers + tensor * 9
+    row = pointers + tensor * ROW_WIDTH
     if DEVICE_STEP:
-        lr = tl.load(device_scalars)
-        step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
+        lr = tl.load(device_scalars + LR)
+        step = tl.load(tl.load(row + STEP_COLUMN).to(tl.pointer_type(tl.float32)))
         step_size = tl.div_rn(lr, _one_minus_exp(step * ln_beta1))
         bias_correction2_sqrt = tl.sqrt_rn(_one_minus_exp(step * ln_beta2))
         param_decay = 1.0 - lr * decoupled_weight_decay
     grad_multiplier = 1.0  # (unused without GRAD_SCALING)
     if GRAD_SCALING:
-        grad_multiplier = tl.load(device_scalars + 1)
+        grad_multiplier = tl.load(device_scalars + GRAD_MULTIPLIER)
         # found_inf: no element is written. (A scalar bool in the mask would be simpler, but Triton's
         # interpreter cannot AND a scalar bool with a block of them.)
-        n_elements = n_elements * (tl.load(device_scalars + 2) == 0.0).to(tl.int64)
+        n_elements = n_elements * (tl.load(device_scalars + FOUND_INF) == 0.0).to(tl.int64)
 
     # A whole chunk of a tensor whose addresses are 16-byte aligned is masked against its own end, a multiple of
     # CHUNK, and its pointers declared aligned: Triton then vectorizes. Any other chunk is masked against the
     # tensor's end: scalar accesses. (Each call is compiled on its own: the hints stay in their branch.)
-    addresses = tl.load(row) | tl.load(row + 1) | tl.load(row + 2) | tl.load(row + 3) | tl.load(row + 4)
-    addresses = addresses | tl.load(row + 6)  # (0 where there is no master)
+    addresses = tl.load(row + PARAM_COLUMN) | tl.load(row + GRAD_COLUMN) | tl.load(row + EXP_AVG_COLUMN)
+    addresses |= tl.load(row + EXP_AVG_SQ_COLUMN) | tl.load(row + MAX_EXP_AVG_SQ_COLUMN)
+    addresses |= tl.load(row + MASTER_COLUMN)  # (0 where there is no master)
     if (chunk_start + CHUNK <= n_elements) & (addresses % 16 == 0):
         _update_chunk(
             row, chunk_start, chunk_start + CHUNK, grad_multiplier,
