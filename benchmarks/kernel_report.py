@@ -1,12 +1,16 @@
 """What the compilers made of the two kernels for sm_90, without a GPU: memory instructions by kind and width,
 shuffles, barriers, registers, stack and local memory, read from the SASS (cuobjdump) of each kernel.
 
-    python benchmarks/kernel_report.py [--policy bf16-8bit-moments] [--decay DECOUPLED]
+    python benchmarks/kernel_report.py [--policy bf16-8bit-moments] [--decay DECOUPLED] [--branches ff]
 
 Triton is compiled ahead of time with the launch configuration a GPU step uses (tests/test_aot_compile.py's
 compile_variants, in a subprocess with TRITON_INTERPRET=0); the CUDA C source by NVRTC (tests/nvrtc.py) with the
 cupy backend's options. The counts are static (instructions in the code, not executed per element): the
-per-element story, with the loop trip counts, is in docs/kernels-8bit.md.
+per-element story, with the loop trip counts, is in docs/kernels-8bit.md. For the CUDA C kernel's vector loop
+(the innermost loop with 16-byte loads) the report also walks one path through it: past every slow path of a
+division or square root (a short forward branch over a CALL), and at each other branch (the compiler's versions of
+the loop body for the run-time modes, bounds checks) as ``--branches`` says, t(aken) or f (the default), listing
+those branches with the instruction that set their predicate: docs/kernel-abi.md reads them.
 """
 
 from __future__ import annotations
@@ -30,9 +34,14 @@ MEMORY_OPCODE = re.compile(r"\b((?:LDG|STG|LDL|STL|LDS|STS|LD|ST|SHFL|BAR|ATOMS|
 INSTRUCTION = re.compile(r"\s+/\*[0-9a-f]{4}\*/\s+(?!NOP)[A-Z@]")
 # Storage policy (tests/test_aot_compile.py's names) -> the CUDA C kernel's (param type, moment type).
 POLICIES = {"bf16-8bit-moments": ("__nv_bfloat16", "unsigned char"), "fp32-8bit-moments": ("float", "unsigned char"),
-            "bf16": ("__nv_bfloat16", "__nv_bfloat16"), "fp32": ("float", "float")}  # fmt: skip
-# Weight-decay mode -> the kernels' number for it (the same in both: kernels/adam_triton.py, adam_cuda.cu).
-DECAYS = {"NO_WEIGHT_DECAY": 0, "L2": 1, "DECOUPLED": 2}
+            "bf16": ("__nv_bfloat16", "__nv_bfloat16"), "bf16-fp32-moments": ("__nv_bfloat16", "float"),
+            "fp32": ("float", "float")}  # fmt: skip
+# Weight-decay modes by name (kernels/adam_triton.py's constexprs; the CUDA C kernel takes the mode at run time).
+DECAYS = ("NO_WEIGHT_DECAY", "L2", "DECOUPLED")
+# A SASS instruction: its address and text (without the trailing ';').
+SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4})\*/\s+(.*?)\s*;")
+BRANCH = re.compile(r"(@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(0x[0-9a-f]+)")
+SLOW_PATH_MAX = 40  # instructions a branch over a CALL may skip and still count as a division's slow path
 
 
 def _cuobjdump() -> Path:
@@ -84,19 +93,63 @@ def triton_report(
     return sass_counts(out_dir / f"{record['id']}.cubin")
 
 
-def cuda_report(policy: str, decay: str, out_dir: Path) -> dict[str, object]:
+def _sass_instructions(sass: str) -> list[tuple[int, str]]:
+    matches = map(SASS_LINE.match, sass.splitlines())
+    return [(int(m.group(1), 16), m.group(2)) for m in matches if m and not m.group(2).startswith("NOP")]
+
+
+def vector_loop_path(sass: str, branches: str) -> dict[str, object]:
+    """The innermost loop holding 16-byte global loads: its static size, and the instructions on one path through
+    it (see the module docstring), with the branches decided on the way."""
+    instructions = _sass_instructions(sass)
+    loops = []
+    for address, text in instructions:
+        branch = BRANCH.match(text)
+        if branch and int(branch.group(2), 16) <= address:  # a back edge: the loop from its target to here
+            body = [(a, t) for a, t in instructions if int(branch.group(2), 16) <= a <= address]
+            if any("LDG.E.128" in t for _, t in body):
+                loops.append(body)
+    body = min(loops, key=len)
+    position = {address: index for index, (address, _) in enumerate(body)}
+    decisions, decided, index, path = list(branches), [], 0, 0
+    while index < len(body):
+        address, text = body[index]
+        path += 1
+        branch = BRANCH.match(text)
+        if branch:
+            target = int(branch.group(2), 16)
+            if target <= address:
+                break
+            skipped = [t for a, t in body if address < a < target]
+            slow_path = any("CALL" in t for t in skipped) and len(skipped) < SLOW_PATH_MAX
+            if not branch.group(1) or slow_path:
+                index = position.get(target, len(body))
+                continue
+            predicate = branch.group(1).strip().lstrip("@!")
+            setter = next((t for _, t in reversed(body[:index]) if "SETP" in t and f" {predicate}," in t), "?")
+            taken = (decisions.pop(0) if decisions else "f") == "t"
+            decided.append(f"{text} ({setter}): {'taken' if taken else 'not taken'}")
+            if taken:
+                index = position.get(target, len(body))
+                continue
+        index += 1
+    return {"static": len(body), "path": path, "branches": decided}
+
+
+def cuda_report(policy: str, out_dir: Path, branches: str = "") -> dict[str, object]:
     from nvrtc import compile_program, resource_usage
 
     from adam_gpu.backends import cuda_source
 
     param, moment = POLICIES[policy]
-    name = f"adam_gpu::adam_step<{param}, {moment}, {DECAYS[decay]}, false, false, 0>"
+    name = f"adam_gpu::adam_step<{param}, {moment}, false, 0>"  # (no amsgrad, no master)
     options = [*cuda_source.compile_options(), "-arch=sm_90", "--ptxas-options=-v"]
     program = compile_program(cuda_source.source(), [name], options)
     cubin = out_dir / "cuda.cubin"
     cubin.write_bytes(program.cubin)
     cubin.with_suffix(".ptx").write_text(program.ptx)
     report = sass_counts(cubin)
+    report["vector loop"] = vector_loop_path(cubin.with_suffix(".sass").read_text(), branches)
     usage = resource_usage(program.log)[program.lowered_names[name]]
     report["ptxas"] = {"registers": usage.registers, "stack": usage.stack_bytes, "spills": usage.spill_store_bytes}
     return report
@@ -157,7 +210,8 @@ def helper_costs(source: str, out_dir: Path) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--policy", choices=sorted(POLICIES), default="bf16-8bit-moments")
-    parser.add_argument("--decay", choices=sorted(DECAYS), default="DECOUPLED")
+    parser.add_argument("--decay", choices=sorted(DECAYS), default="DECOUPLED", help="Triton's (CUDA C: run time)")
+    parser.add_argument("--branches", default="", help="CUDA C vector loop: t/f for each branch met (default f)")
     parser.add_argument("--quantized", type=int, nargs=2, metavar=("BLOCK", "WARPS"),
                         help="Triton: launch 8-bit moments with this block and warps, not the defaults")  # fmt: skip
     parser.add_argument("--helpers-of", metavar="REVISION",
@@ -168,7 +222,7 @@ def main() -> None:
         out_dir = args.keep or Path(folder)
         out_dir.mkdir(parents=True, exist_ok=True)
         reports = {"triton": triton_report(args.policy, args.decay, out_dir, args.quantized),
-                   "cuda": cuda_report(args.policy, args.decay, out_dir)}  # fmt: skip
+                   "cuda": cuda_report(args.policy, out_dir, args.branches)}  # fmt: skip
         from adam_gpu.backends import cuda_source
 
         reports["cuda"]["helpers"] = helper_costs(cuda_source.source(), out_dir)
