@@ -10,12 +10,15 @@ from dataclasses import dataclass
 
 import torch
 
-LR, GRAD_MULTIPLIER, FOUND_INF = 0, 1, 2  # the layout of DeviceInputs.values
+from adam_gpu.kernel_abi import DEVICE_SCALARS, DeviceScalar
+
+# The layout of DeviceInputs.values, as the kernels read it.
+LR, GRAD_MULTIPLIER, FOUND_INF = (int(DeviceScalar[name]) for name in ("LR", "GRAD_MULTIPLIER", "FOUND_INF"))
 
 
 @dataclass(frozen=True)
 class DeviceInputs:
-    """``values`` is float32 [3] on the params' device: lr, the factor every grad is multiplied by
+    """``values`` is float32 [DEVICE_SCALARS] on the params' device: lr, the factor every grad is multiplied by
     (1 / grad scale x clip coefficient), and found_inf (non-zero: the step writes nothing).
     ``steps``: each tensor's step count on the device (capturable mode; the kernels then form the bias
     corrections themselves), or None when step counts are on the host."""
@@ -36,7 +39,7 @@ def is_capturing(device: torch.device) -> bool:
 @functools.cache
 def unused_values(device: torch.device) -> torch.Tensor:
     """What a kernel's device-scalars argument points to when no DeviceInputs apply (never read then)."""
-    return torch.zeros(3, dtype=torch.float32, device=device)
+    return torch.zeros(DEVICE_SCALARS, dtype=torch.float32, device=device)
 
 
 def device_values(
@@ -49,7 +52,7 @@ def device_values(
     """Assemble ``DeviceInputs.values`` with device ops only: no host synchronization, and nothing a CUDA graph
     would copy from host memory. (``values[LR] = 1e-3`` makes the number a CPU tensor when ``values`` is on a GPU
     and copies it, which torch refuses while capturing; ``fill_`` passes it as a kernel argument.)"""
-    values = torch.zeros(3, dtype=torch.float32, device=device)
+    values = torch.zeros(DEVICE_SCALARS, dtype=torch.float32, device=device)
     if isinstance(lr, torch.Tensor):
         values[LR] = lr
     else:

@@ -12,16 +12,30 @@ options are compile-time constants.
 import triton
 import triton.language as tl
 
-# WEIGHT_DECAY modes: none, L2 added to the gradient (Adam), decoupled from the moments (AdamW).
-NO_WEIGHT_DECAY: tl.constexpr = tl.constexpr(0)
-L2: tl.constexpr = tl.constexpr(1)
-DECOUPLED: tl.constexpr = tl.constexpr(2)
-# MASTER modes: the param itself is the value; an fp32 master copy is (the param is its rounding); or
-# the bf16 param plus a 16-bit remainder reconstruct the fp32 master exactly (2 bytes, not 4).
-NO_MASTER: tl.constexpr = tl.constexpr(0)
-FP32_MASTER: tl.constexpr = tl.constexpr(1)
-LEAN_MASTER: tl.constexpr = tl.constexpr(2)
-# 8-bit moments (QUANTIZED): uint8 codes into a 256-entry map, one fp32 absmax per QUANT_BLOCK elements
+from adam_gpu.kernel_abi import ROW_WIDTH as _ROW_WIDTH
+from adam_gpu.kernel_abi import Column, DeviceScalar, Master, WeightDecay
+
+# The launch ABI (adam_gpu/kernel_abi.py) as constexprs: the table's columns, the device scalars, the modes.
+PARAM_COLUMN: tl.constexpr = tl.constexpr(Column.PARAM.value)
+GRAD_COLUMN: tl.constexpr = tl.constexpr(Column.GRAD.value)
+EXP_AVG_COLUMN: tl.constexpr = tl.constexpr(Column.EXP_AVG.value)
+EXP_AVG_SQ_COLUMN: tl.constexpr = tl.constexpr(Column.EXP_AVG_SQ.value)
+MAX_EXP_AVG_SQ_COLUMN: tl.constexpr = tl.constexpr(Column.MAX_EXP_AVG_SQ.value)
+STEP_COLUMN: tl.constexpr = tl.constexpr(Column.STEP.value)
+MASTER_COLUMN: tl.constexpr = tl.constexpr(Column.MASTER.value)
+EXP_AVG_ABSMAX_COLUMN: tl.constexpr = tl.constexpr(Column.EXP_AVG_ABSMAX.value)
+EXP_AVG_SQ_ABSMAX_COLUMN: tl.constexpr = tl.constexpr(Column.EXP_AVG_SQ_ABSMAX.value)
+ROW_WIDTH: tl.constexpr = tl.constexpr(_ROW_WIDTH)
+LR: tl.constexpr = tl.constexpr(DeviceScalar.LR.value)
+GRAD_MULTIPLIER: tl.constexpr = tl.constexpr(DeviceScalar.GRAD_MULTIPLIER.value)
+FOUND_INF: tl.constexpr = tl.constexpr(DeviceScalar.FOUND_INF.value)
+NO_WEIGHT_DECAY: tl.constexpr = tl.constexpr(WeightDecay.NO_WEIGHT_DECAY.value)
+L2: tl.constexpr = tl.constexpr(WeightDecay.L2.value)
+DECOUPLED: tl.constexpr = tl.constexpr(WeightDecay.DECOUPLED.value)
+NO_MASTER: tl.constexpr = tl.constexpr(Master.NO_MASTER.value)
+FP32_MASTER: tl.constexpr = tl.constexpr(Master.FP32_MASTER.value)
+LEAN_MASTER: tl.constexpr = tl.constexpr(Master.LEAN_MASTER.value)
+# 8-bit moments (QUANTIZED): uint8 codes of a 256-entry map, one fp32 absmax per QUANT_BLOCK elements
 # (adam_gpu/quantization.py is the specification). BLOCK and CHUNK are multiples of it.
 QUANT_BLOCK: tl.constexpr = tl.constexpr(256)
 
@@ -102,17 +116,54 @@ def _store_lean_master(param_ptr, remainder_ptr, offsets, value, mask):
 
 
 @triton.jit
-def _nearest_code(value, code_map, SIGNED: tl.constexpr):
-    """Index of the map entry nearest to ``value`` (the lower one on a tie).
+def _magnitude_value(magnitude_code, SIGNED: tl.constexpr):
+    """m[k], the map's non-negative value of magnitude code ``k`` (int32), bit for bit the fp32 map's entry.
 
-    The maps are small float formats scaled so that their largest value is 1 (adam_gpu/quantization.py: a sign,
-    4 exponent and 3 mantissa bits for exp_avg; 5 and 3 for exp_avg_sq): the bits of |value| * 1.875 give the last
-    entry <= value, off by one only within a few ulps of an entry, where the nearer of it and the next is that
-    entry anyway. So two independent map reads, where a binary search over the 256 entries took 8 dependent ones
-    and two more. The same code as that search for every fp32 value in [-1.0001, 1.0001] (all 2^31 of them,
-    checked in numpy, 2026-11-26); tests/test_quantization.py checks this function at every decision point.
+    The maps are small float formats divided by their largest value, 1.875 (a sign, 4 exponent and 3 mantissa bits
+    for exp_avg; 5 and 3 for exp_avg_sq; adam_gpu/quantization.py). A magnitude code shifted into fp32's exponent
+    and mantissa fields is the format's value times 2^(bias - 127), subnormals included; times 2^64 it is a normal
+    fp32, exactly. The division by 1.875 (times the powers of two) is then a product by its rounded reciprocal and
+    one FMA correction, which rounds as the division would: the map's bits for all 256 codes of both maps (checked
+    in tests/test_quantization.py), where the product alone differs for 96 of them."""
+    if SIGNED:  # exponent bias 15
+        reciprocal = 150119995408384.0  # 2^48 / 1.875, rounded to fp32: 2^(127 - 64 - 15) / 1.875
+        divisor = 6.661338147750939e-15  # 1.875 * 2^-48, exact
+    else:  # exponent bias 31
+        reciprocal = 2290649344.0  # 2^32 / 1.875, rounded to fp32: 2^(127 - 64 - 31) / 1.875
+        divisor = 4.3655745685100555e-10  # 1.875 * 2^-32, exact
+    scaled = (magnitude_code << 20).to(tl.float32, bitcast=True) * 18446744073709551616.0  # 2^64
+    quotient = scaled * reciprocal
+    return tl.fma(tl.fma(-quotient, divisor, scaled), reciprocal, quotient)
+
+
+@triton.jit
+def _code_value(code, SIGNED: tl.constexpr):
+    """The map entry of ``code`` (uint8) from its bits, no map read: entries 128 + k of the signed map hold +m[k]
+    and 127 - k hold -m[k]; the unsigned map's entry k is m[k]."""
+    code = code.to(tl.uint32)
+    if SIGNED:
+        # 127 - code below 128 and code - 128 from it are code ^ 0x7F and code ^ 0x80; the sign bit is ~code's top
+        # bit, set rather than negated: entry 127 is -0.0.
+        value = _magnitude_value(code ^ (0x7F + (code >> 7)), SIGNED)
+        sign = ((~code >> 7) & 1) << 31
+        return (value.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+    return _magnitude_value(code, SIGNED)
+
+
+@triton.jit
+def _nearest_code(value, SIGNED: tl.constexpr):
+    """Index of the map entry nearest to ``value`` (the lower one on a tie), no map read.
+
+    The bits of |value| * 1.875 (the format's own scale) give the magnitude code k of the last entry <= |value|, off
+    by one only within a few ulps of an entry, where the nearer of m[k] and m[k + 1] is that entry anyway. The
+    distances are those of the map's own rule, (upper - value) < (value - lower), on magnitudes: rounding to nearest
+    is symmetric, so for a negative value the same two distances decide, and a tie goes to the larger magnitude
+    (the lower code). The rule on the map's own pairs gave the same code as a binary search of the map for every
+    fp32 value in [-1.0001, 1.0001] (all 2^31 of them, checked in numpy), and on magnitudes it takes the
+    same decisions; tests/test_quantization.py checks this function at every decision point.
     """
-    magnitude = tl.abs(value) * 1.875  # on the format's own scale: largest value (1 + 7/8) * 2^0
+    distance = tl.abs(value)
+    magnitude = distance * 1.875  # on the format's own scale: largest value (1 + 7/8) * 2^0
     if SIGNED:  # exponent bias 15: smallest normal 2^-14, subnormal step 2^-14 / 8
         smallest_normal = 6.103515625e-05
         per_subnormal_step = 131072.0  # 2^17
@@ -127,42 +178,41 @@ def _nearest_code(value, code_map, SIGNED: tl.constexpr):
     # of the subnormal step (the magnitude is capped first, so the conversion never overflows).
     normal = (magnitude.to(tl.int32, bitcast=True) >> 20) - exponent_offset
     subnormal = (tl.minimum(magnitude, smallest_normal) * per_subnormal_step).to(tl.int32)
-    code = tl.minimum(tl.maximum(tl.where(magnitude >= smallest_normal, normal, subnormal), 0), largest)
-    if SIGNED:  # entries 128 + k hold +m[k], 127 - k hold -m[k]: the last one <= a negative value is near 126 - k
-        code = tl.where(value >= 0, 128 + code, 126 - code)
-    low = tl.minimum(tl.maximum(code, 0), 254)
-    nearer_upper = (tl.load(code_map + low + 1) - value) < (value - tl.load(code_map + low))
-    return tl.where(nearer_upper, low + 1, low)
+    # The lower of the two candidates, at most the next to largest magnitude.
+    low = tl.minimum(tl.maximum(tl.where(magnitude >= smallest_normal, normal, subnormal), 0), largest - 1)
+    up = _magnitude_value(low + 1, SIGNED) - distance
+    down = distance - _magnitude_value(low, SIGNED)
+    if SIGNED:
+        non_negative = value >= 0
+        upper = tl.where(non_negative, up < down, up <= down).to(tl.int32)
+        return tl.where(non_negative, 128 + low + upper, 127 - low - upper)
+    return low + (up < down).to(tl.int32)
 
 
 @triton.jit
-def _load_quantized(codes_ptr, absmax_ptr, code_map, offsets, mask):
-    codes = tl.load(codes_ptr + offsets, mask=mask, other=0).to(tl.int32)
-    absmax = tl.load(absmax_ptr + offsets // QUANT_BLOCK, mask=mask, other=0.0)
-    return tl.load(code_map + codes) * absmax
+def _load_quantized(codes_ptr, absmax_ptr, offsets, mask, blocks, block_mask, SIGNED: tl.constexpr):
+    """Values of the codes at ``offsets`` (rows of QUANT_BLOCK elements, quantization block ``blocks[row]``): one
+    absmax load a row, broadcast along it."""
+    codes = tl.load(codes_ptr + offsets, mask=mask, other=0)
+    absmax = tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0)
+    return _code_value(codes, SIGNED) * absmax[:, None]
 
 
 @triton.jit
-def _store_quantized(
-    codes_ptr, absmax_ptr, code_map, offsets, value, mask, first, n_elements, SIGNED: tl.constexpr, BLOCK: tl.constexpr
-):
-    """Quantize BLOCK values (BLOCK / QUANT_BLOCK whole blocks starting at element ``first``): one absmax
-    per block of the values inside the tensor (NaN for a block with a non-finite value), and each value's
-    nearest code."""
-    blocks_per_row: tl.constexpr = BLOCK // QUANT_BLOCK
+def _store_quantized(codes_ptr, absmax_ptr, offsets, value, mask, blocks, block_mask, SIGNED: tl.constexpr):
+    """Quantize rows of QUANT_BLOCK values (quantization block ``blocks[row]``): one absmax a row of the values
+    inside the tensor (NaN for a row with a non-finite value), and each value's nearest code."""
     # A NaN counts as Inf, so one max finds both the absmax and whether the block holds a non-finite value;
     # such a block's absmax is stored as NaN, so that all of it reads NaN from then on (no code holds NaN
     # or Inf, and a max that skipped it would hide it).
     magnitude = tl.abs(value)
     magnitude = tl.where(mask, tl.where(magnitude == magnitude, magnitude, float("inf")), 0.0)
-    block_absmax = tl.max(tl.reshape(magnitude, (blocks_per_row, QUANT_BLOCK)), axis=1)
+    block_absmax = tl.max(magnitude, axis=1)
     # One IEEE reciprocal per block, then a product per value (an all-zero block: zeros).
     reciprocal = tl.div_rn(1.0, tl.where(block_absmax > 0, block_absmax, 1.0))
-    normalized = value * tl.reshape(tl.broadcast_to(reciprocal[:, None], (blocks_per_row, QUANT_BLOCK)), (BLOCK,))
-    tl.store(codes_ptr + offsets, _nearest_code(normalized, code_map, SIGNED).to(tl.uint8), mask=mask)
-    blocks = first // QUANT_BLOCK + tl.arange(0, blocks_per_row)
+    tl.store(codes_ptr + offsets, _nearest_code(value * reciprocal[:, None], SIGNED).to(tl.uint8), mask=mask)
     stored_absmax = tl.where(block_absmax == float("inf"), float("nan"), block_absmax)
-    tl.store(absmax_ptr + blocks, stored_absmax, mask=blocks * QUANT_BLOCK < n_elements)
+    tl.store(absmax_ptr + blocks, stored_absmax, mask=block_mask)
 
 
 @triton.jit
@@ -193,9 +243,6 @@ def _update_chunk(
     row,
     chunk_start,
     bound,
-    n_elements,
-    signed_map,
-    unsigned_map,
     grad_multiplier,
     one_minus_beta1,
     one_minus_beta2,
@@ -216,26 +263,33 @@ def _update_chunk(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One Adam step of the CHUNK elements from ``chunk_start`` of the tensor in table ``row`` (of
-    ``n_elements``), BLOCK at a time, those below ``bound`` only. ALIGNED: every address the chunk is read and
-    written through (param, grad, moments, max_exp_avg_sq, master) is 16-byte aligned and ``bound`` a multiple
-    of CHUNK, which lets Triton load and store 16 bytes a thread at a time
+    """One Adam step of the CHUNK elements from ``chunk_start`` of the tensor in table ``row``, BLOCK at a
+    time, those below ``bound`` only (the tensor's end, or 0 where nothing is written). ALIGNED: every
+    address the chunk is read and written through (param, grad, moments, max_exp_avg_sq, master) is 16-byte
+    aligned and ``bound`` a multiple of CHUNK, which lets Triton load and store 16 bytes a thread at a time
     (it must know both the addresses' alignment and that the mask is the same over each 16 bytes).
     ``grad_multiplier`` is unused without GRAD_SCALING."""
-    param_ptr = _table_pointer(row, 0, PARAM_TYPE, ALIGNED)
-    grad_ptr = _table_pointer(row, 1, PARAM_TYPE, ALIGNED)
-    exp_avg_ptr = _table_pointer(row, 2, STATE_TYPE, ALIGNED)
-    exp_avg_sq_ptr = _table_pointer(row, 3, STATE_TYPE, ALIGNED)
-    max_exp_avg_sq_ptr = _table_pointer(row, 4, STATE_TYPE, ALIGNED)
+    param_ptr = _table_pointer(row, PARAM_COLUMN, PARAM_TYPE, ALIGNED)
+    grad_ptr = _table_pointer(row, GRAD_COLUMN, PARAM_TYPE, ALIGNED)
+    exp_avg_ptr = _table_pointer(row, EXP_AVG_COLUMN, STATE_TYPE, ALIGNED)
+    exp_avg_sq_ptr = _table_pointer(row, EXP_AVG_SQ_COLUMN, STATE_TYPE, ALIGNED)
+    max_exp_avg_sq_ptr = _table_pointer(row, MAX_EXP_AVG_SQ_COLUMN, STATE_TYPE, ALIGNED)
     if MASTER == FP32_MASTER:
-        master_ptr = _table_pointer(row, 6, tl.float32, ALIGNED)
+        master_ptr = _table_pointer(row, MASTER_COLUMN, tl.float32, ALIGNED)
     elif MASTER == LEAN_MASTER:
-        master_ptr = _table_pointer(row, 6, tl.int16, ALIGNED)
+        master_ptr = _table_pointer(row, MASTER_COLUMN, tl.int16, ALIGNED)
     if QUANTIZED:
-        exp_avg_absmax_ptr = tl.load(row + 7).to(tl.pointer_type(tl.float32))
-        exp_avg_sq_absmax_ptr = tl.load(row + 8).to(tl.pointer_type(tl.float32))
+        exp_avg_absmax_ptr = tl.load(row + EXP_AVG_ABSMAX_COLUMN).to(tl.pointer_type(tl.float32))
+        exp_avg_sq_absmax_ptr = tl.load(row + EXP_AVG_SQ_ABSMAX_COLUMN).to(tl.pointer_type(tl.float32))
     for block_start in range(0, CHUNK, BLOCK):
-        offsets = chunk_start + block_start + tl.arange(0, BLOCK)
+        first = chunk_start + block_start
+        if QUANTIZED:  # a row per quantization block: its absmax is a reduction along the row, broadcast back
+            rows = tl.arange(0, BLOCK // QUANT_BLOCK)
+            offsets = first + (rows[:, None] * QUANT_BLOCK + tl.arange(0, QUANT_BLOCK)[None, :])
+            blocks = first // QUANT_BLOCK + rows
+            block_mask = blocks * QUANT_BLOCK < bound
+        else:
+            offsets = first + tl.arange(0, BLOCK)
         mask = offsets < bound
         if MASTER == FP32_MASTER:
             param = tl.load(master_ptr + offsets, mask=mask)
@@ -245,8 +299,10 @@ def _update_chunk(
             param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
         grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
         if QUANTIZED:
-            exp_avg = _load_quantized(exp_avg_ptr, exp_avg_absmax_ptr, signed_map, offsets, mask)
-            exp_avg_sq = _load_quantized(exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, unsigned_map, offsets, mask)
+            exp_avg = _load_quantized(exp_avg_ptr, exp_avg_absmax_ptr, offsets, mask, blocks, block_mask, True)
+            exp_avg_sq = _load_quantized(
+                exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, offsets, mask, blocks, block_mask, False
+            )
         else:
             exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
             exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
@@ -263,13 +319,8 @@ def _update_chunk(
         # An infinite v stays infinite (NaN with a NaN grad), as in torch's beta2 * v + (1 - beta2) * g²;
         # the lerp alone would give Inf - Inf.
         v_from_inf = exp_avg_sq + one_minus_beta2 * grad * grad
-        if QUANTIZED:  # (8-bit codes gain nothing from the exact ends, and the select cost a stack frame)
-            exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
-            v_lerp = exp_avg_sq + one_minus_beta2 * (grad * grad - exp_avg_sq)
-        else:
-            exp_avg = _lerp(exp_avg, grad, one_minus_beta1)
-            v_lerp = _lerp(exp_avg_sq, grad * grad, one_minus_beta2)
-        exp_avg_sq = tl.where(exp_avg_sq == float("inf"), v_from_inf, v_lerp)
+        exp_avg = _lerp(exp_avg, grad, one_minus_beta1)
+        exp_avg_sq = tl.where(exp_avg_sq == float("inf"), v_from_inf, _lerp(exp_avg_sq, grad * grad, one_minus_beta2))
         if AMSGRAD:
             max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
             max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
@@ -288,14 +339,10 @@ def _update_chunk(
         else:
             _store_rounded(param_ptr, offsets, param, mask)
         if QUANTIZED:
-            first = chunk_start + block_start
+            _store_quantized(exp_avg_ptr, exp_avg_absmax_ptr, offsets, exp_avg, mask, blocks, block_mask, True)
             _store_quantized(
-                exp_avg_ptr, exp_avg_absmax_ptr, signed_map, offsets, exp_avg, mask, first, n_elements, True, BLOCK
+                exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, offsets, exp_avg_sq, mask, blocks, block_mask, False
             )
-            _store_quantized(
-                exp_avg_sq_ptr, exp_avg_sq_absmax_ptr, unsigned_map, offsets, exp_avg_sq, mask, first, n_elements,
-                False, BLOCK,
-            )  # fmt: skip
         else:
             _store_rounded(exp_avg_ptr, offsets, exp_avg, mask)
             _store_rounded(exp_avg_sq_ptr, offsets, exp_avg_sq, mask)
@@ -308,8 +355,6 @@ def adam_step_kernel(
     chunk_offsets,
     n_tensors,
     device_scalars,
-    signed_map,
-    unsigned_map,
     one_minus_beta1,
     one_minus_beta2,
     eps,
@@ -335,44 +380,46 @@ def adam_step_kernel(
     """p -= step_size * m / (sqrt(v) / sqrt(1 - beta2**t) + eps), with step_size = lr / (1 - beta1**t).
 
     The scalars are ``adam_gpu.hyperparameters.StepScalars``, formed in float64 on the host. With
-    DEVICE_STEP (capturable), lr is ``device_scalars[0]`` and each tensor's step count is read from the
+    DEVICE_STEP (capturable), lr is ``device_scalars[LR]`` and each tensor's step count is read from the
     table, and the kernel forms step_size, bias_correction2_sqrt and param_decay itself. With
-    GRAD_SCALING, grads are multiplied by ``device_scalars[1]`` (AMP unscaling and the clip coefficient)
-    and nothing is written when ``device_scalars[2]`` (found_inf) is not zero.
+    GRAD_SCALING, grads are multiplied by ``device_scalars[GRAD_MULTIPLIER]`` (AMP unscaling and the clip
+    coefficient) and nothing is written when ``device_scalars[FOUND_INF]`` is not zero. 8-bit codes are decoded
+    and encoded from their bits (no map is read).
     """
     chunk = tl.program_id(0).to(tl.int64)
     tensor = _tensor_of_chunk(chunk, chunk_offsets, n_tensors).to(tl.int64)
     n_elements = tl.load(numels + tensor)
     chunk_start = (chunk - tl.load(chunk_offsets + tensor)) * CHUNK
-    row = pointers + tensor * 9
+    row = pointers + tensor * ROW_WIDTH
     if DEVICE_STEP:
-        lr = tl.load(device_scalars)
-        step = tl.load(tl.load(row + 5).to(tl.pointer_type(tl.float32)))
+        lr = tl.load(device_scalars + LR)
+        step = tl.load(tl.load(row + STEP_COLUMN).to(tl.pointer_type(tl.float32)))
         step_size = tl.div_rn(lr, _one_minus_exp(step * ln_beta1))
         bias_correction2_sqrt = tl.sqrt_rn(_one_minus_exp(step * ln_beta2))
         param_decay = 1.0 - lr * decoupled_weight_decay
     grad_multiplier = 1.0  # (unused without GRAD_SCALING)
     if GRAD_SCALING:
-        grad_multiplier = tl.load(device_scalars + 1)
+        grad_multiplier = tl.load(device_scalars + GRAD_MULTIPLIER)
         # found_inf: no element is written. (A scalar bool in the mask would be simpler, but Triton's
         # interpreter cannot AND a scalar bool with a block of them.)
-        n_elements = n_elements * (tl.load(device_scalars + 2) == 0.0).to(tl.int64)
+        n_elements = n_elements * (tl.load(device_scalars + FOUND_INF) == 0.0).to(tl.int64)
 
     # A whole chunk of a tensor whose addresses are 16-byte aligned is masked against its own end, a multiple of
     # CHUNK, and its pointers declared aligned: Triton then vectorizes. Any other chunk is masked against the
     # tensor's end: scalar accesses. (Each call is compiled on its own: the hints stay in their branch.)
-    addresses = tl.load(row) | tl.load(row + 1) | tl.load(row + 2) | tl.load(row + 3) | tl.load(row + 4)
-    addresses = addresses | tl.load(row + 6)  # (0 where there is no master)
+    addresses = tl.load(row + PARAM_COLUMN) | tl.load(row + GRAD_COLUMN) | tl.load(row + EXP_AVG_COLUMN)
+    addresses |= tl.load(row + EXP_AVG_SQ_COLUMN) | tl.load(row + MAX_EXP_AVG_SQ_COLUMN)
+    addresses |= tl.load(row + MASTER_COLUMN)  # (0 where there is no master)
     if (chunk_start + CHUNK <= n_elements) & (addresses % 16 == 0):
         _update_chunk(
-            row, chunk_start, chunk_start + CHUNK, n_elements, signed_map, unsigned_map, grad_multiplier,
+            row, chunk_start, chunk_start + CHUNK, grad_multiplier,
             one_minus_beta1, one_minus_beta2, eps, l2_weight_decay, param_decay, step_size, bias_correction2_sqrt,
             PARAM_TYPE, STATE_TYPE, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER, QUANTIZED, GRAD_SCALING, True, CHUNK,
             BLOCK,
         )  # fmt: skip
     else:
         _update_chunk(
-            row, chunk_start, n_elements, n_elements, signed_map, unsigned_map, grad_multiplier,
+            row, chunk_start, n_elements, grad_multiplier,
             one_minus_beta1, one_minus_beta2, eps, l2_weight_decay, param_decay, step_size, bias_correction2_sqrt,
             PARAM_TYPE, STATE_TYPE, WEIGHT_DECAY, AMSGRAD, MAXIMIZE, MASTER, QUANTIZED, GRAD_SCALING, False, CHUNK,
             BLOCK,

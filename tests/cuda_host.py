@@ -25,6 +25,7 @@ import torch
 from adam_gpu.backends import cuda_source
 from adam_gpu.device_inputs import DeviceInputs, unused_values
 from adam_gpu.hyperparameters import AdamHyperparameters
+from adam_gpu.kernel_abi import CUDA_PARAMETER_NAMES, CUDA_PARAMETERS
 from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 
 GRIDS = [(1, 1), (3, 32), (7, 5)]
@@ -44,84 +45,83 @@ SANITIZE_ENV = "ADAM_GPU_HOST_ASAN"
 BUILD_CACHE_ENV = "ADAM_GPU_HOST_BUILD_CACHE"  # a folder where processes share their builds (_build_dir)
 
 _DRIVER_HEAD = """\
+#include <functional>
 #include <thread>
 #include <vector>
 
 #include "cuda_host_shim.h"
-#include "{source}"
+#include "adam_cuda.cu"
 
-typedef void (*Kernel)(const long long*, const long long*, const long long*, int, long long, long long, const float*,
-                       const float*, const float*, int, int, float, float, float, float, float, float, float, float,
-                       float, float);
-
-// Run a grid a block at a time: the threads of a block one after another, or, when they shuffle within warps
-// (`cooperative`), all at once as OS threads.
-static void run_grid(Kernel kernel, bool cooperative, unsigned grid, unsigned block, const long long* pointers,
-                     const long long* numels, const long long* chunk_offsets, int n_tensors, long long n_chunks,
-                     long long chunk, const float* device_scalars, const float* signed_map,
-                     const float* unsigned_map, int device_step, int grad_scaling, const float* s) {{
+// Run a grid a block at a time: `thread` (one thread's kernel call) for each thread of a block one after another,
+// or, when they shuffle within warps (`cooperative`), all at once as OS threads.
+static void run_grid(bool cooperative, unsigned grid, unsigned block, const std::function<void()>& thread) {
   gridDim.x = grid;
   blockDim.x = block;
-  auto run_thread = [&](unsigned b, unsigned t) {{
+  auto run_thread = [&](unsigned b, unsigned t) {
     blockIdx.x = b;
     threadIdx.x = t;
-    kernel(pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk, device_scalars, signed_map, unsigned_map,
-           device_step, grad_scaling, s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9]);
-  }};
-  for (unsigned b = 0; b < grid; ++b) {{
-    if (!cooperative) {{
+    thread();
+  };
+  for (unsigned b = 0; b < grid; ++b) {
+    if (!cooperative) {
       for (unsigned t = 0; t < block; ++t) run_thread(b, t);
       continue;
-    }}
+    }
     std::vector<HostWarp> warps((block + 31) / 32);
     host_warps = warps.data();
     std::vector<std::thread> threads;
     for (unsigned t = 0; t < block; ++t) threads.emplace_back(run_thread, b, t);
     for (std::thread& thread : threads) thread.join();
     host_warps = nullptr;
-  }}
-}}
-"""
-# The kernel's nearest-code rule alone, over an array (tests/test_quantization.py).
-_DRIVER_NEAREST_CODES = """
-extern "C" void nearest_codes(const float* values, unsigned char* codes, long long n, int is_signed,
-                              const float* code_map) {
-  for (long long i = 0; i < n; ++i) {
-    codes[i] = is_signed ? adam_gpu::nearest_code<true>(values[i], code_map)
-                         : adam_gpu::nearest_code<false>(values[i], code_map);
   }
 }
 """
+# The kernel's code arithmetic alone (tests/test_quantization.py): the nearest code of each value of an array, and
+# the value of each of the 256 codes.
+_DRIVER_NEAREST_CODES = """
+extern "C" void nearest_codes(const float* values, unsigned char* codes, long long n, int is_signed) {
+  for (long long i = 0; i < n; ++i) {
+    codes[i] = is_signed ? adam_gpu::nearest_code<true>(values[i]) : adam_gpu::nearest_code<false>(values[i]);
+  }
+}
+extern "C" void code_values(float* values, int is_signed) {
+  for (unsigned int code = 0; code < 256; ++code) {
+    values[code] = is_signed ? adam_gpu::code_value<true>(code) : adam_gpu::code_value<false>(code);
+  }
+}
+"""
+# One specialization's entry: the grid, then the kernel's own parameters (kernel_abi.CUDA_PARAMETERS).
 _DRIVER_ENTRY = """
-extern "C" void launch_{index}(unsigned grid, unsigned block, const long long* pointers, const long long* numels,
-                              const long long* chunk_offsets, const float* device_scalars, const float* signed_map,
-                              const float* unsigned_map, int n_tensors, long long n_chunks, long long chunk,
-                              int device_step, int grad_scaling, const float* s) {{
-  run_grid(&{name}, {cooperative}, grid, block, pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk,
-           device_scalars, signed_map, unsigned_map, device_step, grad_scaling, s);
+extern "C" void launch_{index}(unsigned grid, unsigned block, ADAM_GPU_STEP_PARAMETERS) {{
+  run_grid({cooperative}, grid, block, [&] {{ {name}({arguments}); }});
 }}
 """
+# ctypes' type for a kernel parameter of each C type (pointers: addresses).
+_CTYPES = {"int": ctypes.c_int, "long long": ctypes.c_longlong, "float": ctypes.c_float}
+_PARAMETER_CTYPES = [ctypes.c_void_p if p.ctype.endswith("*") else _CTYPES[p.ctype] for p in CUDA_PARAMETERS]
 
 
 @functools.cache
 def _library() -> dict[str, ctypes._CFuncPtr]:
     """Build every specialization into one shared library (once per process); name expression -> entry (and
-    NEAREST_CODES -> the nearest-code probe)."""
+    NEAREST_CODES, CODE_VALUES -> the code arithmetic's probes)."""
     names = cuda_source.all_name_expressions()
+    arguments = ", ".join(CUDA_PARAMETER_NAMES)
     driver = (
-        _DRIVER_HEAD.format(source=cuda_source.source_path())
+        _DRIVER_HEAD
         + _DRIVER_NEAREST_CODES
         + "".join(
-            _DRIVER_ENTRY.format(index=index, name=name, cooperative=str(_shuffles(name)).lower())
+            _DRIVER_ENTRY.format(index=index, name=name, cooperative=str(_shuffles(name)).lower(), arguments=arguments)
             for index, name in enumerate(names)
         )
     )
     sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if os.environ.get(SANITIZE_ENV) else []
     command = ["g++", "-std=c++17", "-O1", "-pthread", "-shared", "-fPIC", *sanitize, f"-I{_SHIM.parent}", "driver.cpp",
                "-o", "kernels.so"]  # fmt: skip
-    build = _build_dir(driver + _SHIM.read_text() + cuda_source.source_path().read_text() + " ".join(command))
+    build = _build_dir(driver + _SHIM.read_text() + cuda_source.source() + " ".join(command))
     if not (build / "kernels.so").is_file():
         (build / "driver.cpp").write_text(driver)
+        (build / "adam_cuda.cu").write_text(cuda_source.source())  # (with kernel_abi's definitions, as NVRTC's)
         partial = f"kernels-{os.getpid()}.so"  # (renamed when whole: another process may be loading the library)
         subprocess.run([*command[:-1], partial], cwd=build, check=True, capture_output=True, text=True)
         os.replace(build / partial, build / "kernels.so")
@@ -129,17 +129,7 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
     entries = {}
     for index, name in enumerate(names):
         entry = getattr(library, f"launch_{index}")
-        entry.argtypes = [
-            ctypes.c_uint,
-            ctypes.c_uint,
-            *[ctypes.c_void_p] * 6,  # pointers, numels, chunk_offsets, device_scalars, the two code maps
-            ctypes.c_int,
-            ctypes.c_longlong,
-            ctypes.c_longlong,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_void_p,  # the StepScalars, as a float array
-        ]
+        entry.argtypes = [ctypes.c_uint, ctypes.c_uint, *_PARAMETER_CTYPES]
         entry.restype = None
         entries[name] = entry
     library.nearest_codes.argtypes = [
@@ -147,10 +137,12 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
         ctypes.c_void_p,  # codes
         ctypes.c_longlong,
         ctypes.c_int,  # signed
-        ctypes.c_void_p,  # the code map
     ]
     library.nearest_codes.restype = None
     entries[NEAREST_CODES] = library.nearest_codes
+    library.code_values.argtypes = [ctypes.c_void_p, ctypes.c_int]  # values (256), signed
+    library.code_values.restype = None
+    entries[CODE_VALUES] = library.code_values
     return entries
 
 
@@ -165,15 +157,24 @@ def _build_dir(inputs: str) -> Path:
     return build
 
 
-NEAREST_CODES = "nearest_codes"  # (the entry of _library() that is not a kernel specialization)
+# (the entries of _library() that are not kernel specializations)
+NEAREST_CODES = "nearest_codes"
+CODE_VALUES = "code_values"
 
 
-def nearest_codes(values: torch.Tensor, code_map: torch.Tensor, signed: bool) -> torch.Tensor:
-    """The CUDA C kernel's nearest_code of each fp32 value against the fp32 ``code_map`` (uint8)."""
-    values, code_map = values.float().contiguous(), code_map.float().contiguous()
+def nearest_codes(values: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The CUDA C kernel's nearest_code of each fp32 value (uint8), in the signed or the unsigned map."""
+    values = values.float().contiguous()
     codes = torch.empty(values.shape, dtype=torch.uint8)
-    _library()[NEAREST_CODES](values.data_ptr(), codes.data_ptr(), values.numel(), int(signed), code_map.data_ptr())
+    _library()[NEAREST_CODES](values.data_ptr(), codes.data_ptr(), values.numel(), int(signed))
     return codes
+
+
+def code_values(signed: bool) -> torch.Tensor:
+    """The CUDA C kernel's code_value of each of the 256 codes (fp32), in the signed or the unsigned map."""
+    values = torch.empty(256, dtype=torch.float32)
+    _library()[CODE_VALUES](values.data_ptr(), int(signed))
+    return values
 
 
 FEATURES = frozenset({EIGHT_BIT})
@@ -196,22 +197,17 @@ def _shuffles(name_expression: str) -> bool:
 
 def _launch(request: cuda_source.KernelLaunch) -> None:
     grid, block = _next_8bit_grid() if _shuffles(request.name_expression) else _next_grid()
-    addresses, integers, scalars = request.arguments()
-    # In adam_step's parameter order: the table, its sizes, the device scalars and maps, the flags, the scalars.
-    arguments = (*addresses[:3], *integers[:3], *addresses[3:], *integers[3:], *scalars)
-    launch_kernel_arguments(request.name_expression, grid, block, arguments)
+    launch_kernel_arguments(request.name_expression, grid, block, request.arguments())
 
 
 def launch_kernel_arguments(name_expression: str, grid: int, block: int, arguments: tuple) -> None:
     """Run one launch given ``adam_step``'s arguments in the kernel's own parameter order, as a CUDA
     launcher passes them (tests/test_cupy_launcher.py runs the CuPy launcher's launches through this)."""
-    (pointers, numels, chunk_offsets, n_tensors, n_chunks, chunk, device_scalars, signed_map, unsigned_map,
-     device_step, grad_scaling, *scalars) = arguments  # fmt: skip
-    packed = (ctypes.c_float * len(scalars))(*map(float, scalars))
-    _library()[name_expression](
-        grid, block, pointers, numels, chunk_offsets, device_scalars, signed_map, unsigned_map,
-        *map(int, (n_tensors, n_chunks, chunk, device_step, grad_scaling)), ctypes.cast(packed, ctypes.c_void_p),
-    )  # fmt: skip
+    # (numpy scalars, as CuPy takes them, made Python numbers for ctypes)
+    values = [
+        float(a) if kind is ctypes.c_float else int(a) for kind, a in zip(_PARAMETER_CTYPES, arguments, strict=True)
+    ]
+    _library()[name_expression](grid, block, *values)
 
 
 def adam_step(

@@ -74,6 +74,98 @@ def test_an_8bit_step_matches_the_float64_model(backend, size, param_dtype):
     assert moments[0][1].numel() == -(-size // BLOCK)
 
 
+def _lean_split(master: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 param (``master`` rounded half-up on its bits) and the int16 remainder that restores it exactly."""
+    bits = master.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    param_bits = (bits + 0x8000) >> 16
+    remainder = (bits - (param_bits << 16)) & 0xFFFF
+    return _int16(param_bits).view(torch.bfloat16), _int16(remainder)
+
+
+def _int16(halves: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^16) as the int16 of the same bits."""
+    return torch.where(halves >= 0x8000, halves - 0x10000, halves).to(torch.int16)
+
+
+def _lean_master(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
+    high = (param.view(torch.int16).to(torch.int64) & 0xFFFF) << 16
+    bits = (high + remainder.to(torch.int64)) & 0xFFFFFFFF
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("master_weights", [True, "lean"], ids=["fp32-master", "lean-master"])
+def test_an_8bit_step_of_bf16_params_with_a_master_matches_the_float64_model(backend, master_weights):
+    """The master (fp32, or the bf16 param and its remainder) takes the step from the fp32 moments; the param is
+    its rounding; the codes are the float64 model's."""
+    if not has_feature(backend, EIGHT_BIT):
+        pytest.skip(f"the {backend} backend has no 8-bit moments yet")
+    size = 2 * SMALL_TENSOR + 33
+    case = StepCase.draw(size, seeded_generator("8bit master", backend, master_weights)).rounded(
+        torch.float32, torch.float64
+    )
+    m, v = quantize(case.exp_avg, signed_map()), quantize(case.exp_avg_sq, unsigned_map())
+    case.exp_avg, case.exp_avg_sq = dequantize(*m, signed_map()), dequantize(*v, unsigned_map())
+    if master_weights is True:
+        master = case.param.float().to(DEVICE)
+        param = master.bfloat16()
+    else:
+        param, master = (t.to(DEVICE) for t in _lean_split(case.param))
+        case.param = _lean_master(param.cpu(), master.cpu()).double()  # (exactly the stored master)
+    moments = [(codes.to(DEVICE), absmax.to(DEVICE)) for codes, absmax in (m, v)]
+    grad = case.grad.to(device=DEVICE, dtype=torch.bfloat16)
+    case.grad = grad.double().cpu()
+    (m_codes, m_absmax), (v_codes, v_absmax) = moments
+    ran = fused_adam(
+        [param], [grad], [m_codes], [v_codes], [], [torch.tensor(float(case.step - 1))],
+        lr=HP.lr, beta1=HP.beta1, beta2=HP.beta2, eps=HP.eps, weight_decay=HP.weight_decay, decoupled=True,
+        backend=backend, masters=[master], exp_avg_absmaxes=[m_absmax], exp_avg_sq_absmaxes=[v_absmax],
+    )  # fmt: skip
+    assert ran == backend
+
+    expected = case.reference(HP)
+    if master_weights is True:
+        stepped = master
+        assert torch.equal(param, master.bfloat16()), "the param is its master rounded to nearest even"
+    else:
+        stepped = _lean_master(param.cpu(), master.cpu())
+        assert torch.equal(_lean_split(stepped)[0], param.cpu()), "the param is its master rounded half-up"
+    assert_close_relative(stepped, expected.param, "master", case.param)
+    _check_codes(*moments[0], expected.exp_avg, signed_map(), "exp_avg")
+    _check_codes(*moments[1], expected.exp_avg_sq, unsigned_map(), "exp_avg_sq")
+
+
+def _offset_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values in a view one element into a larger buffer: contiguous, but no longer 16-byte aligned."""
+    buffer = torch.empty(tensor.numel() + 1, dtype=tensor.dtype, device=tensor.device)
+    buffer[1:] = tensor.flatten()
+    return buffer[1:].view(tensor.shape)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_misaligned_8bit_tensors_step_as_aligned_ones(backend, param_dtype):
+    """Params, grads and codes that do not start on a 16-byte boundary take the kernels' element-wise path (the
+    CUDA C kernel's single elements, Triton's scalar chunks), which gives the same bits as the vector path; the
+    size ends inside a quantization block, so both paths meet a tail."""
+    if not has_feature(backend, EIGHT_BIT):
+        pytest.skip(f"the {backend} backend has no 8-bit moments yet")
+    size = 3 * BLOCK * 8 + 77
+    case = StepCase.draw(size, seeded_generator("8bit misaligned", backend, param_dtype))
+    m, v = quantize(case.exp_avg, signed_map()), quantize(case.exp_avg_sq, unsigned_map())
+    inputs = [case.param.to(param_dtype), case.grad.to(param_dtype), m[0], m[1], v[0], v[1]]
+    inputs = [tensor.to(DEVICE) for tensor in inputs]
+    results = []
+    for place in (torch.Tensor.clone, _offset_copy):
+        param, grad, m_codes, m_absmax, v_codes, v_absmax = map(place, inputs)
+        _step(backend, param, grad, ((m_codes, m_absmax), (v_codes, v_absmax)), case.step)
+        results.append([param, m_codes, m_absmax, v_codes, v_absmax])
+    names = ["param", "exp_avg codes", "exp_avg absmax", "exp_avg_sq codes", "exp_avg_sq absmax"]
+    for name, aligned, offset in zip(names, *results, strict=True):
+        assert torch.equal(aligned.view(torch.uint8), offset.view(torch.uint8)), f"{name} differs when misaligned"
+    assert results[1][1].data_ptr() % 16 and results[1][0].data_ptr() % 16, "the offset copies are misaligned"
+
+
 def test_a_backend_without_8bit_moments_says_so_and_auto_passes_it_over(monkeypatch):
     """Dispatch checks the features a step needs: a backend module without EIGHT_BIT in its FEATURES (the
     torch backend's functions, without the list) is refused by name and skipped by auto."""

@@ -96,7 +96,7 @@ def compile_variants(variants: list[Variant], out_dir: Path) -> list[dict[str, o
 
     kernel = adam_triton.adam_step_kernel
     # The launch's tensor table (pointers, numels, chunk offsets), the tensor count, device scalars, then the scalars.
-    scalars = kernel.arg_names[kernel.arg_names.index("unsigned_map") + 1 : kernel.arg_names.index("PARAM_TYPE")]
+    scalars = kernel.arg_names[kernel.arg_names.index("device_scalars") + 1 : kernel.arg_names.index("PARAM_TYPE")]
     types = {
         "fp32": triton.language.float32,
         "fp16": triton.language.float16,
@@ -108,7 +108,7 @@ def compile_variants(variants: list[Variant], out_dir: Path) -> list[dict[str, o
         param_dtype, moment_dtype = POLICIES[variant.policy]
         weight_decay, amsgrad, maximize, device_scalars, master = OPTIONS[variant.options]
         signature = {"pointers": "*i64", "numels": "*i64", "chunk_offsets": "*i64", "n_tensors": "i32"}
-        signature |= {"device_scalars": "*fp32", "signed_map": "*fp32", "unsigned_map": "*fp32"}
+        signature |= {"device_scalars": "*fp32"}
         signature |= dict.fromkeys(scalars, "fp32")
         constexprs = {
             "PARAM_TYPE": types[param_dtype],
@@ -125,7 +125,7 @@ def compile_variants(variants: list[Variant], out_dir: Path) -> list[dict[str, o
         config = default_launch_config(torch.device("cuda"), quantized=constexprs["QUANTIZED"])
         constexprs |= {"CHUNK": config.chunk, "BLOCK": config.block}
         signature |= dict.fromkeys(constexprs, "constexpr")
-        # As a launch specializes them: every pointer argument (the table, device scalars, code maps: torch
+        # As a launch specializes them: every pointer argument (the table and the device scalars: torch
         # allocations) 16-byte aligned, which lets Triton vectorize the table loads (more registers than without).
         aligned = CUDABackend.parse_attr("D")
         attrs = {(kernel.arg_names.index(name),): aligned for name, kind in signature.items() if kind.startswith("*")}

@@ -47,6 +47,7 @@ cupy = pytest.importorskip("cupy", reason="the CuPy launcher needs cupy (pip ins
 from adam_gpu.backends import cupy as cupy_backend  # noqa: E402
 from adam_gpu.device_inputs import unused_values  # noqa: E402
 from adam_gpu.hyperparameters import AdamHyperparameters  # noqa: E402
+from adam_gpu.kernel_abi import WeightDecay  # noqa: E402
 from adam_gpu.step_tensors import KERNEL_DTYPES  # noqa: E402
 
 pytestmark = [
@@ -70,11 +71,18 @@ MAX_THREADS_PER_BLOCK = 1024
 
 
 def kernel_parameters() -> list[tuple[str, str]]:
-    """(C++ type, name) of each parameter of ``adam_step`` in kernels/adam_cuda.cu, qualifiers dropped."""
-    match = re.search(r"__global__\s+void\s+adam_step\s*\((.*?)\)\s*\{", cuda_source.source(), re.DOTALL)
+    """(C++ type, name) of each parameter of ``adam_step`` in the source NVRTC compiles, qualifiers dropped: the
+    kernel declares ADAM_GPU_STEP_PARAMETERS, which the source defines (from adam_gpu/kernel_abi.py)."""
+    source = cuda_source.source()
+    match = re.search(r"__global__\s+void\s+adam_step\s*\((.*?)\)\s*\{", source, re.DOTALL)
     assert match, "no __global__ adam_step in the kernel source"
+    declared = match.group(1).strip()
+    if declared == "ADAM_GPU_STEP_PARAMETERS":
+        definition = re.search(r"^#define ADAM_GPU_STEP_PARAMETERS (.*)$", source, re.MULTILINE)
+        assert definition, "ADAM_GPU_STEP_PARAMETERS is not defined before the kernel"
+        declared = definition.group(1)
     parameters = []
-    for declaration in match.group(1).split(","):
+    for declaration in declared.split(","):
         words = [w for w in declaration.replace("*", " * ").split() if w not in ("const", "__restrict__")]
         parameters.append((" ".join(words[:-1]), words[-1]))
     return parameters
@@ -248,6 +256,8 @@ def test_one_step_matches_reference_and_torch(cupy_on_host, policy, hp, size):
     assert launch.grid == (min(chunks, MAX_BLOCKS),) and launch.block == (cupy_backend.THREADS_PER_BLOCK,)
     assert (launch.argument("n_chunks"), launch.argument("chunk_size")) == (chunks, cupy_backend.CHUNK)
     assert launch.argument("device_step") == 0 and launch.argument("grad_scaling") == 0
+    assert launch.argument("maximize") == int(hp.maximize)
+    assert launch.argument("weight_decay") == (WeightDecay.DECOUPLED if hp.decoupled else WeightDecay.L2)
     assert launch.argument("step_size") == np.float32(hp.step_scalars(case.step).step_size)
 
 

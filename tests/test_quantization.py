@@ -1,8 +1,11 @@
 """The 8-bit moment quantizer's float64 model (adam_gpu/quantization.py): the maps and the nearest-code
-rule that the fused kernels are held to; and the kernels' own nearest-code functions, which read the code from
-the value's bits and correct it, against a binary search of the map (the rule, in the kernels' fp32)."""
+rule that the fused kernels are held to; and the kernels' own code arithmetic, which reads no map: each code's
+value from the code's bits, against the fp32 map; the nearest code from the value's bits, corrected, against a
+binary search of the map (the rule, in the kernels' fp32)."""
 
 from __future__ import annotations
+
+import types
 
 import pytest
 import torch
@@ -88,28 +91,65 @@ def _hard_values(code_map: torch.Tensor, signed: bool, generator: torch.Generato
 
 
 @triton.jit
-def _nearest_codes_probe(values, codes, code_map, n, SIGNED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+def _nearest_codes_probe(values, codes, n, SIGNED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     offsets = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n
     value = tl.load(values + offsets, mask=mask, other=0.0)
-    tl.store(codes + offsets, adam_triton._nearest_code(value, code_map, SIGNED).to(tl.uint8), mask=mask)
+    tl.store(codes + offsets, adam_triton._nearest_code(value, SIGNED).to(tl.uint8), mask=mask)
 
 
-def _triton_codes(values: torch.Tensor, code_map: torch.Tensor, signed: bool) -> torch.Tensor:
+@triton.jit
+def _code_values_probe(values, SIGNED: tl.constexpr):
+    codes = tl.arange(0, 256)
+    tl.store(values + codes, adam_triton._code_value(codes.to(tl.uint8), SIGNED))
+
+
+def _launch_block() -> int:
+    return 65536 if DEVICE.type == "cpu" else 1024
+
+
+def _triton_codes(values: torch.Tensor, signed: bool) -> torch.Tensor:
     """The Triton kernel's nearest codes, on DEVICE: compiled for the GPU there, else interpreted."""
     codes = torch.full(values.shape, 77, dtype=torch.uint8, device=DEVICE)  # poisoned: every element is written
-    block = 65536 if DEVICE.type == "cpu" else 1024
-    _nearest_codes_probe[(triton.cdiv(values.numel(), block),)](
-        values.to(DEVICE), codes, code_map.float().contiguous().to(DEVICE), values.numel(), signed, block
-    )
+    block = _launch_block()
+    _nearest_codes_probe[(triton.cdiv(values.numel(), block),)](values.to(DEVICE), codes, values.numel(), signed, block)
     return codes.cpu()
 
 
-def _cuda_host_codes(values: torch.Tensor, code_map: torch.Tensor, signed: bool) -> torch.Tensor:
+def _triton_code_values(signed: bool) -> torch.Tensor:
+    """The Triton kernel's value of every code, on DEVICE."""
+    values = torch.full((256,), float("nan"), device=DEVICE)  # poisoned
+    _code_values_probe[(1,)](values, signed)
+    return values.cpu()
+
+
+def _cuda_host() -> types.ModuleType:
     cuda_host = pytest.importorskip("cuda_host")
     if cuda_host.unavailable_reason(torch.device("cpu"), torch.float32) is not None:
         pytest.skip(cuda_host.unavailable_reason(torch.device("cpu"), torch.float32))
-    return cuda_host.nearest_codes(values, code_map, signed)
+    return cuda_host
+
+
+def _cuda_host_codes(values: torch.Tensor, signed: bool) -> torch.Tensor:
+    return _cuda_host().nearest_codes(values, signed)
+
+
+def _cuda_host_code_values(signed: bool) -> torch.Tensor:
+    return _cuda_host().code_values(signed)
+
+
+@pytest.mark.parametrize("kernel", [_triton_code_values, _cuda_host_code_values], ids=["triton", "cuda-host"])
+@pytest.mark.parametrize("name", ["signed", "unsigned"])
+def test_the_kernels_code_values_are_the_map_bit_for_bit(kernel, name):
+    """Each kernel's code_value, computed from the code's bits, is the fp32 map entry for all 256 codes, to the
+    bit (the sign of entry 127's -0.0 included)."""
+    code_map = (signed_map() if name == "signed" else unsigned_map()).float()
+    actual = kernel(name == "signed")
+    wrong = (actual.view(torch.int32) != code_map.view(torch.int32)).nonzero().flatten()
+    assert wrong.numel() == 0, (
+        f"{wrong.numel()} values differ, e.g. codes {wrong[:3].tolist()}: {actual[wrong[:3]].tolist()} instead of "
+        f"{code_map[wrong[:3]].tolist()}"
+    )
 
 
 @pytest.mark.parametrize("kernel", [_triton_codes, _cuda_host_codes], ids=["triton", "cuda-host"])
@@ -122,7 +162,7 @@ def test_the_kernels_nearest_code_is_the_binary_search(kernel, name):
     code_map = (signed_map() if name == "signed" else unsigned_map()).float()
     values = _hard_values(code_map, name == "signed", seeded_generator("nearest code", name))
     expected = _searched_codes(values, code_map)
-    actual = kernel(values, code_map, name == "signed")
+    actual = kernel(values, name == "signed")
     wrong = (actual != expected).nonzero().flatten()
     assert wrong.numel() == 0, (
         f"{wrong.numel()} codes differ, e.g. value {values[wrong[:3]].tolist()}: "

@@ -1,7 +1,8 @@
 """The CUDA C kernel ``kernels/adam_cuda.cu`` as the launchers see it, without importing CuPy:
-its source, the name expression of each specialization, the NVRTC options, and the launch loop.
+its source (after the definitions adam_gpu/kernel_abi.py generates), the name expression of each specialization,
+the NVRTC options, the launch loop and each launch's arguments.
 Shared by the ``cupy`` backend, the NVRTC compile tests and the host-execution tests,
-so all three use the same specializations, options and arguments."""
+so all three use the same source, specializations, options and arguments."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from adam_gpu.backends import tensor_table
 from adam_gpu.backends.tensor_table import TensorTable
 from adam_gpu.device_inputs import DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
+from adam_gpu.kernel_abi import CUDA_PARAMETER_NAMES, Master, cuda_definitions, weight_decay_mode
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
-from adam_gpu.quantization import code_maps_on
 from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
 
 SOURCE_NAME = "adam_cuda.cu"
@@ -31,8 +32,6 @@ CUDA_TYPES = {
     torch.bfloat16: "__nv_bfloat16",
     torch.uint8: "unsigned char",
 }
-# Weight-decay modes of the kernel (kNoWeightDecay, kL2, kDecoupled).
-NO_WEIGHT_DECAY, L2, DECOUPLED = 0, 1, 2
 # C++17 for `constexpr` and `alignas` in templates; nothing that changes the math (no fast-math: IEEE
 # division and sqrt, as torch), so GPU and host builds agree.
 NVRTC_OPTIONS = ("--std=c++17",)
@@ -45,19 +44,31 @@ class KernelLaunch(NamedTuple):
     table: TensorTable
     chunk: int  # elements per chunk: a multiple of 8, so chunks start on 16-byte boundaries
     scalars: StepScalars
-    device_scalars: int  # address of DeviceInputs.values (or of any 3 floats when both flags are off)
-    code_maps: tuple[int, int]  # addresses of the 8-bit code maps (fp32 [256]: signed, unsigned)
+    device_scalars: int  # address of DeviceInputs.values (or of any DEVICE_SCALARS floats when both flags are off)
+    weight_decay: int  # a kernel_abi.WeightDecay
+    maximize: bool
     device_step: bool
     grad_scaling: bool
 
-    def arguments(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...]]:
-        """The kernel's arguments in order, as (addresses, integers, floats): the table's three tensors,
-        device_scalars and the two code maps; n_tensors, n_chunks, chunk, device_step, grad_scaling; the
-        StepScalars."""
+    def arguments(self) -> tuple[int | float, ...]:
+        """The kernel's arguments in kernel_abi.CUDA_PARAMETERS's order: addresses, sizes and flags as ints, the
+        StepScalars (by field name) as floats."""
         table = self.table
-        addresses = (table.pointers.data_ptr(), table.numels.data_ptr(), table.chunk_offsets.data_ptr())
-        integers = (table.n_tensors, table.n_chunks, self.chunk, int(self.device_step), int(self.grad_scaling))
-        return (*addresses, self.device_scalars, *self.code_maps), integers, tuple(self.scalars)
+        values = {
+            "pointers": table.pointers.data_ptr(),
+            "numels": table.numels.data_ptr(),
+            "chunk_offsets": table.chunk_offsets.data_ptr(),
+            "n_tensors": table.n_tensors,
+            "n_chunks": table.n_chunks,
+            "chunk_size": self.chunk,
+            "device_scalars": self.device_scalars,
+            "weight_decay": self.weight_decay,
+            "maximize": int(self.maximize),
+            "device_step": int(self.device_step),
+            "grad_scaling": int(self.grad_scaling),
+            **self.scalars._asdict(),
+        }
+        return tuple(map(values.__getitem__, CUDA_PARAMETER_NAMES))
 
 
 Launch = Callable[[KernelLaunch], None]
@@ -65,43 +76,34 @@ Launch = Callable[[KernelLaunch], None]
 
 @functools.cache
 def source() -> str:
-    return (importlib.resources.files("adam_gpu.kernels") / SOURCE_NAME).read_text()
+    """What NVRTC and the host build compile: kernel_abi's definitions, then kernels/adam_cuda.cu."""
+    return cuda_definitions() + (importlib.resources.files("adam_gpu.kernels") / SOURCE_NAME).read_text()
 
 
-def source_path() -> Path:
-    return Path(str(importlib.resources.files("adam_gpu.kernels") / SOURCE_NAME))
-
-
-def weight_decay_mode(hp: AdamHyperparameters) -> int:
-    if hp.weight_decay == 0:
-        return NO_WEIGHT_DECAY
-    return DECOUPLED if hp.decoupled else L2
-
-
-def name_expression(
-    param_dtype: torch.dtype, state_dtype: torch.dtype, weight_decay: int, amsgrad: bool, maximize: bool, master: int
-) -> str:
-    """The instantiation NVRTC compiles, e.g. ``adam_gpu::adam_step<__nv_bfloat16, float, 2, true, false, 0>``."""
-    flags = ", ".join(str(flag).lower() for flag in (amsgrad, maximize))
-    types = f"{CUDA_TYPES[param_dtype]}, {CUDA_TYPES[state_dtype]}"
-    return f"adam_gpu::adam_step<{types}, {weight_decay}, {flags}, {master}>"
+def name_expression(param_dtype: torch.dtype, state_dtype: torch.dtype, amsgrad: bool, master: int) -> str:
+    """The instantiation NVRTC compiles, e.g. ``adam_gpu::adam_step<__nv_bfloat16, float, true, 0>``: what changes
+    the types or the memory traffic (weight decay and maximize are run-time arguments)."""
+    return (
+        f"adam_gpu::adam_step<{CUDA_TYPES[param_dtype]}, {CUDA_TYPES[state_dtype]}, {str(amsgrad).lower()}, {master}>"
+    )
 
 
 # Master modes each param dtype has (step_tensors.MASTER_MODES): none for fp32; fp32 copies for 16-bit
 # params; the lean remainder for bf16 only.
-MASTER_MODES_OF = {torch.float32: (0,), torch.float16: (0, 1), torch.bfloat16: (0, 1, 2)}
+MASTER_MODES_OF = {
+    torch.float32: (Master.NO_MASTER,),
+    torch.float16: (Master.NO_MASTER, Master.FP32_MASTER),
+    torch.bfloat16: (Master.NO_MASTER, Master.FP32_MASTER, Master.LEAN_MASTER),
+}
 
 
 def all_name_expressions() -> list[str]:
-    """Every specialization: param dtype x moments (param dtype, fp32 or bf16) x master mode x decay mode x
-    amsgrad x maximize."""
+    """Every specialization: param dtype x moments (param dtype, fp32, bf16 or 8-bit) x master mode x amsgrad."""
     policies = sorted({(p, s) for p in KERNEL_DTYPES for s in (p, torch.float32, torch.bfloat16, torch.uint8)}, key=str)
     return [
-        name_expression(param, state, decay, amsgrad, maximize, master)
-        for (param, state), decay, amsgrad, maximize in itertools.product(
-            policies, (NO_WEIGHT_DECAY, L2, DECOUPLED), (False, True), (False, True)
-        )
-        for master in MASTER_MODES_OF[param]
+        name_expression(param, state, amsgrad, master)
+        for (param, state), amsgrad in itertools.product(policies, (False, True))
+        for master in map(int, MASTER_MODES_OF[param])
         if not (amsgrad and state == torch.uint8)  # 8-bit moments come without amsgrad
     ]
 
@@ -138,21 +140,19 @@ def for_each_launch(
     launch: Launch,
 ) -> None:
     """Call ``launch`` once per launch group (see tensor_table.launch_groups): usually once per step.
-    ``unused_scalars`` (3 floats on the device) stands in for ``device_inputs.values`` when there are none."""
+    ``unused_scalars`` (DEVICE_SCALARS floats on the device) stands in for ``device_inputs.values`` when there are
+    none."""
     if chunk % 8:
         raise ValueError(f"chunk must be a multiple of 8 elements (16 bytes of 16-bit params), got {chunk}")
     if tensors.features and chunk % QUANT_BLOCK:
         raise ValueError(f"8-bit moments need a chunk that is a multiple of {QUANT_BLOCK} elements, got {chunk}")
-    code_maps = tuple(m.data_ptr() for m in code_maps_on(tensors.device))
-    decay = weight_decay_mode(hp)
+    decay = weight_decay_mode(hp.weight_decay, hp.decoupled)
     device_steps = device_inputs.steps if device_inputs else None
     values = device_inputs.values if device_inputs else unused_scalars
     grad_scaling = bool(device_inputs and device_inputs.grad_scaling)
     with tensor_table.launch_groups(tensors, steps, hp, chunk, device_steps) as groups:
         for group in groups:
-            name = name_expression(
-                group.param_dtype, group.state_dtype, decay, hp.amsgrad, hp.maximize, group.master_mode
-            )
+            name = name_expression(group.param_dtype, group.state_dtype, hp.amsgrad, group.master_mode)
             launch(
                 KernelLaunch(
                     name,
@@ -160,7 +160,8 @@ def for_each_launch(
                     chunk,
                     group.scalars,
                     values.data_ptr(),
-                    code_maps,
+                    decay,
+                    hp.maximize,
                     device_steps is not None,
                     grad_scaling,
                 )

@@ -16,6 +16,7 @@ from adam_gpu.backends import cuda_source
 from adam_gpu.backends.launch_config import Override
 from adam_gpu.device_inputs import DeviceInputs, unused_values
 from adam_gpu.hyperparameters import AdamHyperparameters
+from adam_gpu.kernel_abi import CUDA_PARAMETERS
 from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 
 # Threads per block (a multiple of 32: 8-bit moments take a warp per quantization block), blocks per SM the
@@ -49,6 +50,11 @@ class LaunchConfig:
         """Blocks to launch for ``n_chunks`` chunks: one per chunk, at most ``blocks_per_sm`` per SM."""
         return max(1, min(n_chunks, multiprocessors * self.blocks_per_sm))
 
+
+# How CuPy must get an argument of each C type: an address as a Python int (CuPy passes it as 64 bits), an integer
+# or a float as the numpy scalar of its width (a Python float would reach the kernel as a double).
+_NUMPY_TYPES = {"int": np.int32, "long long": np.int64, "float": np.float32}
+_PACKERS = tuple(int if p.ctype.endswith("*") else _NUMPY_TYPES[p.ctype] for p in CUDA_PARAMETERS)
 
 # `with launch_config(LaunchConfig(...)):` launches with that configuration instead of the defaults.
 launch_config: Override[LaunchConfig] = Override("adam_gpu.backends.cupy.launch_config")
@@ -109,13 +115,7 @@ def adam_step(
 
     def launch(request: cuda_source.KernelLaunch) -> None:
         grid = config.grid(request.table.n_chunks, _multiprocessors(device_index))
-        addresses, (n_tensors, n_chunks, chunk, device_step, grad_scaling), scalars = request.arguments()
-        integers = (np.int32(n_tensors), np.int64(n_chunks), np.int64(chunk))
-        # Addresses go as Python ints (CuPy passes them as 64-bit values), int and float as numpy scalars.
-        arguments = (
-            *addresses[:3], *integers, *addresses[3:], np.int32(device_step), np.int32(grad_scaling),
-            *map(np.float32, scalars),
-        )  # fmt: skip
+        arguments = tuple([pack(value) for pack, value in zip(_PACKERS, request.arguments(), strict=True)])
         _kernel(device_index, request.name_expression)((grid,), (config.threads_per_block,), arguments)
 
     with cupy.cuda.Device(device_index), _cupy_stream(torch.cuda.current_stream(device_index)):

@@ -1,8 +1,9 @@
 """The device-side table a multi-tensor launch reads: one launch updates every tensor of a group.
 
-For each launch the kernels get three small int64 tensors on the device: ``pointers`` [T, 9] (param,
-grad, exp_avg, exp_avg_sq, max_exp_avg_sq, the step count when it lives on the device, the master copy
-or lean remainder when there is one, and the absmax of 8-bit exp_avg and exp_avg_sq), ``numels``
+For each launch the kernels get three small int64 tensors on the device: ``pointers`` [T, ROW_WIDTH] (the
+addresses of adam_gpu.kernel_abi.Column: param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, the step count when it
+lives on the device, the master copy or lean remainder when there is one, and the absmax of 8-bit exp_avg and
+exp_avg_sq; 0 where a param has none), ``numels``
 [T] and ``chunk_offsets`` [T + 1] (the first chunk of each tensor; a chunk is ``chunk`` consecutive
 elements of one tensor). A program (Triton) or a block iteration (CUDA C) takes one chunk and finds
 its tensor by binary search in ``chunk_offsets``.
@@ -30,9 +31,19 @@ import torch
 from adam_gpu.backends.layout import contiguous_stand_ins, readable
 from adam_gpu.device_inputs import is_capturing
 from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
+from adam_gpu.kernel_abi import ROW_WIDTH, Column
 from adam_gpu.step_tensors import GRAD, StepTensors, master_mode
 
-POINTERS_PER_TENSOR = 9
+POINTERS_PER_TENSOR = ROW_WIDTH
+_GRAD_COLUMN = int(Column.GRAD)
+# The tensors of StepTensors.per_tensor(), in its order, as the table's columns.
+_PER_TENSOR = (Column.PARAM, Column.GRAD, Column.EXP_AVG, Column.EXP_AVG_SQ, Column.MAX_EXP_AVG_SQ, Column.MASTER,
+               Column.EXP_AVG_ABSMAX, Column.EXP_AVG_SQ_ABSMAX)  # fmt: skip
+_PARAM, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _MASTER = map(
+    _PER_TENSOR.index, (Column.PARAM, Column.EXP_AVG, Column.EXP_AVG_SQ, Column.MAX_EXP_AVG_SQ, Column.MASTER)
+)
+# Where each column of a row comes from: a place in per_tensor()'s tuple, or (None) the step count.
+_ROW_SOURCES = tuple(None if column is Column.STEP else _PER_TENSOR.index(column) for column in Column)
 # Tables kept per process (least recently used evicted): one or two per param group and dtype policy, so a
 # model with hundreds of groups (layer-wise learning rates) still builds each once; 1024 GPT-2-sized tables
 # hold 12 MB of device memory.
@@ -43,7 +54,7 @@ _data_ptr = torch.Tensor.data_ptr
 
 @dataclass(frozen=True)
 class TensorTable:
-    pointers: torch.Tensor  # int64 [T, 9] on the tensors' device
+    pointers: torch.Tensor  # int64 [T, ROW_WIDTH] on the tensors' device
     numels: torch.Tensor  # int64 [T]
     chunk_offsets: torch.Tensor  # int64 [T + 1]
     n_tensors: int
@@ -184,7 +195,8 @@ def _with_grads(launch: _Launch, grad_pointers: tuple[int, ...], device: torch.d
     table = launch.variants.get(pointers) or (_captured.get((launch.key, pointers)) if _captured else None)
     if table is None:
         host = launch.table.host.clone()
-        host[1 : POINTERS_PER_TENSOR * len(pointers) : POINTERS_PER_TENSOR] = torch.tensor(pointers, dtype=torch.int64)
+        grads = slice(_GRAD_COLUMN, POINTERS_PER_TENSOR * len(pointers), POINTERS_PER_TENSOR)
+        host[grads] = torch.tensor(pointers, dtype=torch.int64)
         table = _upload(host, launch.table.n_tensors, launch.table.n_chunks, device, like=launch.table)
     launch.variants[pointers] = table
     launch.variants.move_to_end(pointers)
@@ -288,21 +300,12 @@ def _launch_tables(
             originals = stack.enter_context(contiguous_stand_ins(originals, read_only=(GRAD,)))
             originals[GRAD] = readable(originals[GRAD])
             contiguous = False
-        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, exp_avg_absmax, exp_avg_sq_absmax = originals
-        maximum = max_exp_avg_sq if hp.amsgrad else exp_avg_sq  # never touched without amsgrad
-        # (Written out, not looped: this runs for every tensor of a step whose tables are not memoized.)
-        row = (
-            param.data_ptr(),
-            grad.data_ptr(),
-            exp_avg.data_ptr(),
-            exp_avg_sq.data_ptr(),
-            maximum.data_ptr(),
-            step_pointer,
-            0 if master is None else master.data_ptr(),
-            0 if exp_avg_absmax is None else exp_avg_absmax.data_ptr(),
-            0 if exp_avg_sq_absmax is None else exp_avg_sq_absmax.data_ptr(),
-        )
-        key = (param.dtype, exp_avg.dtype, master_mode(param, master), step)
+        param, master = originals[_PARAM], originals[_MASTER]
+        addresses = [0 if t is None else t.data_ptr() for t in originals]
+        if not hp.amsgrad:  # (never touched without amsgrad)
+            addresses[_MAX_EXP_AVG_SQ] = addresses[_EXP_AVG_SQ]
+        row = tuple([step_pointer if source is None else addresses[source] for source in _ROW_SOURCES])
+        key = (param.dtype, originals[_EXP_AVG].dtype, master_mode(param, master), step)
         rows, numels, indices = groups.setdefault(key, ([], [], []))
         rows.append(row)
         numels.append(numel)
@@ -310,6 +313,6 @@ def _launch_tables(
     launches = []
     for (param_dtype, state_dtype, mode, step), (rows, numels, indices) in groups.items():
         key, table = _table(rows, numels, chunk, tensors.device)
-        grad_pointers = tuple(row[1] for row in rows)
+        grad_pointers = tuple(row[_GRAD_COLUMN] for row in rows)
         launches.append(_Launch(param_dtype, state_dtype, mode, step, indices, key, table, grad_pointers))
     return launches, contiguous

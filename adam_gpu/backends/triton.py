@@ -24,8 +24,8 @@ from adam_gpu.backends.compiled_launch import CompiledLaunches
 from adam_gpu.backends.launch_config import Override, is_power_of_two
 from adam_gpu.device_inputs import DeviceInputs, unused_values
 from adam_gpu.hyperparameters import AdamHyperparameters
+from adam_gpu.kernel_abi import weight_decay_mode
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
-from adam_gpu.quantization import code_maps_on
 from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, LaunchMemo, StepTensors
 
 # Storage types; uint8 is the code type of 8-bit moments.
@@ -129,12 +129,6 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return f"tensors are on {device.type}: the Triton kernel runs on CUDA devices"
 
 
-def _weight_decay_mode(hp: AdamHyperparameters, kernels: ModuleType) -> int:
-    if hp.weight_decay == 0:
-        return kernels.NO_WEIGHT_DECAY.value
-    return (kernels.DECOUPLED if hp.decoupled else kernels.L2).value
-
-
 def _largest_numel(tensors: StepTensors) -> int:
     """The most elements of one param, kept in ``tensors.memo`` (a read per param otherwise)."""
     memo = tensors.memo if tensors.memo is not None else LaunchMemo()
@@ -158,6 +152,7 @@ def adam_step(
     device_steps = device_inputs.steps if device_inputs else None
     values = device_inputs.values if device_inputs else unused_values(device)
     launcher = _launcher()
+    decay = weight_decay_mode(hp.weight_decay, hp.decoupled)
     with device_guard, tensor_table.launch_groups(tensors, steps, hp, chunk, device_steps) as launches:
         for launch in launches:
             table = launch.table
@@ -165,18 +160,11 @@ def adam_step(
             config = current_launch_config(device, largest, quantized)
             if quantized and config.block % QUANT_BLOCK:
                 raise ValueError(f"8-bit moments need a block that is a multiple of {QUANT_BLOCK}, got {config}")
-            args = (
-                table.pointers,
-                table.numels,
-                table.chunk_offsets,
-                table.n_tensors,
-                values,
-                *code_maps_on(device),
-            )
+            args = (table.pointers, table.numels, table.chunk_offsets, table.n_tensors, values)
             constexprs = {
                 "PARAM_TYPE": TRITON_TYPES[launch.param_dtype],
                 "STATE_TYPE": TRITON_TYPES[launch.state_dtype],
-                "WEIGHT_DECAY": _weight_decay_mode(hp, kernels),
+                "WEIGHT_DECAY": decay,
                 "AMSGRAD": hp.amsgrad,
                 "MAXIMIZE": hp.maximize,
                 "MASTER": launch.master_mode,
