@@ -143,7 +143,8 @@ if selected tests; then
     tests/test_master_weights.py tests/test_8bit.py tests/test_training.py tests/test_optimizer_api.py
     tests/test_step_cache.py tests/test_state_changes.py tests/test_torch_conformance.py tests/test_bad_input.py tests/test_reference.py tests/test_faults.py
     tests/test_determinism.py tests/test_checkpoint.py tests/test_capture.py tests/test_quantization.py
-    tests/test_step.py tests/test_properties.py tests/test_convergence.py tests/test_compile.py"
+    tests/test_step.py tests/test_properties.py tests/test_convergence.py tests/test_compile.py
+    tests/test_torch_compile.py tests/test_compiled_launch.py"
   # Each worker's torch gets its share of the cores for its CPU work (the float64 references); by default every
   # worker takes them all. In the first H200 run (without this) one-step tests took 10-14 s each where one takes
   # 0.15 s alone on a CPU, and 2 of the 16 files were reached in 190 s; with it, the second run's whole list took
