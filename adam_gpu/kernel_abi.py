@@ -59,7 +59,7 @@ def weight_decay_mode(weight_decay: float, decoupled: bool) -> int:
 
 class Master(IntEnum):
     """The param itself is the value; an fp32 master copy is (the param is its rounding); or the bf16 param
-    plus an int16 remainder reconstruct the fp32 master exactly. (step_tensors.MASTER_MODES uses these numbers.)"""
+    plus an int16 remainder reconstruct the fp32 master exactly (step_tensors.MASTER_MODES: by the master's dtype)."""
 
     NO_MASTER = 0
     FP32_MASTER = 1

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adam_gpu.kernel_abi import Master
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 
 # Features a backend may lack (its module's FEATURES lists those it has; adam_gpu.dispatch checks them).
@@ -262,7 +263,12 @@ def check_step_count(step: object, what: str) -> None:
 
 
 # What a param's master tensor holds, by its dtype: 0 no master, 1 an fp32 copy, 2 the lean remainder.
-MASTER_MODES = {None: 0, torch.float32: 1, torch.int16: 2}
+# The kernels' master mode (adam_gpu.kernel_abi.Master) by the master's dtype (None: no master).
+MASTER_MODES = {
+    None: Master.NO_MASTER.value,
+    torch.float32: Master.FP32_MASTER.value,
+    torch.int16: Master.LEAN_MASTER.value,
+}
 
 
 def master_mode(param: torch.Tensor, master: torch.Tensor | None) -> int:
