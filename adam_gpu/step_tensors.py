@@ -262,7 +262,6 @@ def check_step_count(step: object, what: str) -> None:
         raise TypeError(f"{what} must be a 1-element tensor of a real dtype (torch.optim's layout), got {step!r:.80}")
 
 
-# What a param's master tensor holds, by its dtype: 0 no master, 1 an fp32 copy, 2 the lean remainder.
 # The kernels' master mode (adam_gpu.kernel_abi.Master) by the master's dtype (None: no master).
 MASTER_MODES = {
     None: Master.NO_MASTER.value,
