@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from adam_gpu import native_guards
 from adam_gpu.sharded import dtensor_type
 from adam_gpu.step_tensors import LaunchMemo, StepTensors, WrittenSpans, memory_span, overlapping
 
@@ -149,6 +150,7 @@ class StepSignature:
     addresses: list[int]  # the data_ptr of each of ``kept``, then of each step count
     guards: Any  # torch's TensorGuards over ``kept``, the step counts and the grads
     state_versions: list[int] | None = None  # of the state dicts ``kept`` was gathered from (state_versions)
+    native: Any = None  # adam_gpu.native_guards.Snapshot of the same, where it is built: ``unchanged`` asks it
 
 
 def _split(tensors: StepTensors) -> tuple[list, list[torch.Tensor], list[torch.Tensor]]:
@@ -185,8 +187,10 @@ def signature(
         return None
     addresses = list(map(_data_ptr, chain(kept, steps)))
     versions = state_versions(states) if states else None
+    snapshot = native_guards.snapshot_type()
+    native = snapshot([*kept, *steps], grads) if snapshot is not None else None
     return StepSignature(
-        masks, list(map(weakref.ref, kept)), list(map(weakref.ref, steps)), addresses, guards, versions
+        masks, list(map(weakref.ref, kept)), list(map(weakref.ref, steps)), addresses, guards, versions, native
     )
 
 
@@ -231,7 +235,13 @@ def unchanged(
     kept = list(map(_alive, expected.kept))
     count = len(params)
     steps = list(map(_step_of, states))
-    if not (
+    grad_pointers = None
+    if expected.native is not None:  # (the same proof in one C++ call: adam_gpu.native_guards)
+        if expected.masks[0] == count:
+            grad_pointers = expected.native.holds(_as_list(params), _as_list(grads))
+        if grad_pointers is None:
+            return None
+    elif not (
         expected.masks[0] == count
         and all(map(is_, params, kept[:count]))
         and list(map(_data_ptr, chain(kept, steps))) == expected.addresses
@@ -250,7 +260,13 @@ def unchanged(
             present = iter(kept[at:])
             lists.append([None if absent else next(present) for absent in mask])
             at += mask.count(False)
-    return StepTensors(*lists), steps
+    tensors = StepTensors(*lists)
+    tensors.grad_pointers = grad_pointers
+    return tensors, steps
+
+
+def _as_list(values: Sequence) -> list:
+    return values if type(values) is list else list(values)
 
 
 # Grad address sets a group keeps as found apart from the memory its step writes (PreparedGroup.grads_apart).
@@ -356,7 +372,7 @@ def _grads_apart(prepared: PreparedGroup, tensors: StepTensors) -> bool:
     """Whether none of a reused step's grads lies in memory the step writes (a full check then reads it from a
     copy): known for the addresses of recent steps, else found from the spans of the full check. The addresses
     read are kept in ``tensors.grad_pointers`` (the launchers read them too)."""
-    pointers = tensors.grad_pointers = tuple(map(_data_ptr, tensors.grads))
+    pointers = tensors.grad_pointers = tensors.grad_pointers or tuple(map(_data_ptr, tensors.grads))
     kept = prepared.grads_apart
     if pointers in kept:
         kept.move_to_end(pointers)

@@ -35,10 +35,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from adam_gpu import FusedAdamW
+from adam_gpu import FusedAdamW, native_guards
 from adam_gpu.backends import triton as triton_backend
 
 ADAM_GPU = "adam-gpu FusedAdamW (launcher stubbed)"
+NATIVE = "adam-gpu, compiled proof (ADAM_GPU_NATIVE_GUARDS=1)"
 COMPILED = "{}, torch.compile"
 
 
@@ -182,6 +183,33 @@ def _compiled_step(optimizer: torch.optim.Optimizer) -> Callable[[], object]:
     return torch.compile(optimizer.step, fullgraph=isinstance(optimizer, FusedAdamW))
 
 
+def _native_buildable() -> bool:
+    """Whether adam_gpu.native_guards' compiled proof builds here (built once, then cached by torch)."""
+    with _native_proof_asked():
+        return native_guards.snapshot_type() is not None
+
+
+@contextlib.contextmanager
+def _native_proof_asked() -> Iterator[None]:
+    saved = os.environ.get(native_guards.ENV_VAR)
+    os.environ[native_guards.ENV_VAR] = "1"
+    native_guards.snapshot_type.cache_clear()
+    try:
+        yield
+    finally:
+        os.environ.pop(native_guards.ENV_VAR)
+        if saved is not None:
+            os.environ[native_guards.ENV_VAR] = saved
+        native_guards.snapshot_type.cache_clear()
+
+
+def _with_native_proof(optimizer: FusedAdamW) -> Callable[[], object]:
+    """The optimizer's step, its reused steps proven by the compiled snapshot (made at its first, full step)."""
+    with _native_proof_asked():
+        optimizer.step()
+    return optimizer.step
+
+
 def _measure(count: int, repeat: int, compiled: bool = False) -> list[dict[str, object]]:
     contenders = {
         ADAM_GPU: lambda params: FusedAdamW(params, lr=1e-3, backend="triton").step,
@@ -189,6 +217,8 @@ def _measure(count: int, repeat: int, compiled: bool = False) -> list[dict[str, 
         "torch AdamW foreach": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=True).step,
         "torch AdamW for-loop": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=False).step,
     }
+    if _native_buildable():
+        contenders[NATIVE] = lambda params: _with_native_proof(FusedAdamW(params, lr=1e-3, backend="triton"))
     if compiled:
         contenders[COMPILED.format(ADAM_GPU)] = lambda params: _compiled_step(FusedAdamW(params, backend="triton"))
         contenders[COMPILED.format("torch AdamW fused")] = lambda params: _compiled_step(

@@ -20,3 +20,12 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", title)
         for line in lines:
             terminalreporter.write_line(line)
+
+
+def pytest_sessionstart(session):
+    """A run asked to use the compiled reused-step proof (adam_gpu.native_guards) uses it, or stops saying why."""
+    from adam_gpu import native_guards
+
+    if os.environ.get(native_guards.ENV_VAR) == "1" and native_guards.snapshot_type() is None:
+        why = native_guards.build_error()
+        raise RuntimeError(f"{native_guards.ENV_VAR}=1 but the compiled snapshot is not built: {why}")

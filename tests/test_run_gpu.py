@@ -119,6 +119,7 @@ CPU_ONLY = {
     "test_distributed.py": "DDP, FSDP2 and ZeRO over gloo, in CPU processes",
     "test_cuda_host_sanitized.py": "the CUDA C kernel's host build under AddressSanitizer",
     "test_torch_cpu_chunks.py": "the torch backend's chunked path, which steps CPU tensors only",
+    "test_native_guards.py": "the compiled reused-step proof, built and checked on the CPU",
 }
 
 
