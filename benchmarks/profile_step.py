@@ -1,6 +1,7 @@
 """Where the host time of one ``FusedAdamW.step()`` goes: cProfile over the steps of one of the benchmark's
 cases (a model's parameter list or a flat tensor), with the kernels launched for real on a GPU. On a CPU the
-Triton kernel's launch is stubbed (as in host_overhead.py) and the cupy backend cannot run.
+Triton kernel's compiled launcher is stubbed (host_overhead.py's stand-in driver; under Triton's interpreter, the
+whole launch) and the cupy backend cannot run.
 
 The benchmark reports host time per step beside device time; this says what it is made of. On the first H200
 run, ResNet-50's 161 tensors took 1.08 ms of host time a step (torch fused: 0.49), where the same step with
@@ -34,13 +35,16 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _launches_stubbed(device: torch.device, backend: str) -> contextlib.AbstractContextManager:
-    """On a CPU, the Triton backend with its launch stubbed (host_overhead.py's); elsewhere nothing changes."""
+    """On a CPU, the Triton backend with only its compiled launcher stubbed (host_overhead.py's stand-in driver), or,
+    where this process runs Triton's interpreter, its whole launch; elsewhere nothing changes."""
     if device.type != "cpu" or backend != "triton":
         return contextlib.nullcontext()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from host_overhead import _launch_stubbed
+    from host_overhead import _launch_stubbed, stub_triton_driver
 
-    return _launch_stubbed()
+    from adam_gpu.backends import triton as triton_backend
+
+    return _launch_stubbed() if triton_backend.runs_interpreted() else stub_triton_driver()
 
 
 def profile(case_name: str, backend: str, policy_name: str, steps: int, top: int, device: torch.device) -> str:
@@ -115,4 +119,7 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
+    import os
+
+    os.environ.setdefault("TRITON_INTERPRET", "0")  # (on a CPU: the kernel compiled for the stand-in driver)
     main()
