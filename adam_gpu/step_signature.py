@@ -49,7 +49,7 @@ import torch
 
 from adam_gpu import native_guards
 from adam_gpu.sharded import dtensor_type
-from adam_gpu.step_tensors import LaunchMemo, StepTensors, WrittenSpans, memory_span, overlapping
+from adam_gpu.step_tensors import LaunchMemo, StepTensors, WrittenSpans, int64_tensor, memory_span, overlapping
 
 _data_ptr = torch.Tensor.data_ptr
 _alive = weakref.ref.__call__  # (operator.call from Python 3.11)
@@ -377,7 +377,7 @@ def _grads_apart(prepared: PreparedGroup, tensors: StepTensors) -> bool:
     if pointers in kept:
         kept.move_to_end(pointers)
         return True
-    starts = torch.tensor(pointers, dtype=torch.int64)
+    starts = int64_tensor(pointers)
     if bool(overlapping(prepared.written, starts, prepared.grad_bytes).any()):
         return False
     kept[pointers] = None

@@ -32,7 +32,7 @@ from adam_gpu.backends.layout import contiguous_stand_ins, readable
 from adam_gpu.device_inputs import is_capturing
 from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
 from adam_gpu.kernel_abi import ROW_WIDTH, Column
-from adam_gpu.step_tensors import GRAD, StepTensors, master_mode
+from adam_gpu.step_tensors import GRAD, StepTensors, int64_tensor, master_mode
 
 POINTERS_PER_TENSOR = ROW_WIDTH
 _GRAD_COLUMN = int(Column.GRAD)
@@ -184,8 +184,8 @@ def _table(
 
 def _with_grads(launch: _Launch, grad_pointers: tuple[int, ...], device: torch.device) -> TensorTable:
     """``launch``'s table with the grads at ``grad_pointers`` (the step's, contiguous, alike in dtype and shape to
-    those it was built with): its own when they are the same, else its table with their addresses put in (1000
-    tensors: 0.06 ms, where building the table from its rows takes 0.7), kept among its ``variants``."""
+    those it was built with): its own when they are the same, else its table with their addresses put in (a tenth
+    of the time building it from its rows takes), kept among its ``variants``."""
     whole = len(launch.indices) == len(grad_pointers)  # (one launch for the step: its rows are the step's tensors)
     pointers = grad_pointers if whole else tuple(map(grad_pointers.__getitem__, launch.indices))
     if pointers == launch.grad_pointers:
@@ -196,7 +196,7 @@ def _with_grads(launch: _Launch, grad_pointers: tuple[int, ...], device: torch.d
     if table is None:
         host = launch.table.host.clone()
         grads = slice(_GRAD_COLUMN, POINTERS_PER_TENSOR * len(pointers), POINTERS_PER_TENSOR)
-        host[grads] = torch.tensor(pointers, dtype=torch.int64)
+        host[grads] = int64_tensor(pointers)
         table = _upload(host, launch.table.n_tensors, launch.table.n_chunks, device, like=launch.table)
     launch.variants[pointers] = table
     launch.variants.move_to_end(pointers)
