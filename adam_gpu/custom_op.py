@@ -16,13 +16,13 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from adam_gpu import dispatch, step_signature
+from adam_gpu import dispatch, sharded, step_signature
 from adam_gpu import masters as master_weights
 from adam_gpu.device_inputs import DeviceInputs, device_values
 from adam_gpu.functional import apply_step, check_state_steps
 from adam_gpu.hyperparameters import AdamHyperparameters
-from adam_gpu.sharded import global_norm
-from adam_gpu.step_tensors import LaunchMemo, StepTensors, WrittenSpans, memory_span
+from adam_gpu.step_signature import grad_spans
+from adam_gpu.step_tensors import LaunchMemo, StepTensors, WrittenSpans
 
 # Every tensor list adam_step_ writes: grads alone are only read.
 MUTATED = (
@@ -150,8 +150,7 @@ def _remember(tensors: StepTensors, state_steps: list[Tensor], written: WrittenS
     signature = step_signature.signature(tensors, state_steps)
     if signature is None:
         return None
-    grad_bytes = torch.tensor([end - start for start, end in map(memory_span, tensors.grads)], dtype=torch.int64)
-    record = _records[tuple(map(id, tensors.params))] = _Checked(signature, written, grad_bytes)
+    record = _records[tuple(map(id, tensors.params))] = _Checked(signature, written, grad_spans(tensors.grads))
     if len(_records) > _RECORDS_KEPT:
         _records.popitem(last=False)
     return record
@@ -180,11 +179,7 @@ def _adam_step_fake(*args: object, **kwargs: object) -> None:
 def clip_coefficient(grads: list[Tensor], max_norm: float, grad_scale: Tensor | None) -> Tensor:
     """``min(1, max_norm / (norm + 1e-6))`` of all ``grads`` (unscaled by ``grad_scale``), float32 on the first
     grad's device: FusedAdam's fused clipping."""
-    device = grads[0].device
-    total = global_norm(grads, device)
-    if grad_scale is not None:
-        total = total / grad_scale.to(device)
-    return torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return sharded.clip_coefficient(grads, max_norm, grad_scale, grads[0].device)
 
 
 @clip_coefficient.register_fake

@@ -2,13 +2,12 @@
 
 A reused step proves its kept tensors (params, moments, masters, absmaxes, step counts) are the objects of its last
 full check, unmoved and unchanged in layout, and its grads alike to that check's. In Python that is a data pointer
-read, a TensorGuards check and a weak-reference read a tensor: about 0.7 us a param, the floor of the eager step
-with many tensors (docs/benchmarks.md, "Host time of a step"). ``Snapshot`` does the same reads in one C++ call,
-about 20 ns a tensor: it holds each kept tensor's TensorImpl weakly (a tensor the user drops is freed) with the
-fields a kernel depends on (data pointer, dtype, device, dispatch keys, requires_grad, sizes, strides), and the
-grads' fields but their address.
+read, a TensorGuards check and a weak-reference read a tensor, the floor of the eager step with many tensors;
+``Snapshot`` does the same reads in one C++ call (what each costs: docs/benchmarks.md, "Host time of a step"). It
+holds each kept tensor's TensorImpl weakly (a tensor the user drops is freed) with the fields a kernel depends on
+(data pointer, dtype, device, dispatch keys, requires_grad, sizes, strides), and the grads' fields but their address.
 
-It is built with torch's C++ extension loader (a C++ compiler and torch's headers; about 30 s once, then cached by
+It is built with torch's C++ extension loader (a C++ compiler, ninja and torch's headers; once, then cached by
 torch) when ``ADAM_GPU_NATIVE_GUARDS=1`` is set, and never otherwise: without it, or where the build fails, the
 Python proof runs, and the tests run both (tests/test_native_guards.py).
 """

@@ -30,7 +30,7 @@ from adam_gpu.functional import apply_step, shared_step_buffer
 from adam_gpu.hyperparameters import AdamHyperparameters, check_hyperparameters, check_tensor_hyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.quantization import SMALL_TENSOR
-from adam_gpu.sharded import any_dtensor, check_same_sharding, global_norm, is_dtensor, local_tensors
+from adam_gpu.sharded import any_dtensor, check_same_sharding, clip_coefficient, is_dtensor, local_tensors
 from adam_gpu.state_layout import (
     EIGHT_BIT_STATE,
     MASTER_KEYS,
@@ -303,13 +303,10 @@ class FusedAdam(Optimizer):
         computes it, on the device (grads scaled by AMP are measured unscaled); None without clipping."""
         if self.max_grad_norm is None or not plans:
             return None
-        device = plans[0].params[0].device
         # DTensor grads (FSDP2) count with every rank's shard: the global norm, as clip_grad_norm_ gives.
-        total = global_norm([p.grad for plan in plans for p in plan.params], device)
+        grads = [p.grad for plan in plans for p in plan.params]
         grad_scale = getattr(self, "grad_scale", None)
-        if grad_scale is not None:
-            total = total / grad_scale.to(device)
-        return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+        return clip_coefficient(grads, self.max_grad_norm, grad_scale, plans[0].params[0].device)
 
     def _plan(self, group: dict[str, Any]) -> _GroupPlan | None:
         everyone = group["params"]

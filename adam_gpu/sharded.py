@@ -91,3 +91,14 @@ def _fp32_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     to 2**-9 / 2**-12, which the clip coefficient carries into every update (the property tests found an
     fp16 case 25 ulps off through the L2 decay's cancellation)."""
     return list(torch._foreach_norm(tensors, dtype=torch.float32))
+
+
+def clip_coefficient(
+    grads: Sequence[torch.Tensor], max_norm: float, grad_scale: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """``min(1, max_norm / (norm + 1e-6))`` of all ``grads`` together (``global_norm``; grads scaled by AMP measured
+    unscaled by ``grad_scale``), float32 on ``device``, as torch.nn.utils.clip_grad_norm_ computes it."""
+    total = global_norm(grads, device)
+    if grad_scale is not None:
+        total = total / grad_scale.to(device)
+    return torch.clamp(max_norm / (total + 1e-6), max=1.0)

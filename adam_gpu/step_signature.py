@@ -333,8 +333,14 @@ class PreparedGroup:
         eight_bit: bool,
     ) -> PreparedGroup:
         """The record of a full check that passed ``tensors`` (the kernels' plain tensors, grads as given)."""
-        grad_bytes = torch.tensor([end - start for start, end in map(memory_span, tensors.grads)], dtype=torch.int64)
+        grad_bytes = grad_spans(tensors.grads)
         return cls(group, options, signature, step_buffer, tensors.dtypes, written, grad_bytes, eight_bit)
+
+
+def grad_spans(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each grad's memory span in bytes (int64, on the host): what ``_grads_apart`` checks new grads' addresses with
+    (their spans are alike: TensorGuards)."""
+    return int64_tensor([end - start for start, end in map(memory_span, grads)])
 
 
 def reused(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +31,19 @@ class LaunchMemo:
     largest_numel: int | None = None  # the most elements of one param (the Triton launcher's interpreter config)
     fused_cpu: bool | None = None  # whether torch's fused CPU kernel steps them (the torch backend's choice)
     contiguous: bool | None = None  # whether every tensor is contiguous (grads' strides are alike: TensorGuards)
+
+
+class TensorRow(NamedTuple):
+    """One param's tensors in a step (StepTensors.per_tensor), None where it has no such part."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    max_exp_avg_sq: torch.Tensor | None
+    master: torch.Tensor | None
+    exp_avg_absmax: torch.Tensor | None
+    exp_avg_sq_absmax: torch.Tensor | None
 
 
 @dataclass
@@ -78,13 +92,12 @@ class StepTensors:
         return (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs, self.masters,
                 self.exp_avg_absmaxes, self.exp_avg_sq_absmaxes)  # fmt: skip
 
-    def per_tensor(self) -> list[tuple[torch.Tensor, ...]]:
-        """``(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, exp_avg_absmax, exp_avg_sq_absmax)``
-        for each param, None where a tensor has no such part."""
+    def per_tensor(self) -> list[TensorRow]:
+        """Each param's tensors (a TensorRow), None where a tensor has no such part."""
         none = [None] * len(self.params)
         optional = (self.max_exp_avg_sqs, self.masters, self.exp_avg_absmaxes, self.exp_avg_sq_absmaxes)
-        return list(zip(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, *(o or none for o in optional),
-                        strict=True))  # fmt: skip
+        lists = (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, *(o or none for o in optional))
+        return list(map(TensorRow._make, zip(*lists, strict=True)))
 
     def check(self, amsgrad: bool) -> WrittenSpans:
         """Raise TypeError/ValueError naming the first tensor a kernel must not be given; else return the memory
@@ -126,7 +139,7 @@ class StepTensors:
         return named
 
 
-GRAD = 1  # the grad's place in StepTensors.per_tensor() (and in a tensor table's row)
+GRAD = TensorRow._fields.index("grad")  # the grad's place in a TensorRow
 # The roles of the tensors after param and grad in StepTensors.per_tensor(), as errors name them.
 STATE_ROLES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master", "exp_avg absmax", "exp_avg_sq absmax")
 
@@ -206,8 +219,8 @@ def check_disjoint(named: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[int,
 
 
 def int64_tensor(values: Sequence[int]) -> torch.Tensor:
-    """``values`` (addresses, sizes) as an int64 host tensor: through an ``array`` buffer, a third of the time
-    ``torch.tensor`` takes on a tuple of Python ints."""
+    """``values`` (addresses, sizes) as an int64 host tensor, through an ``array`` buffer (faster than
+    ``torch.tensor`` on a tuple of Python ints)."""
     return (
         torch.frombuffer(array.array("q", values), dtype=torch.int64) if values else torch.empty(0, dtype=torch.int64)
     )

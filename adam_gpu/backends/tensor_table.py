@@ -32,18 +32,17 @@ from adam_gpu.backends.layout import contiguous_stand_ins, readable
 from adam_gpu.device_inputs import is_capturing
 from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
 from adam_gpu.kernel_abi import ROW_WIDTH, Column
-from adam_gpu.step_tensors import GRAD, StepTensors, int64_tensor, master_mode
+from adam_gpu.step_tensors import GRAD, StepTensors, TensorRow, int64_tensor, master_mode
 
 POINTERS_PER_TENSOR = ROW_WIDTH
 _GRAD_COLUMN = int(Column.GRAD)
-# The tensors of StepTensors.per_tensor(), in its order, as the table's columns.
-_PER_TENSOR = (Column.PARAM, Column.GRAD, Column.EXP_AVG, Column.EXP_AVG_SQ, Column.MAX_EXP_AVG_SQ, Column.MASTER,
-               Column.EXP_AVG_ABSMAX, Column.EXP_AVG_SQ_ABSMAX)  # fmt: skip
-_PARAM, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _MASTER = map(
-    _PER_TENSOR.index, (Column.PARAM, Column.EXP_AVG, Column.EXP_AVG_SQ, Column.MAX_EXP_AVG_SQ, Column.MASTER)
+# Where each column of a row comes from: the TensorRow field of its name, or (None) the step count.
+_ROW_SOURCES = tuple(
+    None if column is Column.STEP else TensorRow._fields.index(column.name.lower()) for column in Column
 )
-# Where each column of a row comes from: a place in per_tensor()'s tuple, or (None) the step count.
-_ROW_SOURCES = tuple(None if column is Column.STEP else _PER_TENSOR.index(column) for column in Column)
+_PARAM, _EXP_AVG, _EXP_AVG_SQ, _MAX_EXP_AVG_SQ, _MASTER = map(
+    TensorRow._fields.index, ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
+)
 # Tables kept per process (least recently used evicted): one or two per param group and dtype policy, so a
 # model with hundreds of groups (layer-wise learning rates) still builds each once; 1024 GPT-2-sized tables
 # hold 12 MB of device memory.

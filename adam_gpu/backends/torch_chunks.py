@@ -20,7 +20,7 @@ from adam_gpu.backends.lean_master import lean_master, split_lean_master
 from adam_gpu.backends.torch_codes import dequantize_into, quantize_into
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.quantization import BLOCK as QUANT_BLOCK
-from adam_gpu.step_tensors import GRAD, StepTensors
+from adam_gpu.step_tensors import GRAD, StepTensors, TensorRow
 
 # Elements in one working chunk, per torch thread (a multiple of QUANT_BLOCK): each op of a chunk is split over the
 # threads, and each thread's share stays in its core's cache (docs/cpu-torch-backend.md).
@@ -29,19 +29,6 @@ CHUNK_PER_THREAD = 1 << 16
 FUSED_CPU = {False: getattr(torch, "_fused_adam_", None), True: getattr(torch, "_fused_adamw_", None)}
 _STORED = (torch.float32, torch.float16, torch.bfloat16)  # what becomes fp32 exactly (float64 keeps its precision)
 _FP32_ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
-class _Row(NamedTuple):
-    """One param's tensors, flat (StepTensors.per_tensor's order)."""
-
-    param: torch.Tensor
-    grad: torch.Tensor
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
-    max_exp_avg_sq: torch.Tensor | None
-    master: torch.Tensor | None
-    exp_avg_absmax: torch.Tensor | None
-    exp_avg_sq_absmax: torch.Tensor | None
 
 
 class _Piece(NamedTuple):
@@ -71,10 +58,8 @@ def chunked_step(tensors: StepTensors, steps: Sequence[float], hp: AdamHyperpara
     """One Adam/AdamW step of ``tensors`` (``applies``) through torch's fused CPU kernel, chunk_elements() at a
     time."""
     with contextlib.ExitStack() as stack:
-        rows = [
-            _Row(*(None if t is None else t.view(-1) for t in stack.enter_context(contiguous_stand_ins(row, (GRAD,)))))
-            for row in tensors.per_tensor()
-        ]
+        stand_ins = [stack.enter_context(contiguous_stand_ins(row, (GRAD,))) for row in tensors.per_tensor()]
+        rows = [TensorRow(*(None if t is None else t.view(-1) for t in row)) for row in stand_ins]
         counts = {step: torch.tensor(float(step)) for step in set(steps)}  # (the kernel reads each count's value)
         size = chunk_elements()
         buffers = {role: torch.empty(size) for role in _FP32_ROLES}
@@ -125,7 +110,7 @@ def _chunks(numels: Sequence[int], size: int) -> Iterator[list[_Piece]]:
 _QUANTIZED = ("exp_avg", "exp_avg_sq")  # the moments that may be 8-bit (signed, unsigned)
 
 
-def _quantized_pieces(rows: Sequence[_Row], chunk: Sequence[_Piece], moment: str) -> list[_Piece]:
+def _quantized_pieces(rows: Sequence[TensorRow], chunk: Sequence[_Piece], moment: str) -> list[_Piece]:
     return [piece for piece in chunk if getattr(rows[piece.row], f"{moment}_absmax") is not None]
 
 
@@ -147,7 +132,7 @@ class _CodeBuffers:
         self.absmax = torch.empty(size // QUANT_BLOCK)
 
     def dequantize(
-        self, rows: Sequence[_Row], pieces: Sequence[_Piece], moment: str, signed: bool, out: torch.Tensor
+        self, rows: Sequence[TensorRow], pieces: Sequence[_Piece], moment: str, signed: bool, out: torch.Tensor
     ) -> None:
         for piece in pieces:
             row = rows[piece.row]
@@ -157,7 +142,7 @@ class _CodeBuffers:
         dequantize_into(self.codes[:used], self.absmax[: used // QUANT_BLOCK], signed, out[:used])
 
     def quantize(
-        self, rows: Sequence[_Row], pieces: Sequence[_Piece], moment: str, signed: bool, values: torch.Tensor
+        self, rows: Sequence[TensorRow], pieces: Sequence[_Piece], moment: str, signed: bool, values: torch.Tensor
     ) -> None:
         for piece in pieces:  # (a short last block is padded with zeros, as the format's model pads it)
             length = piece.stop - piece.start
@@ -196,7 +181,7 @@ def _moment(
     return _fp32(moment, piece, buffer) if absmax is None else _in_buffer(buffer, piece)
 
 
-def _working(row: _Row, piece: _Piece, buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+def _working(row: TensorRow, piece: _Piece, buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
     """(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq) of the piece, fp32; the param is its master where it has
     one (a lean master put together from the bf16 param and its remainder)."""
     if row.master is not None and row.master.dtype == torch.int16:
@@ -213,7 +198,7 @@ def _working(row: _Row, piece: _Piece, buffers: dict[str, torch.Tensor]) -> tupl
     )
 
 
-def _write_back(row: _Row, piece: _Piece, values: tuple[torch.Tensor | None, ...]) -> None:
+def _write_back(row: TensorRow, piece: _Piece, values: tuple[torch.Tensor | None, ...]) -> None:
     """Store the stepped working values where they are not the tensors' own memory (8-bit moments: _CodeBuffers)."""
     part = slice(piece.start, piece.stop)
     param, _, exp_avg, exp_avg_sq, maximum = values

@@ -26,8 +26,8 @@ RESULTS_STEM = "results"
 CPU_TIME_LIMIT_S = 150.0
 # The most one contender's measurement of one pair may take, judged from its first step (run.check_time).
 CASE_TIME_LIMIT_S = 30.0
-# torch's threads on the CPU: with one, steps do not stall when another process holds a core (2 shared cores,
-# flat 2^20 bf16, torch fused: 0.94 ms median on one thread, 12 ms on two; benchmarks/README.md).
+# torch's threads on the CPU: with one, steps do not stall when another process holds a core (benchmarks/README.md,
+# "Running on a CPU").
 CPU_THREADS = 1
 SUMMARY_WIDTH = 100  # the terminal summary fits this many columns with every policy name whole
 WIDE_MARK = "*"  # the summary's short mark of a wide spread (the report writes "wide")
