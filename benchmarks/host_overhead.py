@@ -5,7 +5,9 @@ its Python: checks, state, the tensor table, step counts, Triton's own per-call 
 host part decides eager step time. This measures it without a GPU, stubbing only the lowest call: Triton compiles
 the kernel for an sm_90 target (no GPU needed) and a stand-in driver (``stub_triton_driver``) loads it without a
 device and gives it a launcher that does nothing, so everything above the compiled launcher is timed (in a child
-process where this one runs Triton's interpreter). The baselines are torch.optim.AdamW's fused, foreach and for-loop
+process where this one runs Triton's interpreter). The CuPy backend is timed the same way with the driver's launch
+(``cuLaunchKernel``) a no-op and its specialization taken as loaded (``stub_cupy_launch``): its argument packing is
+timed, not the compile. The baselines are torch.optim.AdamW's fused, foreach and for-loop
 implementations on 1-element CPU tensors (their arithmetic is then negligible beside their host work), measured in
 the same run. Each is timed twice: with the same grad tensors every step, and with new ones every step, as after
 ``zero_grad()`` (set_to_none, torch's default) and backward: there grads are swapped in, outside the timing,
@@ -37,8 +39,10 @@ from rich.table import Table
 
 from adam_gpu import FusedAdamW, native_guards
 from adam_gpu.backends import triton as triton_backend
+from adam_gpu.device_inputs import unused_values
 
 ADAM_GPU = "adam-gpu FusedAdamW (launcher stubbed)"
+CUPY = "adam-gpu FusedAdamW, cupy (driver launch stubbed)"
 NATIVE = "adam-gpu, compiled proof (ADAM_GPU_NATIVE_GUARDS=1)"
 COMPILED = "{}, torch.compile"
 
@@ -110,6 +114,36 @@ def stub_triton_driver() -> Iterator[StubCudaDriver]:
         yield stub
     finally:
         driver._active, triton_backend.runs_interpreted = saved
+
+
+@contextlib.contextmanager
+def stub_cupy_launch() -> Iterator[None]:
+    """The CuPy backend on CPU tensors inside the block: every specialization taken as loaded (function handle 1),
+    the driver's launch a no-op, torch's current CUDA device and stream stand-ins; all restored after."""
+    from adam_gpu.backends import cupy as cupy_backend
+
+    class Loaded:
+        ptr = 1
+
+    stream = SimpleNamespace(cuda_stream=0)
+    replaced = {
+        (cupy_backend, "unavailable_reason"): lambda device, dtype: None,
+        (cupy_backend, "_function"): lambda device_index, name_expression: Loaded,
+        (cupy_backend, "launch_kernel"): lambda *arguments: None,
+        (cupy_backend, "cuda_runtime"): SimpleNamespace(memGetInfo=lambda: (0, 0)),
+        (cupy_backend, "unused_values"): lambda device: unused_values(torch.device("cpu")),
+        (cupy_backend, "_multiprocessors"): lambda device_index: 132,
+        (torch.cuda, "current_stream"): lambda device=None: stream,
+        (torch.cuda, "current_device"): lambda: 0,
+    }
+    saved = {key: getattr(*key) for key in replaced}
+    for (owner, name), value in replaced.items():
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for (owner, name), value in saved.items():
+            setattr(owner, name, value)
 
 
 # Grad sets the "new each step" timing cycles through (tensor_table keeps tables for 4 other sets per launch).
@@ -213,6 +247,7 @@ def _with_native_proof(optimizer: FusedAdamW) -> Callable[[], object]:
 def _measure(count: int, repeat: int, compiled: bool = False) -> list[dict[str, object]]:
     contenders = {
         ADAM_GPU: lambda params: FusedAdamW(params, lr=1e-3, backend="triton").step,
+        CUPY: lambda params: FusedAdamW(params, lr=1e-3, backend="cupy").step,
         "torch AdamW fused": lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True).step,
         "torch AdamW foreach": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=True).step,
         "torch AdamW for-loop": lambda params: torch.optim.AdamW(params, lr=1e-3, foreach=False).step,
@@ -229,7 +264,8 @@ def _measure(count: int, repeat: int, compiled: bool = False) -> list[dict[str, 
         for name, make in contenders.items():
             params = _params(count, 1)
             swap = _new_grads(params) if grads == "new each step" else lambda: None
-            ms = _median_ms(make(params), repeat, swap)
+            with stub_cupy_launch() if name == CUPY else contextlib.nullcontext():
+                ms = _median_ms(make(params), repeat, swap)
             row = {"tensors": count, "grads": grads, "optimizer": name, "ms": ms, "us_per_tensor": ms * 1e3 / count}
             rows.append(row)
     return rows

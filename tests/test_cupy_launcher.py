@@ -2,24 +2,21 @@
 
 Everything else the CuPy backend runs is shared with the host-execution backend (tests/cuda_host.py):
 the specializations, the launch loop and KernelLaunch.arguments(). What only the CuPy launcher does is
-assemble the argument tuple CuPy turns into the kernel's parameters, and pick grid and block. Here the
-real ``adam_gpu.backends.cupy.adam_step`` runs on CPU tensors; a fake kernel checks every argument
-against ``adam_step``'s C++ parameter list in kernels/adam_cuda.cu and the launch against CUDA's limits,
-then runs the launch through the host build, so the results are checked against the float64 reference
-and torch.optim like any backend's.
-
-How CuPy passes arguments (``cupy/cuda/function.pyx``, ``_pointer``, called by ``_launch`` for each
-argument; cupy 14 ships it compiled in cupy/cuda/function.cpython-*.so): a numpy scalar of a listed type
-passes its own bytes (np.int32: 4, np.int64: 8, np.float32: 4); a Python ``int`` becomes ``numpy.int64(x)``
-(8 bytes), so an address passed as a Python int fills a 64-bit pointer parameter; a Python ``float``
-becomes float64 (8 bytes, wrong for a ``float`` parameter) and a Python ``bool`` an int64 (it is an
-``int``), so neither may reach a kernel. The checks below hold the launcher to exactly that.
+pack the kernel's parameters into the bytes the driver copies (``cuLaunchKernel``'s ``kernelParams``: an array
+of addresses, one per parameter, each of a value of the parameter's C type), and pick grid, block and stream. Here
+the real ``adam_gpu.backends.cupy.adam_step`` runs on CPU tensors; a fake driver launch reads every parameter back
+from those addresses as the C type ``adam_step``'s C++ parameter list in the compiled source declares (the layout
+computed by ctypes, independently of the launcher's), checks the launch against CUDA's limits, then runs the
+launch through the host build with the values it read, so the results are checked against the float64 reference
+and torch.optim like any backend's: a parameter packed at the wrong width or place reaches the kernel wrong.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import re
+import struct
 from dataclasses import dataclass
 
 import cuda_host
@@ -88,28 +85,31 @@ def kernel_parameters() -> list[tuple[str, str]]:
     return parameters
 
 
-def expected_type(ctype: str) -> type:
-    """What the launcher must pass for a parameter of C++ type ``ctype`` (see the module docstring)."""
+def parameter_ctype(ctype: str) -> type:
+    """The ctypes type of a parameter of C++ type ``ctype`` (a pointer: an address)."""
     if ctype.endswith("*"):
-        return int
-    return {"int": np.int32, "long long": np.int64, "float": np.float32}[ctype]
+        return ctypes.c_void_p
+    return {"int": ctypes.c_int, "long long": ctypes.c_longlong, "float": ctypes.c_float}[ctype]
 
 
-def check_arguments(arguments: object) -> None:
+def read_parameters(kernel_params: int) -> tuple:
+    """The values at the addresses of a ``kernelParams`` array, each read as its parameter's C type."""
     parameters = kernel_parameters()
-    assert isinstance(arguments, tuple), f"arguments must be a tuple, got {type(arguments).__name__}"
-    assert len(arguments) == len(parameters), f"{len(arguments)} arguments for {len(parameters)} parameters"
-    for (ctype, name), argument in zip(parameters, arguments, strict=True):
-        want = expected_type(ctype)
-        assert type(argument) is want, f"{name} ({ctype}): got {type(argument).__name__}, want {want.__name__}"
-        if want is int:  # CuPy's numpy.int64(x) must hold the address, and no pointer argument is null
-            assert 0 < argument < 2**63, f"{name}: address {argument:#x}"
+    addresses = (ctypes.c_void_p * len(parameters)).from_address(kernel_params)
+    values = []
+    for (ctype, name), address in zip(parameters, addresses, strict=True):
+        assert address, f"{name}: no address in kernelParams"
+        value = parameter_ctype(ctype).from_address(address).value
+        if ctype.endswith("*"):  # no pointer argument is null, and none is out of a 64-bit address's range
+            assert value is not None and 0 < value < 2**63, f"{name}: address {value!r}"
+        values.append(value)
+    return tuple(values)
 
 
-def check_dimensions(dimensions: object, limits: tuple[int, ...], what: str) -> None:
-    assert isinstance(dimensions, tuple) and 1 <= len(dimensions) <= 3, f"{what} must be a tuple of 1 to 3 ints"
-    for size, limit in zip(dimensions, limits, strict=False):
-        assert type(size) is int and 0 < size <= limit, f"{what} {dimensions}: each must be an int in [1, {limit}]"
+class CLayout(ctypes.Structure):
+    """The kernel's parameters as a C struct, laid out by ctypes: the offsets the packed buffer must have."""
+
+    _fields_ = [(name, parameter_ctype(ctype)) for ctype, name in kernel_parameters()]
 
 
 @dataclass
@@ -124,118 +124,88 @@ class Launch:
         return self.arguments[names.index(name)]
 
 
-class FakeContexts:
-    """The device and stream contexts the launcher has entered (CuPy launches on the current stream)."""
-
-    def __init__(self) -> None:
-        self.devices: list[int] = []
-        self.streams: list[object] = []
-
-    @contextlib.contextmanager
-    def entered(self, stack: list, value: object):
-        stack.append(value)
-        try:
-            yield
-        finally:
-            stack.pop()
-
-
 @pytest.fixture
 def cupy_on_host(monkeypatch) -> list[Launch]:
     """Run the CuPy backend on CPU tensors: the CUDA runtime faked, each launch checked and then executed by
     the host build of the kernel. Yields the launches made."""
     launches: list[Launch] = []
-    contexts = FakeContexts()
+    contexts: list[int] = []  # the devices whose context a runtime call made current before the launches
 
     class TorchStream:  # what torch.cuda.current_stream returns: the launcher must launch on it
         cuda_stream = 0x5EED  # the cudaStream_t
         device_index = DEVICE_INDEX
 
-        def __cuda_stream__(self) -> tuple[int, int]:
-            return 0, self.cuda_stream
-
-    torch_stream = TorchStream()
-
-    class FakeStream:
-        def __init__(self, external: object) -> None:
-            self.external = external
-
-        @classmethod
-        def from_external(cls, stream: object) -> FakeStream:
-            assert stream is torch_stream, "the CuPy stream must wrap torch's current stream"
-            assert hasattr(stream, "__cuda_stream__"), "CuPy 14 raises TypeError for a stream without the protocol"
-            return cls(stream)
-
-        def __enter__(self) -> None:
-            contexts.streams.append(self)
-
-        def __exit__(self, *exc: object) -> None:
-            contexts.streams.pop()
-
-    def external_stream(pointer: int, device_id: int) -> FakeStream:  # CuPy 13's way
-        assert (pointer, device_id) == (torch_stream.cuda_stream, DEVICE_INDEX), "not torch's current stream"
-        return FakeStream(torch_stream)
-
-    def fake_device(index: int) -> contextlib.AbstractContextManager:
-        assert type(index) is int and index == DEVICE_INDEX, f"cupy.cuda.Device({index!r})"
-        return contexts.entered(contexts.devices, index)
-
     def current_stream(device: object = None) -> object:
         assert device in (None, DEVICE_INDEX), f"torch.cuda.current_stream({device!r})"
-        return torch_stream
+        return TorchStream()
 
     def fake_unused_values(device: torch.device) -> torch.Tensor:
         assert device == torch.device("cuda", DEVICE_INDEX), f"unused scalars requested on {device}"
         return unused_values(torch.device("cpu"))
 
-    class FakeKernel:
+    names = cuda_source.all_name_expressions()
+
+    class FakeFunction:  # a loaded specialization: ptr is its CUfunction
         def __init__(self, device_index: int, name_expression: str) -> None:
             assert device_index == DEVICE_INDEX
-            assert name_expression in cuda_source.all_name_expressions(), (
-                f"not a compiled specialization: {name_expression}"
-            )
-            self.name_expression = name_expression
+            assert name_expression in names, f"not a compiled specialization: {name_expression}"
+            self.ptr = 0x1000 + names.index(name_expression)
 
-        def __call__(self, grid: tuple, block: tuple, arguments: tuple, shared_mem: int = 0, stream=None) -> None:
-            assert stream is None and shared_mem == 0
-            assert contexts.devices == [DEVICE_INDEX], "launched outside cupy.cuda.Device(index)"
-            assert [s.external for s in contexts.streams] == [torch_stream], "launched outside torch's stream"
-            check_dimensions(grid, GRID_LIMITS, "grid")
-            check_dimensions(block, BLOCK_LIMITS, "block")
-            assert int(np.prod(block)) <= MAX_THREADS_PER_BLOCK, f"block {block}: more than 1024 threads"
-            assert len(grid) == len(block) == 1, "the kernel indexes x only"
-            check_arguments(arguments)
-            launches.append(Launch(self.name_expression, grid, block, arguments))
-            cuda_host.launch_kernel_arguments(self.name_expression, grid[0], block[0], arguments)
+    class FakeRuntime:
+        @staticmethod
+        def memGetInfo() -> tuple[int, int]:  # noqa: N802 (CuPy's name)
+            contexts.append(DEVICE_INDEX)
+            return 1 << 30, 1 << 30
+
+    def launch_kernel(function, gx, gy, gz, bx, by, bz, shared_mem, stream, kernel_params, extra) -> None:
+        assert isinstance(function, int) and 0x1000 <= function < 0x1000 + len(names), f"function {function!r}"
+        assert shared_mem == 0 and extra == 0
+        assert stream == TorchStream.cuda_stream, "not launched on torch's current stream"
+        assert contexts == [DEVICE_INDEX], "launched before the device's context was made current on this thread"
+        grid, block = (gx, gy, gz), (bx, by, bz)
+        for dimensions, limits, what in ((grid, GRID_LIMITS, "grid"), (block, BLOCK_LIMITS, "block")):
+            for size, limit in zip(dimensions, limits, strict=True):
+                assert type(size) is int and 0 < size <= limit, f"{what} {dimensions}: each in [1, {limit}]"
+        assert bx * by * bz <= MAX_THREADS_PER_BLOCK, f"block {block}: more than 1024 threads"
+        assert gy == gz == by == bz == 1, "the kernel indexes x only"
+        arguments = read_parameters(kernel_params)
+        name_expression = names[function - 0x1000]
+        launches.append(Launch(name_expression, (gx,), (bx,), arguments))
+        cuda_host.launch_kernel_arguments(name_expression, gx, bx, arguments)
 
     def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
         return None if dtype in KERNEL_DTYPES else f"not a kernel dtype: {dtype}"
 
-    monkeypatch.setattr(cupy.cuda, "Stream", FakeStream)
-    monkeypatch.setattr(cupy.cuda, "ExternalStream", external_stream)
-    monkeypatch.setattr(cupy.cuda, "Device", fake_device)
+    monkeypatch.setattr(cupy_backend, "_buffer", cupy_backend._ParameterBuffer())  # (no context made current yet)
+    monkeypatch.setattr(cupy_backend, "cuda_runtime", FakeRuntime)
+    monkeypatch.setattr(cupy_backend, "launch_kernel", launch_kernel)
+    monkeypatch.setattr(cupy_backend, "_function", FakeFunction)
     monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: DEVICE_INDEX)
     monkeypatch.setattr(cupy_backend, "unavailable_reason", unavailable_reason)
     monkeypatch.setattr(cupy_backend, "unused_values", fake_unused_values)
     monkeypatch.setattr(cupy_backend, "_multiprocessors", lambda device_index: MULTIPROCESSORS)
-    monkeypatch.setattr(cupy_backend, "_kernel", FakeKernel)
     return launches
 
 
-def test_the_checks_refuse_what_cupy_would_pass_wrongly():
-    """The fake kernel's checks bite: a Python float, an np.int64 for an ``int``, a bool, a missing argument."""
+def test_the_packed_parameters_are_the_c_layout_and_read_back():
+    """The launcher's buffer has each parameter at its C offset (ctypes' layout of the declared types), and distinct
+    values of every parameter read back as packed, floats as their float32 rounding."""
     parameters = kernel_parameters()
     assert len(parameters) == 21 and parameters[3] == ("int", "n_tensors") and parameters[0][0] == "long long *"
-    good = tuple(expected_type(ctype)(1) for ctype, _ in parameters)
-    check_arguments(good)
-    for index, bad in [(3, np.int64(1)), (4, np.int32(1)), (9, True), (11, 0.9), (0, np.int64(1 << 40))]:
-        with pytest.raises(AssertionError):
-            check_arguments((*good[:index], bad, *good[index + 1 :]))
-    with pytest.raises(AssertionError):
-        check_arguments(good[:-1])
-    with pytest.raises(AssertionError):
-        check_dimensions((1025,), BLOCK_LIMITS, "block")
+    assert cupy_backend.PARAMETER_OFFSETS == tuple(getattr(CLayout, name).offset for _, name in parameters)
+    assert cupy_backend.PARAMETER_LAYOUT.size == ctypes.sizeof(CLayout)
+    values = tuple(
+        0x7F0000001000 + 8 * k if ctype.endswith("*") else (0.1 * (k + 1) if ctype == "float" else -((k + 3) ** 5))
+        for k, (ctype, _) in enumerate(parameters)
+    )
+    buffer = cupy_backend._ParameterBuffer()
+    cupy_backend.PARAMETER_LAYOUT.pack_into(buffer.values, 0, *values)
+    read = read_parameters(buffer.addresses_pointer)
+    expected = tuple(float(np.float32(v)) if isinstance(v, float) else v for v in values)
+    assert read == expected
+    with pytest.raises(struct.error):  # an int parameter out of its 32 bits is refused, not wrapped
+        cupy_backend.PARAMETER_LAYOUT.pack_into(buffer.values, 0, *values[:3], 2**31, *values[4:])
 
 
 HP_OPTIONS = [
@@ -316,16 +286,15 @@ def test_several_tensors_of_mixed_policies_and_steps(cupy_on_host):
     assert sum(int(launch.argument("n_tensors")) for launch in cupy_on_host) == len(cases)
 
 
-@pytest.mark.parametrize("missing", ["cupy-from_external", "torch-__cuda_stream__"])
-def test_without_the_stream_protocol_it_launches_on_torchs_stream_through_external_stream(
-    cupy_on_host, monkeypatch, missing
-):
-    """CuPy 13 has no Stream.from_external, and torch before 2.10 no __cuda_stream__: ExternalStream then."""
-    if missing == "cupy-from_external":
-        monkeypatch.delattr(cupy.cuda.Stream, "from_external")
-    else:
-        monkeypatch.delattr(type(torch.cuda.current_stream()), "__cuda_stream__")
-    hp = HP_OPTIONS[0]
-    case = StepCase.draw(4097, seeded_generator("cupy launcher stream", missing)).rounded(torch.float32, torch.float32)
-    check_one_step("cupy", case, torch.float32, torch.float32, hp)
-    assert len(cupy_on_host) == 1
+def test_launches_on_the_tensors_device_made_current(monkeypatch):
+    """Tensors on another device than the current one: the launches run with theirs made current (the context the
+    driver launches in), and nothing is switched when it is current already."""
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext(entered.append(index)))
+    with cupy_backend._on_device(0):
+        pass
+    assert entered == []
+    with cupy_backend._on_device(1):
+        pass
+    assert entered == [1]

@@ -14,9 +14,11 @@ host_overhead = import_script("benchmarks/host_overhead.py")
 
 def test_quick_run_times_every_contender_and_restores_the_kernel():
     kernel_before = triton_backend._kernels().adam_step_kernel
+    cuda_before = torch.cuda.current_stream, torch.cuda.current_device
     rows = host_overhead.main(["--quick"])
     optimizers = [
         host_overhead.ADAM_GPU,
+        host_overhead.CUPY,
         "torch AdamW fused",
         "torch AdamW foreach",
         "torch AdamW for-loop",
@@ -28,6 +30,7 @@ def test_quick_run_times_every_contender_and_restores_the_kernel():
     ]
     assert all(row["tensors"] == 10 and row["ms"] > 0 and row["us_per_tensor"] > 0 for row in rows)
     assert triton_backend._kernels().adam_step_kernel is kernel_before
+    assert (torch.cuda.current_stream, torch.cuda.current_device) == cuda_before, "the CuPy stub was left in place"
     # The real kernel runs again afterwards (under the interpreter here): a step changes the param.
     param = torch.randn(5, requires_grad=True)
     param.grad = torch.randn(5)
@@ -40,7 +43,7 @@ def test_quick_compiled_run_also_times_the_compiled_steps():
     rows = host_overhead.main(["--quick", "--compiled"])
     compiled = [host_overhead.COMPILED.format(name) for name in (host_overhead.ADAM_GPU, "torch AdamW fused")]
     timed = {row["optimizer"] for row in rows if row["ms"] > 0}
-    contenders = 6 + host_overhead._native_buildable()
+    contenders = 7 + host_overhead._native_buildable()
     assert set(compiled) <= timed and len(rows) == 2 * contenders
 
 

@@ -1,16 +1,25 @@
 """Launcher of the CUDA C kernel ``kernels/adam_cuda.cu`` through CuPy: NVRTC compiles each
-specialization on first use (cached per device and specialization), and one launch per group runs on
-torch's current stream on torch's own memory. The kernel gets raw addresses (a tensor table and int64
-arguments), not CuPy arrays: no copies, and no need for a bf16 dtype that CuPy does not have."""
+specialization on first use (cached per device and specialization, loaded by CuPy), and one launch per group runs
+on torch's current stream on torch's own memory. The kernel gets raw addresses (a tensor table and int64
+arguments), not CuPy arrays: no copies, and no need for a bf16 dtype that CuPy does not have.
+
+Launches go straight to the driver (``cuLaunchKernel`` through CuPy's binding), with the kernel's parameters packed
+once into a buffer in their C layout: what ``RawKernel.__call__`` does, less its per-argument Python objects and
+its device and stream contexts (docs/benchmarks.md, "Host time of a step")."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
+import struct
+import threading
 from dataclasses import dataclass
 
 import cupy
-import numpy as np
 import torch
+from cupy_backends.cuda.api import driver as cuda_driver
+from cupy_backends.cuda.api import runtime as cuda_runtime
 
 from adam_gpu.backends import cuda_source
 from adam_gpu.backends.launch_config import Override
@@ -51,10 +60,14 @@ class LaunchConfig:
         return max(1, min(n_chunks, multiprocessors * self.blocks_per_sm))
 
 
-# How CuPy must get an argument of each C type: an address as a Python int (CuPy passes it as 64 bits), an integer
-# or a float as the numpy scalar of its width (a Python float would reach the kernel as a double).
-_NUMPY_TYPES = {"int": np.int32, "long long": np.int64, "float": np.float32}
-_PACKERS = tuple(int if p.ctype.endswith("*") else _NUMPY_TYPES[p.ctype] for p in CUDA_PARAMETERS)
+# The kernel's parameters in their C layout (native sizes and alignment, as the compiler lays out arguments):
+# the struct code of each C type (a pointer: an address), and each parameter's offset in the packed buffer.
+_STRUCT_CODES = {"int": "i", "long long": "q", "float": "f"}
+_CODES = "".join("P" if p.ctype.endswith("*") else _STRUCT_CODES[p.ctype] for p in CUDA_PARAMETERS)
+PARAMETER_LAYOUT = struct.Struct("@" + _CODES)
+PARAMETER_OFFSETS = tuple(struct.calcsize(f"@{_CODES[:k]}0{_CODES[k]}") for k in range(len(_CODES)))
+# The driver's launch (tests replace it with one that reads the packed parameters back).
+launch_kernel = cuda_driver.launchKernel
 
 # `with launch_config(LaunchConfig(...)):` launches with that configuration instead of the defaults.
 launch_config: Override[LaunchConfig] = Override("adam_gpu.backends.cupy.launch_config")
@@ -84,27 +97,41 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 @functools.cache
-def _kernel(device_index: int, name_expression: str) -> cupy.RawKernel:
-    """Compile (NVRTC) and load one specialization for one device."""
+def _function(device_index: int, name_expression: str) -> cupy.cuda.Function:
+    """Compile (NVRTC) and load one specialization for one device (its ``ptr`` is the CUfunction to launch)."""
     with cupy.cuda.Device(device_index):
         module = cupy.RawModule(
             code=cuda_source.source(), options=cuda_source.compile_options(), name_expressions=[name_expression]
         )
-        return module.get_function(name_expression)
+        return module.get_function(name_expression).kernel  # (loaded for this device; holds its module)
+
+
+class _ParameterBuffer(threading.local):
+    """Each thread's buffer of packed kernel parameters and the array of their addresses the driver reads; the
+    driver copies the values when the launch is queued, so the next launch may overwrite them."""
+
+    def __init__(self) -> None:
+        self.values = ctypes.create_string_buffer(PARAMETER_LAYOUT.size)
+        base = ctypes.addressof(self.values)
+        self.addresses = (ctypes.c_void_p * len(PARAMETER_OFFSETS))(*(base + o for o in PARAMETER_OFFSETS))
+        self.addresses_pointer = ctypes.addressof(self.addresses)
+        self.devices_with_context: set[int] = set()
+
+
+_buffer = _ParameterBuffer()
+
+
+def _ensure_context(device_index: int) -> None:
+    """Make the device's CUDA context current on this thread before its first driver launch here (a runtime call
+    does it, as CuPy's own launches do: a thread that has only ever used the runtime may have none yet)."""
+    if device_index not in _buffer.devices_with_context:
+        cuda_runtime.memGetInfo()
+        _buffer.devices_with_context.add(device_index)
 
 
 @functools.cache
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _cupy_stream(stream: torch.cuda.Stream) -> cupy.cuda.Stream:
-    """torch's stream as CuPy's, to launch on: ``Stream.from_external`` where CuPy has it (14+) and torch's
-    stream speaks the CUDA stream protocol (``__cuda_stream__``, torch 2.10+), else ``ExternalStream`` (the
-    extras allow CuPy 13 and the dependencies torch 2.4)."""
-    if hasattr(cupy.cuda.Stream, "from_external") and hasattr(stream, "__cuda_stream__"):
-        return cupy.cuda.Stream.from_external(stream)
-    return cupy.cuda.ExternalStream(stream.cuda_stream, stream.device_index)
 
 
 def adam_step(
@@ -113,12 +140,24 @@ def adam_step(
     device_index = tensors.device.index if tensors.device.index is not None else torch.cuda.current_device()
     config = current_launch_config(tensors.device)
 
+    stream = torch.cuda.current_stream(device_index).cuda_stream
+    threads = config.threads_per_block
+
     def launch(request: cuda_source.KernelLaunch) -> None:
         grid = config.grid(request.table.n_chunks, _multiprocessors(device_index))
-        arguments = tuple([pack(value) for pack, value in zip(_PACKERS, request.arguments(), strict=True)])
-        _kernel(device_index, request.name_expression)((grid,), (config.threads_per_block,), arguments)
+        function = _function(device_index, request.name_expression).ptr
+        PARAMETER_LAYOUT.pack_into(_buffer.values, 0, *request.arguments())
+        _ensure_context(device_index)
+        launch_kernel(function, grid, 1, 1, threads, 1, 1, 0, stream, _buffer.addresses_pointer, 0)
 
-    with cupy.cuda.Device(device_index), _cupy_stream(torch.cuda.current_stream(device_index)):
+    with _on_device(device_index):
         cuda_source.for_each_launch(
             tensors, steps, hp, config.chunk, device_inputs, unused_values(torch.device("cuda", device_index)), launch
         )
+
+
+def _on_device(device_index: int) -> contextlib.AbstractContextManager:
+    """The device current for the launches (its context is the one the driver launches in)."""
+    if torch.cuda.current_device() == device_index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(device_index)
