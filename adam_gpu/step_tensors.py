@@ -31,6 +31,8 @@ class LaunchMemo:
     largest_numel: int | None = None  # the most elements of one param (the Triton launcher's interpreter config)
     fused_cpu: bool | None = None  # whether torch's fused CPU kernel steps them (the torch backend's choice)
     contiguous: bool | None = None  # whether every tensor is contiguous (grads' strides are alike: TensorGuards)
+    # The torch backend's amsgrad second pass: (max_exp_avg_sqs, exp_avg_sqs) or views of their ends.
+    amsgrad_tails: tuple[list, list] | None = None
 
 
 class TensorRow(NamedTuple):

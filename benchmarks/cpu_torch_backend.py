@@ -9,6 +9,7 @@ torch's optimizers cannot keep fp32 moments, masters or 8-bit moments for bf16 p
 dtypes), so those rows compare with torch foreach on the same bf16 params and bf16 moments.
 
     python benchmarks/cpu_torch_backend.py [--threads 1] [--rounds 21] [--steps 1] [--cases ...] [--policies ...]
+                                           [--options adamw amsgrad maximize adam-l2]
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from adam_gpu import FusedAdamW
+from adam_gpu import FusedAdam, FusedAdamW
 
 HP = {"lr": 1e-3, "weight_decay": 0.01}
+# The options torch's fused CPU kernel has, each timed as its own rows (AdamW's decoupled decay unless "adam-l2").
+OPTIONS = {"adamw": {}, "amsgrad": {"amsgrad": True}, "maximize": {"maximize": True}, "adam-l2": {}}
 CASES = {"flat 2^20": (1, 2**20), "flat 2^22": (1, 2**22), "64 x 2^14": (64, 2**14)}
 
 
@@ -59,8 +62,8 @@ def _params(count: int, numel: int, dtype: torch.dtype, generator: torch.Generat
     return params
 
 
-def _contenders(policy: Policy, count: int, numel: int) -> dict[str, Callable[[], None]]:
-    """Each contender's step on its own copy of the same params and grads."""
+def _contenders(policy: Policy, count: int, numel: int, option: str) -> dict[str, Callable[[], None]]:
+    """Each contender's step on its own copy of the same params and grads, with ``option``'s settings."""
     generator = torch.Generator().manual_seed(0)
     params = _params(count, numel, policy.dtype, generator)
 
@@ -70,10 +73,12 @@ def _contenders(policy: Policy, count: int, numel: int) -> dict[str, Callable[[]
             copy.grad = param.grad.clone()
         return copies
 
-    optimizers = {"adam-gpu auto": FusedAdamW(twin(), backend="auto", **HP, **policy.options)}
+    ours, theirs = (FusedAdam, torch.optim.Adam) if option == "adam-l2" else (FusedAdamW, torch.optim.AdamW)
+    settings = {**HP, **OPTIONS[option]}
+    optimizers = {"adam-gpu auto": ours(twin(), backend="auto", **settings, **policy.options)}
     if policy.fused_baseline:
-        optimizers["torch fused"] = torch.optim.AdamW(twin(), fused=True, **HP)
-    optimizers["torch foreach"] = torch.optim.AdamW(twin(), foreach=True, **HP)
+        optimizers["torch fused"] = theirs(twin(), fused=True, **settings)
+    optimizers["torch foreach"] = theirs(twin(), foreach=True, **settings)
     return {name: optimizer.step for name, optimizer in optimizers.items()}
 
 
@@ -84,9 +89,9 @@ def _seconds(step: Callable[[], None], steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def measure(policy: Policy, case: str, rounds: int, steps: int) -> dict[str, object]:
+def measure(policy: Policy, case: str, rounds: int, steps: int, option: str = "adamw") -> dict[str, object]:
     """Median ms a step of each contender, and the median over rounds of foreach's (and fused's) time over ours."""
-    contenders = _contenders(policy, *CASES[case])
+    contenders = _contenders(policy, *CASES[case], option)
     with torch.no_grad():
         for step in contenders.values():
             _seconds(step, 2)  # (state, tables)
@@ -96,7 +101,7 @@ def measure(policy: Policy, case: str, rounds: int, steps: int) -> dict[str, obj
             for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
                 times[name].append(_seconds(contenders[name], steps))
     ours = times["adam-gpu auto"]
-    row: dict[str, object] = {"policy": policy.name, "case": case}
+    row: dict[str, object] = {"policy": policy.name if option == "adamw" else f"{policy.name}, {option}", "case": case}
     row.update({name: statistics.median(seconds) * 1e3 for name, seconds in times.items()})
     for name in contenders.keys() - {"adam-gpu auto"}:
         row[f"{name} / ours"] = statistics.median(theirs / mine for theirs, mine in zip(times[name], ours, strict=True))
@@ -134,9 +139,15 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--steps", type=int, default=1, help="steps timed together in one round")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--options", nargs="+", default=["adamw"], choices=list(OPTIONS))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = [measure(POLICIES[p], case, args.rounds, args.steps) for p in args.policies for case in args.cases]
+    rows = [
+        measure(POLICIES[p], case, args.rounds, args.steps, option)
+        for option in args.options
+        for p in args.policies
+        for case in args.cases
+    ]
     header = (
         f"{time.strftime('%Y-%m-%d')}, {cpu_name()}, {args.threads} of {os.cpu_count()} cores, "
         f"torch {torch.__version__}, median of {args.rounds} rounds of {args.steps} steps;"

@@ -19,7 +19,7 @@ from support import (
     snapshot,
 )
 
-from adam_gpu import dispatch
+from adam_gpu import FusedAdamW, dispatch
 
 # Triton's interpreter computes with numpy, which warns about the NaN it is meant to compute here.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -73,6 +73,33 @@ def test_nan_and_inf_grads_do_what_torch_optim_does(backend, kind, dtype, amsgra
             if key != "step":
                 _assert_same_including_non_finite(ours.state[param][key], value, f"{key} of param {index}")
     assert not torch.isfinite(params[0]).all(), "the poison did not reach the params"
+
+
+# Tensors whose last elements fall in every position of a vector loop's tail (torch's fused CPU kernel steps its last
+# numel % 16 fp32 or % 32 bf16 elements one by one), and one whose tail is empty.
+TAIL_SIZES = [1, 15, 16, 17, 31, 32, 33, 47, 63, 64, 1000]
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_nan_second_moment_anywhere_reaches_amsgrads_max_as_in_torch(backend, dtype):
+    """A NaN grad at every other element, at the second step: amsgrad's max is NaN exactly where torch.optim's
+    for-loop makes it NaN, at every position of every tensor (its vector loop's and its tail's alike)."""
+    generator = seeded_generator("nan amsgrad max", backend, dtype)
+    params = [random_tensor(generator, size, dtype=dtype) for size in TAIL_SIZES]
+    expected = [p.clone() for p in params]
+    ours = FusedAdamW(params, lr=1e-2, amsgrad=True, backend=backend)
+    theirs = torch.optim.AdamW(expected, lr=1e-2, amsgrad=True, foreach=False)
+    for step in range(2):
+        new_grads(generator, params, expected)
+        if step == 1:
+            for param in (*params, *expected):
+                param.grad[step % 2 :: 2] = float("nan")
+        ours.step()
+        theirs.step()
+    for index, (param, twin) in enumerate(zip(params, expected, strict=True)):
+        ours_max, torch_max = ours.state[param]["max_exp_avg_sq"], theirs.state[twin]["max_exp_avg_sq"]
+        assert torch.equal(ours_max.isnan(), torch_max.isnan()), f"param {index} ({TAIL_SIZES[index]} elements)"
 
 
 @pytest.mark.parametrize("backend", backend_params())

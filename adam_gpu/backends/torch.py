@@ -116,6 +116,11 @@ def _store_params(tensors: StepTensors, values: Sequence[torch.Tensor], keep: to
 # drops a NaN second moment in its scalar tail, which the for-loop keeps: a second pass restores it. It pairs the
 # elements of non-contiguous tensors in memory order, not by index (torch 2.13): they get contiguous stand-ins.
 _FUSED_CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# That tail is the last numel % Vectorized::size() elements of a tensor (its threads' tasks are whole 64-byte lines):
+# under 64 bytes where torch's vectors are at most 512 bits, so the second pass reads only each tensor's last
+# 64 bytes there (docs/cpu-torch-backend.md, "amsgrad"); on other CPUs it reads the whole of both.
+_TAIL_BYTES = 64
+_VECTORS_OF_AT_MOST_512_BITS = frozenset({"DEFAULT", "NO AVX", "AVX2", "AVX512", "SVE256", "VSX", "ZVECTOR"})
 
 
 def _fused_cpu_applies(tensors: StepTensors, hp: AdamHyperparameters, device_inputs: DeviceInputs | None) -> bool:
@@ -172,7 +177,19 @@ def _fused_cpu_step(tensors: StepTensors, steps: list[float], hp: AdamHyperparam
         maximize=hp.maximize,
     )  # fmt: skip
     if hp.amsgrad:
-        torch._foreach_maximum_(maxima, list(tensors.exp_avg_sqs))  # (NaN where the second moment is NaN)
+        torch._foreach_maximum_(*_amsgrad_tails(tensors))  # (NaN where the second moment is NaN)
+
+
+def _amsgrad_tails(tensors: StepTensors) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(max_exp_avg_sqs, exp_avg_sqs), or where the fused kernel's scalar tail is within each tensor's last
+    _TAIL_BYTES, views of those last bytes (kept in ``tensors.memo``: the same tensors at a reused step)."""
+    memo = tensors.memo if tensors.memo is not None else LaunchMemo()
+    if memo.amsgrad_tails is None:
+        pairs = (list(tensors.max_exp_avg_sqs), list(tensors.exp_avg_sqs))
+        if torch.backends.cpu.get_cpu_capability() in _VECTORS_OF_AT_MOST_512_BITS:
+            pairs = tuple([t.view(-1)[-(_TAIL_BYTES // t.element_size()) :] for t in ts] for ts in pairs)
+        memo.amsgrad_tails = pairs
+    return memo.amsgrad_tails
 
 
 def adam_step(
