@@ -95,6 +95,35 @@ def test_step_runs_on_the_current_stream(backend):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+def test_a_step_from_a_thread_new_to_cuda_is_right(backend):
+    """The first step of a thread that has made no CUDA call (the CuPy launcher goes to the driver, which needs the
+    thread's context current) matches torch fused, as a step on the main thread does."""
+    import threading
+
+    generator = seeded_generator("gpu-thread", backend)
+    start = torch.randn(65537, generator=generator).cuda()
+    grad = torch.randn(65537, generator=generator).cuda()
+    param, reference = start.clone().requires_grad_(), start.clone().requires_grad_()
+    param.grad, reference.grad = grad.clone(), grad.clone()
+    ours = FusedAdamW([param], lr=1e-2, backend=backend)
+    errors = []
+
+    def step() -> None:
+        try:
+            ours.step()
+            torch.cuda.synchronize()
+        except Exception as error:  # (re-raised on the test's thread)
+            errors.append(error)
+
+    thread = threading.Thread(target=step)
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    torch.optim.AdamW([reference], lr=1e-2, fused=True).step()
+    assert_close_relative(param, reference, "param")
+
+
+@pytest.mark.parametrize("backend", backend_params())
 def test_step_does_not_synchronize_the_host(backend):
     generator = seeded_generator("gpu-sync", backend)
     params = [torch.randn(n, generator=generator).cuda().requires_grad_() for n in (1, 4097, 65537)]
