@@ -236,6 +236,7 @@ def test_8bit_moments(cupy_on_host, param_dtype):
     test_8bit.test_an_8bit_step_matches_the_float64_model("cupy", 65537, param_dtype)
     (launch,) = cupy_on_host
     assert ", unsigned char," in launch.name_expression
+    assert launch.block == (cupy_backend.QUANTIZED_THREADS_PER_BLOCK,), "8-bit moments' launches: their own block"
     assert launch.block[0] % 32 == 0, "the 8-bit path may use warp shuffles: whole warps per block"
 
 

@@ -188,6 +188,14 @@ def test_cupy_configuration_checks_and_grid():
     assert cupy_backend.default_launch_config(CUDA) == cupy_backend.LaunchConfig(
         cupy_backend.CHUNK, cupy_backend.THREADS_PER_BLOCK, cupy_backend.BLOCKS_PER_SM
     )
+    # 8-bit moments' launches: their own threads a block (whole warps), over the same chunks; an override: every launch.
+    eight_bit = cupy_backend.default_launch_config(CUDA, quantized=True)
+    assert eight_bit == cupy_backend.LaunchConfig(
+        cupy_backend.CHUNK, cupy_backend.QUANTIZED_THREADS_PER_BLOCK, cupy_backend.BLOCKS_PER_SM
+    )
+    assert eight_bit.threads_per_block % 32 == 0 and eight_bit != cupy_backend.default_launch_config(CUDA)
+    with cupy_backend.launch_config(config):
+        assert cupy_backend.current_launch_config(CUDA, quantized=True) == config
 
 
 def test_full_grids_start_at_the_default_and_fit_the_time_on_an_h100():

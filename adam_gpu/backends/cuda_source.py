@@ -49,6 +49,7 @@ class KernelLaunch(NamedTuple):
     maximize: bool
     device_step: bool
     grad_scaling: bool
+    quantized: bool = False  # 8-bit moments: a warp per quantization block
 
     def arguments(self) -> tuple[int | float, ...]:
         """The kernel's arguments in kernel_abi.CUDA_PARAMETERS's order: addresses, sizes and flags as ints, the
@@ -164,5 +165,6 @@ def for_each_launch(
                     hp.maximize,
                     device_steps is not None,
                     grad_scaling,
+                    group.state_dtype == torch.uint8,
                 )
             )

@@ -28,10 +28,11 @@ from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.kernel_abi import CUDA_PARAMETERS
 from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 
-# Threads per block (a multiple of 32: 8-bit moments take a warp per quantization block), blocks per SM the
-# grid-stride loop over chunks is sized for, and elements per chunk: the best of adam-gpu tune on an H200
-# (docs/benchmarks.md, "Launch configurations").
-THREADS_PER_BLOCK = 256
+# Threads per block (a multiple of 32: 8-bit moments take a warp per quantization block; their launches their own
+# number), blocks per SM the grid-stride loop over chunks is sized for, and elements per chunk: each kind's best of
+# adam-gpu tune on an H200 (docs/benchmarks.md, "Launch configurations").
+THREADS_PER_BLOCK = 512
+QUANTIZED_THREADS_PER_BLOCK = 256
 BLOCKS_PER_SM = 16
 CHUNK = 16384
 
@@ -41,7 +42,7 @@ class LaunchConfig:
     """How the kernel is launched: ``chunk`` elements per chunk (a multiple of 8; of 256 for 8-bit moments),
     ``threads_per_block`` (a multiple of 32, at most 1024: 8-bit moments take a warp per 256 elements), and a
     grid of ``blocks_per_sm`` blocks per SM (fewer when there are fewer chunks) striding over the chunks.
-    The defaults are the constants above."""
+    The defaults are the constants above (for launches of 8-bit moments, QUANTIZED_THREADS_PER_BLOCK)."""
 
     chunk: int = CHUNK
     threads_per_block: int = THREADS_PER_BLOCK
@@ -74,13 +75,16 @@ launch_config: Override[LaunchConfig] = Override("adam_gpu.backends.cupy.launch_
 
 
 @functools.cache  # (built once: its validation is a few microseconds of every step)
-def default_launch_config(device: torch.device) -> LaunchConfig:
-    return LaunchConfig()
+def default_launch_config(device: torch.device, quantized: bool = False) -> LaunchConfig:
+    """The constants (``quantized``: for a launch of 8-bit moments; the chunk is the same, as one step's launches
+    share their tables' chunking)."""
+    return LaunchConfig(threads_per_block=QUANTIZED_THREADS_PER_BLOCK) if quantized else LaunchConfig()
 
 
-def current_launch_config(device: torch.device) -> LaunchConfig:
-    """What a launch on ``device`` uses now: the active ``launch_config(...)``, else the defaults."""
-    return launch_config.get() or default_launch_config(device)
+def current_launch_config(device: torch.device, quantized: bool = False) -> LaunchConfig:
+    """What a launch on ``device`` uses now: the active ``launch_config(...)`` (for every launch), else the
+    defaults (``quantized``: of 8-bit moments)."""
+    return launch_config.get() or default_launch_config(device, quantized)
 
 
 FEATURES = frozenset({EIGHT_BIT})
@@ -138,22 +142,20 @@ def adam_step(
     tensors: StepTensors, steps: list[float] | None, hp: AdamHyperparameters, device_inputs: DeviceInputs | None = None
 ) -> None:
     device_index = tensors.device.index if tensors.device.index is not None else torch.cuda.current_device()
-    config = current_launch_config(tensors.device)
-
+    configs = current_launch_config(tensors.device), current_launch_config(tensors.device, quantized=True)
     stream = torch.cuda.current_stream(device_index).cuda_stream
-    threads = config.threads_per_block
 
     def launch(request: cuda_source.KernelLaunch) -> None:
+        config = configs[request.quantized]
         grid = config.grid(request.table.n_chunks, _multiprocessors(device_index))
         function = _function(device_index, request.name_expression).ptr
         PARAMETER_LAYOUT.pack_into(_buffer.values, 0, *request.arguments())
         _ensure_context(device_index)
-        launch_kernel(function, grid, 1, 1, threads, 1, 1, 0, stream, _buffer.addresses_pointer, 0)
+        launch_kernel(function, grid, 1, 1, config.threads_per_block, 1, 1, 0, stream, _buffer.addresses_pointer, 0)
 
+    unused = unused_values(torch.device("cuda", device_index))
     with _on_device(device_index):
-        cuda_source.for_each_launch(
-            tensors, steps, hp, config.chunk, device_inputs, unused_values(torch.device("cuda", device_index)), launch
-        )
+        cuda_source.for_each_launch(tensors, steps, hp, configs[0].chunk, device_inputs, unused, launch)
 
 
 def _on_device(device_index: int) -> contextlib.AbstractContextManager:

@@ -37,6 +37,9 @@ DEFAULTS_NOT_SWEPT: dict[str, str] = {
     "triton": "Every configuration is measured on every launch alike, but by default launches of 8-bit moments "
     "take their own block and warps over the shared chunk (`kernels/adam_triton.py`: QUANTIZED_BLOCK; "
     "`adam_gpu/backends/triton.py`: QUANTIZED_NUM_WARPS): read the 8-bit column per configuration for those.",
+    "cupy": "Every configuration is measured on every launch alike, but by default launches of 8-bit moments take "
+    "their own threads per block over the shared chunk (`adam_gpu/backends/cupy.py`: QUANTIZED_THREADS_PER_BLOCK): "
+    "read the 8-bit column per configuration for those.",
 }
 
 Pair = tuple[str, str]  # (case, policy)
