@@ -16,11 +16,11 @@ from typing import NamedTuple
 import torch
 
 from adam_gpu.backends.layout import contiguous_stand_ins
-from adam_gpu.backends.lean_master import lean_master, split_lean_master
+from adam_gpu.backends.lean_master import joined, split
 from adam_gpu.backends.torch_codes import dequantize_into, quantize_into
 from adam_gpu.hyperparameters import AdamHyperparameters
-from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.step_tensors import GRAD, StepTensors, TensorRow
+from adam_gpu.storage_formats import EIGHT_BIT_MOMENTS, MOMENT_DTYPES, master_of
 
 # Elements in one working chunk, per torch thread (a multiple of QUANT_BLOCK): each op of a chunk is split over the
 # threads, and each thread's share stays in its core's cache (docs/cpu-torch-backend.md).
@@ -29,6 +29,8 @@ CHUNK_PER_THREAD = 1 << 16
 FUSED_CPU = {False: getattr(torch, "_fused_adam_", None), True: getattr(torch, "_fused_adamw_", None)}
 _STORED = (torch.float32, torch.float16, torch.bfloat16)  # what becomes fp32 exactly (float64 keeps its precision)
 _FP32_ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# The block of the codes this module steps (torch_codes' 8-bit codec): pieces start at whole blocks of it.
+QUANT_BLOCK = EIGHT_BIT_MOMENTS.scale.block
 
 
 class _Piece(NamedTuple):
@@ -47,9 +49,9 @@ def applies(tensors: StepTensors, hp: AdamHyperparameters) -> bool:
         param, grad, exp_avg, exp_avg_sq, maximum, master, *_ = row
         if any(t.dtype not in _STORED for t in (param, grad) if t is not None):
             return False
-        if any(t is not None and t.dtype not in (*_STORED, torch.uint8) for t in (exp_avg, exp_avg_sq, maximum)):
+        if any(t is not None and t.dtype not in {*_STORED, *MOMENT_DTYPES} for t in (exp_avg, exp_avg_sq, maximum)):
             return False
-        if master is not None and master.dtype not in (torch.float32, torch.int16):
+        if master is not None and master_of(master.dtype) is None:
             return False
     return True
 
@@ -184,9 +186,9 @@ def _moment(
 def _working(row: TensorRow, piece: _Piece, buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
     """(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq) of the piece, fp32; the param is its master where it has
     one (a lean master put together from the bf16 param and its remainder)."""
-    if row.master is not None and row.master.dtype == torch.int16:
+    if row.master is not None and master_of(row.master.dtype).splits_param:
         part = slice(piece.start, piece.stop)
-        param = lean_master(row.param[part], row.master[part], out=_in_buffer(buffers["param"], piece))
+        param = joined(row.param[part], row.master[part], out=_in_buffer(buffers["param"], piece))
     else:
         param = _fp32(row.param if row.master is None else row.master, piece, buffers["param"])
     return (
@@ -202,8 +204,8 @@ def _write_back(row: TensorRow, piece: _Piece, values: tuple[torch.Tensor | None
     """Store the stepped working values where they are not the tensors' own memory (8-bit moments: _CodeBuffers)."""
     part = slice(piece.start, piece.stop)
     param, _, exp_avg, exp_avg_sq, maximum = values
-    if row.master is not None and row.master.dtype == torch.int16:
-        split_lean_master(param, row.param[part], row.master[part])
+    if row.master is not None and master_of(row.master.dtype).splits_param:
+        split(param, row.master.dtype, row.param[part], row.master[part])
     elif row.master is not None:
         row.param[part].copy_(param)
     elif param.data_ptr() != row.param[part].data_ptr():
