@@ -13,12 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from adam_gpu import quantization
 from adam_gpu.kernel_abi import Master, cuda_constant_name
 
+Record = TypeVar("Record")
 # torch.optim's keys of a param's moments (amsgrad's max is always stored plain, under its own key).
 PLAIN_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -133,11 +135,14 @@ MOMENT_STATE_KEYS = tuple(
 
 def moment_format(option: object) -> MomentFormat:
     """The format ``state_dtype=option`` asks for; ValueError naming the values there are."""
-    for fmt in MOMENT_FORMATS:
-        if option is fmt.option or option == fmt.option:
-            return fmt
+    found = _lookup(_MOMENT_BY_OPTION, option)
+    if found is not None:
+        return found
     texts = [f.option_text for f in MOMENT_FORMATS]
     raise ValueError(f"state_dtype must be {', '.join(texts[:-1])} or {texts[-1]}, got {option!r}")
+
+
+_MOMENT_BY_OPTION = {f.option: f for f in MOMENT_FORMATS}
 
 
 def scaled_format(dtype: torch.dtype) -> MomentFormat | None:
@@ -230,16 +235,29 @@ _MASTER_BY_DTYPE = {m.dtype: m for m in MASTER_MODES}  # (None: no master)
 
 
 def master_option(option: object) -> MasterMode:
-    """The mode ``master_weights=option`` asks for; ValueError naming the values there are."""
-    for mode in MASTER_MODES:
-        if option is mode.option or option == mode.option:
-            return mode
+    """The mode ``master_weights=option`` asks for (as ``in`` would find it: 1 is True); ValueError naming the
+    values there are."""
+    found = _lookup(_MASTER_BY_OPTION, option)
+    if found is not None:
+        return found
     texts = [repr(m.option) for m in MASTER_MODES]
     raise ValueError(f"master_weights must be {', '.join(texts[:-1])} or {texts[-1]}, got {option!r}")
 
 
+_MASTER_BY_OPTION = {m.option: m for m in MASTER_MODES}
+
+
+def _lookup(by_option: dict[object, Record], option: object) -> Record | None:
+    """The record of ``option`` (as ``option in options`` finds it, by identity or equality), or None."""
+    try:
+        return by_option.get(option)  # (a dict finds a hashable option by hash and equality: 1 is True)
+    except TypeError:  # unhashable: compare with each
+        return next((record for key, record in by_option.items() if option is key or option == key), None)
+
+
 def master_of(dtype: torch.dtype | None) -> MasterMode | None:
-    """The mode whose masters are stored as ``dtype`` (None: no master; None also for a dtype no mode stores)."""
+    """The mode whose masters are stored as ``dtype`` (``dtype`` None, no master: NO_MASTER); None for a dtype no
+    mode stores."""
     return _MASTER_BY_DTYPE.get(dtype)
 
 
