@@ -187,8 +187,8 @@ def check_param_tensors(
 def _storage_text() -> str:
     """How moments may be stored, as check_param_tensors says it: "its dtype, float32 or bfloat16 (or as 8-bit
     codes)"."""
-    plain = ["its dtype", *(str(d).removeprefix("torch.") for d in sorted(MOMENT_DTYPES, key=str)
-                            if scaled_format(d) is None)]  # fmt: skip
+    formats = storage_formats.MOMENT_FORMATS
+    plain = ["its dtype", *(str(f.dtype).removeprefix("torch.") for f in formats if f.dtype and not f.scale)]
     codes = " or ".join(f"{f.name} codes" for f in SCALED_FORMATS)
     return f"{', '.join(plain[:-1])} or {plain[-1]}" + (f" (or as {codes})" if codes else "")
 
