@@ -19,7 +19,8 @@ from types import ModuleType
 import torch
 
 from adam_gpu import __version__, dispatch
-from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES
+from adam_gpu.step_tensors import KERNEL_DTYPES
+from adam_gpu.storage_formats import MOMENT_FEATURES
 from adam_gpu.versions import package_version
 
 DESCRIPTION = "Fused Adam/AdamW kernels for PyTorch: what runs here, benchmarks and launch-configuration sweeps."
@@ -48,7 +49,7 @@ def _device_name(device: torch.device) -> str:
 _STEP_KINDS = {
     "fp32": ({torch.float32}, ()),
     "16-bit": ({torch.bfloat16, torch.float16}, ()),
-    "8-bit moments": ({torch.bfloat16}, (EIGHT_BIT,)),
+    **{feature: ({torch.bfloat16}, (feature,)) for feature in sorted(MOMENT_FEATURES)},  # (bf16: 8-bit moments')
 }
 AUTO_PICKS = "auto picks"
 

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-from adam_gpu.step_tensors import EIGHT_BIT
+from adam_gpu import storage_formats
 
 AUTO = "auto"
 # Replaces backend="auto" everywhere when set (and not empty), e.g. ADAM_GPU_BACKEND=torch to rule out the kernels.
@@ -46,9 +46,11 @@ BACKENDS: dict[str, Backend] = {
     )
 }
 
-# What backend="auto" tries, in order, by device type and kind of step (step_kind); a pair not listed gets the
-# default order. The CUDA order is the fastest per kind in the H200 benchmark (docs/benchmarks.md, "Auto's order").
-FP32_PARAMS, SIXTEEN_BIT_PARAMS, EIGHT_BIT_MOMENTS = "fp32 params", "16-bit params", EIGHT_BIT
+# What backend="auto" tries, in order, by device type and kind of step (step_kind: a moment format's feature, or
+# the params' width); a moment format not listed takes its params' order, any other pair the default order. The
+# CUDA order is the fastest per kind in the H200 benchmark (docs/benchmarks.md, "Auto's order").
+FP32_PARAMS, SIXTEEN_BIT_PARAMS = "fp32 params", "16-bit params"
+EIGHT_BIT_MOMENTS = storage_formats.EIGHT_BIT_MOMENTS.feature
 AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
     ("cuda", FP32_PARAMS): ("triton", "cupy", "torch"),
     ("cuda", SIXTEEN_BIT_PARAMS): ("cupy", "triton", "torch"),
@@ -59,17 +61,22 @@ _SIXTEEN_BIT = frozenset({torch.float16, torch.bfloat16})
 
 
 def step_kind(dtypes: Iterable[torch.dtype], features: Iterable[str] = ()) -> str:
-    """What AUTO_ORDER is keyed by: 8-bit moments (the step needs that feature), else whether every param is
-    16-bit."""
-    if EIGHT_BIT_MOMENTS in set(features):
-        return EIGHT_BIT_MOMENTS
+    """What AUTO_ORDER is keyed by: the moment format the step needs a feature for (8-bit moments), else whether
+    every param is 16-bit."""
+    formats = sorted(set(features) & storage_formats.MOMENT_FEATURES)
+    return formats[0] if formats else _width_kind(dtypes)
+
+
+def _width_kind(dtypes: Iterable[torch.dtype]) -> str:
     dtypes = set(dtypes)
     return SIXTEEN_BIT_PARAMS if dtypes and dtypes <= _SIXTEEN_BIT else FP32_PARAMS
 
 
 def auto_order(device: torch.device, dtypes: Iterable[torch.dtype], features: Iterable[str] = ()) -> tuple[str, ...]:
     """The backends backend="auto" tries for such a step, in order."""
-    return AUTO_ORDER.get((torch.device(device).type, step_kind(dtypes, features)), DEFAULT_AUTO_ORDER)
+    device_type = torch.device(device).type
+    order = AUTO_ORDER.get((device_type, step_kind(dtypes, features)))
+    return order or AUTO_ORDER.get((device_type, _width_kind(dtypes)), DEFAULT_AUTO_ORDER)
 
 
 def check_backend_name(name: str) -> None:
@@ -128,8 +135,8 @@ def check_requested(name: str) -> None:
             raise _unavailable(name, requested, reason)
 
 
-# Optional capabilities a step may need (step_tensors.EIGHT_BIT, ...); a backend module lists the ones
-# it has in FEATURES.
+# Optional capabilities a step may need (a moment format's, storage_formats.MOMENT_FEATURES); a backend module lists
+# the ones it has in FEATURES.
 
 
 def unavailable_reason(

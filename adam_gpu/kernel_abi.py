@@ -101,14 +101,14 @@ CUDA_PARAMETERS = (
 CUDA_PARAMETER_NAMES = tuple(parameter.name for parameter in CUDA_PARAMETERS)
 
 
-def _constant_name(name: str, suffix: str = "") -> str:
+def cuda_constant_name(name: str, suffix: str = "") -> str:
     """C++ style: EXP_AVG_SQ -> kExpAvgSq (+ suffix)."""
     return "k" + "".join(word.capitalize() for word in name.split("_")) + suffix
 
 
 def _c_enum(enum: type[IntEnum], suffix: str = "") -> str:
     """An unscoped C++ enum (its names need no qualification, and an unused one draws no warning)."""
-    members = ", ".join(f"{_constant_name(member.name, suffix)} = {member.value}" for member in enum)
+    members = ", ".join(f"{cuda_constant_name(member.name, suffix)} = {member.value}" for member in enum)
     return f"enum {enum.__name__} : int {{ {members} }};"
 
 

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from adam_gpu.storage_formats import master_of
+
 Mark = tuple[int, int]  # a param's (_version, data_ptr()) after a step wrote it
 
 
@@ -39,16 +41,16 @@ def reseed_stale(
     """Re-seed from its param each master the user's writes made stale, by ``marks`` (by ``keys``, the params as
     the optimizer holds them: ``params`` are what the kernels get, a DTensor's local shard): each param's ``mark``
     after the last step wrote it. An fp32 master whose param is not its rounding takes the param's value (also
-    where no mark is known: after a state_dict was loaded, say); a lean remainder whose param was written
-    becomes 0."""
+    where no mark is known: after a state_dict was loaded, say); a lean remainder (a master that splits its param:
+    storage_formats.MasterMode) whose param was written becomes 0."""
     for key, param, master in zip(keys, params, masters, strict=True):
         if master is None:
             continue
         known = marks.get(key)
         if known is not None and known == mark(param):
             continue
-        if master.dtype == torch.int16:
-            if known is not None:  # (with no mark to go by, a lean master always rounds to its param: kept)
+        if master_of(master.dtype).splits_param:
+            if known is not None:  # (with no mark to go by, a split master always rounds to its param: kept)
                 master.zero_()
         elif not rounds_to(master, param):
             master.copy_(param.detach())

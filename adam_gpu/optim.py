@@ -28,28 +28,25 @@ from adam_gpu import compiled_step, dispatch, masters, step_signature
 from adam_gpu.device_inputs import DeviceInputs, device_values, is_capturing
 from adam_gpu.functional import apply_step, shared_step_buffer
 from adam_gpu.hyperparameters import AdamHyperparameters, check_hyperparameters, check_tensor_hyperparameters
-from adam_gpu.quantization import BLOCK as QUANT_BLOCK
-from adam_gpu.quantization import SMALL_TENSOR
 from adam_gpu.sharded import any_dtensor, check_same_sharding, clip_coefficient, is_dtensor, local_tensors
-from adam_gpu.state_layout import (
-    EIGHT_BIT_STATE,
-    MASTER_KEYS,
-    MOMENT_KEYS,
-    QUANTIZED_KEYS,
-    check_loadable,
-    master_cast_away,
-)
+from adam_gpu.state_layout import check_loadable, master_cast_away
 from adam_gpu.step_signature import PreparedGroup
-from adam_gpu.step_tensors import (
-    EIGHT_BIT,
-    StepTensors,
-    WrittenSpans,
-    check_param,
-    check_step_count,
-    memory_span,
+from adam_gpu.step_tensors import StepTensors, WrittenSpans, check_param, check_step_count, memory_span
+from adam_gpu.storage_formats import (
+    MASTER_KEYS,
+    MASTERED_DTYPES,
+    MOMENT_STATE_KEYS,
+    NO_MASTER,
+    PLAIN_KEYS,
+    MomentFormat,
+    has_moment,
+    master_option,
+    moment_features,
+    moment_format,
+    stored_moment,
+    stored_scale,
 )
 
-STATE_DTYPES = (None, torch.float32, torch.bfloat16, EIGHT_BIT_STATE)
 # Group keys that torch.optim.Adam's state_dict may lack (older torch) or that only adam-gpu has.
 _GROUP_OPTIONS = (
     "amsgrad",
@@ -154,7 +151,7 @@ class FusedAdam(Optimizer):
     ) -> None:
         check_tensor_hyperparameters(lr, betas, foreach, capturable)
         check_hyperparameters(lr, betas, eps, weight_decay)
-        _check_master_weights(master_weights)
+        master_option(master_weights)
         dispatch.check_requested(backend)
         if max_grad_norm is not None and not float(max_grad_norm) > 0:
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
@@ -221,10 +218,10 @@ class FusedAdam(Optimizer):
             check_tensor_hyperparameters(group["lr"], group["betas"], group["foreach"], group["capturable"])
             check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
             _check_state_dtype(group["state_dtype"], group["amsgrad"])
-            _check_master_weights(group["master_weights"])
+            master_option(group["master_weights"])
             for index, param in enumerate(group["params"]):
                 check_param(param, index)
-            _check_lean_master_params(group["master_weights"], group["params"])
+            _check_master_params(group["master_weights"], group["params"])
             _check_no_duplicates(group["params"])
         except (TypeError, ValueError):
             self.param_groups.pop()
@@ -327,32 +324,33 @@ class FusedAdam(Optimizer):
             prepared = self._prepared[id(group)]
             key = (self.backend, os.environ.get(dispatch.BACKEND_ENV_VAR))
             if prepared.resolved is None or prepared.resolved[0] != key:
-                features = {EIGHT_BIT} if prepared.eight_bit else set()
-                resolved = dispatch.resolve(self.backend, params[0].device, prepared.dtypes, features)
+                resolved = dispatch.resolve(self.backend, params[0].device, prepared.dtypes, prepared.features)
                 prepared.resolved = (key, resolved)
             name, backend = prepared.resolved[1]
             return _GroupPlan(group, params, hp, name, backend, reused)
-        _check_state_dtype(group["state_dtype"], group["amsgrad"])
-        _check_master_weights(group["master_weights"])
+        fmt = _check_state_dtype(group["state_dtype"], group["amsgrad"])
+        master_option(group["master_weights"])
         written = self._check_tensors(group, params)
         if capturing:
             _check_capturable(group, params, self.state)
-        if group["state_dtype"] == EIGHT_BIT_STATE and any(is_dtensor(p) for p in params):
-            # The absmax blocks would follow each rank's shard, which a DTensor state cannot describe.
-            raise TypeError("state_dtype='8bit' is not supported for DTensor params (FSDP2): use None or torch.float32")
-        features = {EIGHT_BIT} if _eight_bit(group, params) else set()
+        if fmt.scale is not None and any(is_dtensor(p) for p in params):
+            # The scales' blocks would follow each rank's shard, which a DTensor state cannot describe.
+            raise TypeError(
+                f"state_dtype={fmt.option!r} is not supported for DTensor params (FSDP2): use None or torch.float32"
+            )
+        features = _features(group, params)
         name, backend = dispatch.resolve(self.backend, params[0].device, {p.dtype for p in params}, features)
         return _GroupPlan(group, params, hp, name, backend, None, written)
 
     def _check_tensors(self, group: dict[str, Any], params: list[torch.Tensor]) -> WrittenSpans:
         """Every check of the group's params, grads and state, naming the first bad tensor: what the step will
         read and write (the state it creates aside) is checked as the kernels will be given it."""
-        _check_lean_master_params(group["master_weights"], params)
+        _check_master_params(group["master_weights"], params)
         states = [self.state.get(param) or {} for param in params]
         if any_dtensor(chain(params, map(_grad, params))):  # (first: the kernels see local shards, sharded alike)
             for index, (param, state) in enumerate(zip(params, states, strict=True)):
                 check_same_sharding(param, param.grad, "grad", index)
-                for key in MOMENT_KEYS:
+                for key in PLAIN_KEYS:
                     if key in state:
                         check_same_sharding(param, state[key], key, index)
         gathered = _gather(group, params, [_complete(state, index) for index, state in enumerate(states)])
@@ -419,8 +417,8 @@ class FusedAdam(Optimizer):
         if signature is not None:
             options = _layout_options(plan.group)
             buffer = shared_step_buffer(gathered.steps)
-            eight_bit = _eight_bit(plan.group, plan.params)
-            record = PreparedGroup.of(plan.group, options, signature, tensors, buffer, written, eight_bit)
+            features = frozenset(_features(plan.group, plan.params))
+            record = PreparedGroup.of(plan.group, options, signature, tensors, buffer, written, features)
             self._prepared[id(plan.group)] = record.with_states(self.state, states)
         tensors.copy_grads(written.aliased_grads(tensors.grads))
         gathered.tensors = tensors
@@ -447,34 +445,19 @@ class FusedAdam(Optimizer):
         """The param's state, created on first use exactly as torch.optim.Adam lays it out (its step count
         the next of ``new_steps``)."""
         state = self.state[param]
-        master_key = MASTER_KEYS.get(group["master_weights"]) if param.dtype in HALF_DTYPES else None
+        mode = master_option(group["master_weights"])
+        master_key = mode.key if mode.holds(param.dtype) else None
         has_max = not group["amsgrad"] or "max_exp_avg_sq" in state
         if state and has_max and (master_key is None or master_key in state):
             return state  # every step but the first: nothing to create (this runs for every param of every step)
-        eight_bit = group["state_dtype"] == EIGHT_BIT_STATE
-        quantized = eight_bit and param.numel() >= SMALL_TENSOR  # smaller tensors keep fp32 moments
-        moment_dtype = torch.float32 if eight_bit else group["state_dtype"] or param.dtype
-
-        def zeros() -> torch.Tensor:
-            return torch.zeros_like(param, dtype=moment_dtype, memory_format=torch.preserve_format)
-
+        fmt = moment_format(group["state_dtype"])
         if not state:
             state["step"] = next(new_steps)
-            for key in ("exp_avg", "exp_avg_sq"):
-                if quantized:  # absmax 0 makes every code 0.0
-                    codes, absmax = QUANTIZED_KEYS[key]
-                    state[codes] = torch.zeros(param.shape, dtype=torch.uint8, device=param.device)
-                    state[absmax] = torch.zeros(-(-param.numel() // QUANT_BLOCK), device=param.device)
-                else:
-                    state[key] = zeros()
-        if master_key == "master_param" and master_key not in state:
-            state[master_key] = param.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-        if master_key == "master_remainder" and master_key not in state:
-            # The bf16 param is the master's high half and the remainder starts at 0: they rebuild it exactly.
-            # (zeros_like: a DTensor param gets a DTensor remainder, sharded like it.)
-            state[master_key] = torch.zeros_like(param, dtype=torch.int16, memory_format=torch.contiguous_format)
+            state.update(fmt.new_moments(param))
+        if master_key is not None and master_key not in state:
+            state[master_key] = mode.create(param)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = zeros()
+            state["max_exp_avg_sq"] = fmt.new_plain(param)
         return state
 
     def state_dict(self) -> dict[str, Any]:
@@ -510,17 +493,16 @@ class FusedAdam(Optimizer):
                 state["step"] = step.detach().to(param.device, torch.float32)
             else:
                 state["step"] = step.detach().to("cpu", _scalar_dtype())
-            if group["state_dtype"] is not None:
-                # (An 8-bit group's small tensors keep fp32 moments.)
-                dtype = torch.float32 if group["state_dtype"] == EIGHT_BIT_STATE else group["state_dtype"]
-                for key in MOMENT_KEYS:
+            dtype = moment_format(group["state_dtype"]).plain_dtype
+            if dtype is not None:  # (torch cast them to the param's dtype; a scaled format's small tensors: fp32)
+                for key in PLAIN_KEYS:
                     if key in saved:
                         state[key] = saved[key].to(param.device, dtype, copy=True)
-            # torch cast the masters and 8-bit moments to the param dtype too: restore them as saved. A master that
+            # torch cast the masters and scaled moments to the param dtype too: restore them as saved. A master that
             # a torch.optim detour cast to the param's dtype is dropped (re-created from the param at the next
             # step), as is one that no longer rounds to its param then (adam_gpu.masters).
-            for key in [*MASTER_KEYS.values(), *(k for pair in QUANTIZED_KEYS.values() for k in pair)]:
-                if key in saved and master_cast_away(saved[key]) and key in MASTER_KEYS.values():
+            for key in [*MASTER_KEYS, *(k for k in MOMENT_STATE_KEYS if k not in PLAIN_KEYS)]:
+                if key in saved and master_cast_away(saved[key]) and key in MASTER_KEYS:
                     state.pop(key, None)
                 elif key in saved:
                     state[key] = saved[key].to(param.device, copy=True)
@@ -582,14 +564,6 @@ class FusedAdamW(FusedAdam):
         )
 
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _check_master_weights(master_weights: object) -> None:
-    if master_weights not in (False, True, "lean"):
-        raise ValueError(f"master_weights must be False, True or 'lean', got {master_weights!r}")
-
-
 # differentiable=True: torch.optim.Adam's step over this optimizer's groups and state (torch's layout), which
 # records the update in autograd; it gathers with Adam's _init_group.
 _torch_differentiable_step = torch.optim.Adam.step
@@ -621,15 +595,15 @@ def _check_no_duplicates(params: list[torch.Tensor]) -> None:
             )
 
 
-def _check_lean_master_params(master_weights: object, params: Iterable[torch.Tensor]) -> None:
-    if master_weights != "lean":
+def _check_master_params(master_weights: object, params: Iterable[torch.Tensor]) -> None:
+    """A 16-bit param the group's master mode cannot hold is refused (fp32 params are their own masters)."""
+    mode = master_option(master_weights)
+    if mode is NO_MASTER:
         return
     for index, param in enumerate(params):
-        if param.dtype == torch.float16:
-            raise TypeError(
-                f"param {index} is float16: master_weights='lean' rebuilds fp32 from a bf16 param's bits; "
-                "use master_weights=True for float16 params"
-            )
+        if param.dtype in MASTERED_DTYPES and not mode.holds(param.dtype):
+            name = str(param.dtype).removeprefix("torch.")
+            raise TypeError(f"param {index} is {name}: master_weights={mode.option!r} {mode.refusal}")
 
 
 def _check_capturable(group: dict[str, Any], params: list[torch.Tensor], state: dict) -> None:
@@ -663,13 +637,12 @@ def _check_capturable(group: dict[str, Any], params: list[torch.Tensor], state: 
             )
 
 
-def _check_state_dtype(state_dtype: object, amsgrad: bool = False) -> None:
-    if not any(state_dtype is allowed or state_dtype == allowed for allowed in STATE_DTYPES):
-        raise ValueError(
-            f"state_dtype must be None (the param dtype), torch.float32, torch.bfloat16 or '8bit', got {state_dtype!r}"
-        )
-    if state_dtype == EIGHT_BIT_STATE and amsgrad:
-        raise ValueError("amsgrad with 8-bit moments is not supported: use state_dtype=None or torch.float32")
+def _check_state_dtype(state_dtype: object, amsgrad: bool = False) -> MomentFormat:
+    """The moment format ``state_dtype`` asks for, if it can be had (with ``amsgrad``)."""
+    fmt = moment_format(state_dtype)
+    if amsgrad and not fmt.amsgrad:
+        raise ValueError(f"amsgrad with {fmt.name} moments is not supported: use state_dtype=None or torch.float32")
+    return fmt
 
 
 def _device_step_counts(params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
@@ -697,16 +670,16 @@ def _gather(group: dict[str, Any], params: list[torch.Tensor], states: list[dict
     """The tensors of ``params`` and their ``states`` for the kernels (DTensors as they are; None for an entry a
     state lacks). A master is read under the key of the group's ``master_weights`` only: one left from another
     mode is not the group's."""
-    master_key = MASTER_KEYS.get(group["master_weights"])
+    mode = master_option(group["master_weights"])
     tensors = StepTensors(
         params=params,
         grads=[p.grad for p in params],
-        exp_avgs=[s.get("exp_avg", s.get("exp_avg_codes")) for s in states],
-        exp_avg_sqs=[s.get("exp_avg_sq", s.get("exp_avg_sq_codes")) for s in states],
-        exp_avg_absmaxes=[s.get("exp_avg_absmax") for s in states],
-        exp_avg_sq_absmaxes=[s.get("exp_avg_sq_absmax") for s in states],
+        exp_avgs=[stored_moment(s, 0) for s in states],
+        exp_avg_sqs=[stored_moment(s, 1) for s in states],
+        exp_avg_absmaxes=[stored_scale(s, 0) for s in states],
+        exp_avg_sq_absmaxes=[stored_scale(s, 1) for s in states],
         max_exp_avg_sqs=[s.get("max_exp_avg_sq") for s in states] if group["amsgrad"] else [],
-        masters=[s.get(master_key) if p.dtype in HALF_DTYPES else None for p, s in zip(params, states, strict=True)],
+        masters=[s.get(mode.key) if mode.holds(p.dtype) else None for p, s in zip(params, states, strict=True)],
     )
     return _Gathered(tensors, [s.get("step") for s in states])
 
@@ -714,8 +687,10 @@ def _gather(group: dict[str, Any], params: list[torch.Tensor], states: list[dict
 def _complete(state: dict[str, Any], index: int) -> dict[str, Any]:
     """``state``, unless it is neither empty (a param's first step creates it) nor holds what every step reads."""
     if state:
-        for key, codes in (("step", "step"), ("exp_avg", "exp_avg_codes"), ("exp_avg_sq", "exp_avg_sq_codes")):
-            if key not in state and codes not in state:
+        if "step" not in state:
+            raise ValueError(f"the optimizer state of param {index} has no 'step' (it has {sorted(state)})")
+        for moment, key in enumerate(PLAIN_KEYS[:2]):
+            if not has_moment(state, moment):
                 raise ValueError(f"the optimizer state of param {index} has no {key!r} (it has {sorted(state)})")
     return state
 
@@ -728,9 +703,11 @@ def _gather_lists(
     return gathered.tensors, gathered.steps
 
 
-def _eight_bit(group: dict[str, Any], params: list[torch.Tensor]) -> bool:
-    """Whether the group's step has 8-bit moments (tensors under SMALL_TENSOR elements keep fp32 ones)."""
-    return group["state_dtype"] == EIGHT_BIT_STATE and any(p.numel() >= SMALL_TENSOR for p in params)
+def _features(group: dict[str, Any], params: list[torch.Tensor]) -> set[str]:
+    """What the group's moment format asks of a backend (8-bit moments: where a tensor is large enough to have
+    them; smaller ones keep fp32 moments)."""
+    fmt = moment_format(group["state_dtype"])
+    return moment_features([fmt]) if any(map(fmt.scaled, params)) else set()
 
 
 _HYPERPARAMETER_KEYS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize")

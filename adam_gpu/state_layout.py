@@ -1,4 +1,5 @@
-"""The optimizer state's keys, and the check a state_dict passes before ``load_state_dict`` writes anything.
+"""The check a state_dict passes before ``load_state_dict`` writes anything (the state keys of each storage
+format are adam_gpu.storage_formats').
 
 torch.optim loads any state_dict whose group sizes match and fails later, at ``step()``, on a missing or
 misshapen moment (a state_dict from another model with as many params, a truncated file). FusedAdam
@@ -14,16 +15,7 @@ from typing import Any
 import torch
 
 from adam_gpu.step_tensors import check_master, check_moment
-
-MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-MASTER_KEYS = {True: "master_param", "lean": "master_remainder"}  # master_weights -> the state key
-EIGHT_BIT_STATE = "8bit"
-# 8-bit moments: uint8 codes and fp32 block absmax under their own keys, so that torch.optim, which
-# would read codes as moments, fails loudly on such a state_dict instead of training on garbage.
-QUANTIZED_KEYS = {
-    "exp_avg": ("exp_avg_codes", "exp_avg_absmax"),
-    "exp_avg_sq": ("exp_avg_sq_codes", "exp_avg_sq_absmax"),
-}
+from adam_gpu.storage_formats import MASTER_KEYS, MASTERED_DTYPES, PLAIN_KEYS, SCALED_FORMATS
 
 
 def check_loadable(state_dict: object, param_groups: list[dict[str, Any]]) -> None:
@@ -58,15 +50,16 @@ def _check_param_state(saved: Mapping[str, object], param: torch.Tensor, index: 
     step = saved.get("step")
     if not isinstance(step, torch.Tensor | int | float) or (isinstance(step, torch.Tensor) and step.numel() != 1):
         raise ValueError(f"'step' must be a number or a 1-element tensor, got {step!r:.80}")
-    for key in MOMENT_KEYS[: 3 if amsgrad else 2]:
-        codes, absmax = QUANTIZED_KEYS.get(key, (None, None))
+    for moment, key in enumerate(PLAIN_KEYS[: 3 if amsgrad else 2]):
         if key in saved:
             check_moment(param, saved[key], index)
-        elif codes in saved:
-            check_moment(param, saved[codes], index, saved.get(absmax))
-        else:
+            continue
+        scaled = [f for f in SCALED_FORMATS if moment < 2 and f.keys[moment] in saved]
+        if not scaled:
             raise ValueError(f"{key!r} is missing (the state has {sorted(saved)})")
-    for key in MASTER_KEYS.values():
+        fmt = scaled[0]
+        check_moment(param, saved[fmt.keys[moment]], index, saved.get(fmt.scale.keys[moment]))
+    for key in MASTER_KEYS:
         if key in saved and not master_cast_away(saved[key]):
             check_master(param, saved[key], index)
 
@@ -75,4 +68,4 @@ def master_cast_away(master: object) -> bool:
     """Whether a saved master is one a torch.optim optimizer cast to its 16-bit param's dtype when it loaded this
     adam-gpu state (it casts every floating-point state tensor): no longer a master, so FusedAdam discards it and
     takes the param as truth."""
-    return isinstance(master, torch.Tensor) and master.dtype in (torch.float16, torch.bfloat16)
+    return isinstance(master, torch.Tensor) and master.dtype in MASTERED_DTYPES

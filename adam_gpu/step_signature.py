@@ -289,12 +289,12 @@ class PreparedGroup:
     dtypes: set[torch.dtype]  # of the params
     written: WrittenSpans  # the memory the step writes: a new grad must not lie in it
     grad_bytes: torch.Tensor  # int64: each grad's span at the full check (new grads are alike: TensorGuards)
-    eight_bit: bool  # whether the step has 8-bit moments (the group's state dtype, and a tensor large enough)
+    features: frozenset[str]  # what its moment format asks of a backend (8-bit moments: with a tensor large enough)
     memo: LaunchMemo = field(default_factory=LaunchMemo)
     # Grad addresses of reused steps found outside ``written`` (the last few: backward reuses freed memory).
     grads_apart: OrderedDict[tuple[int, ...], None] = field(default_factory=OrderedDict)
     # The backend dispatch.resolve gave a reused step, by what else it depends on (the optimizer's backend, the
-    # environment's, 8-bit moments): the dtypes and device are those of the full check (TensorGuards saw them).
+    # environment's): the dtypes, features and device are those of the full check (TensorGuards saw them).
     resolved: tuple[tuple, tuple[str, ModuleType]] | None = None
     # The params' state dicts, found in the optimizer's state mapping of this version (state_mapping_version):
     # while it is unchanged, it maps each param to the same dict (a lookup a param is saved).
@@ -330,11 +330,11 @@ class PreparedGroup:
         tensors: StepTensors,
         step_buffer: torch.Tensor | None,
         written: WrittenSpans,
-        eight_bit: bool,
+        features: frozenset[str],
     ) -> PreparedGroup:
         """The record of a full check that passed ``tensors`` (the kernels' plain tensors, grads as given)."""
         grad_bytes = grad_spans(tensors.grads)
-        return cls(group, options, signature, step_buffer, tensors.dtypes, written, grad_bytes, eight_bit)
+        return cls(group, options, signature, step_buffer, tensors.dtypes, written, grad_bytes, features)
 
 
 def grad_spans(grads: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -9,14 +9,14 @@ from typing import NamedTuple
 
 import torch
 
-from adam_gpu.kernel_abi import Master
-from adam_gpu.quantization import BLOCK as QUANT_BLOCK
+from adam_gpu import storage_formats
+from adam_gpu.storage_formats import EIGHT_BIT_MOMENTS, MOMENT_DTYPES, SCALED_FORMATS, master_of, scaled_format
 
-# Features a backend may lack (its module's FEATURES lists those it has; adam_gpu.dispatch checks them).
-EIGHT_BIT = "8-bit moments"
+# A feature a backend may lack (its module's FEATURES lists those it has; adam_gpu.dispatch checks them).
+EIGHT_BIT = EIGHT_BIT_MOMENTS.feature
 
-# Storage dtypes the kernels read and write; math is fp32 whatever the storage.
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Param dtypes the kernels read and write; math is fp32 whatever the storage.
+KERNEL_DTYPES = storage_formats.PARAM_DTYPES
 
 
 @dataclass
@@ -53,7 +53,7 @@ class StepTensors:
     """Parallel lists: ``params[i]`` is updated from ``grads[i]`` with moments ``exp_avgs[i]``, ...
 
     ``max_exp_avg_sqs`` is empty unless the step uses amsgrad. ``masters`` is empty, or holds for each
-    param its fp32 master copy, its int16 remainder (bf16 params: the lean master, see MASTER_MODES) or
+    param its fp32 master copy, its int16 remainder (bf16 params: the lean master, see storage_formats.MASTER_MODES) or
     None.
     """
 
@@ -63,8 +63,8 @@ class StepTensors:
     exp_avg_sqs: Sequence[torch.Tensor]
     max_exp_avg_sqs: Sequence[torch.Tensor] = field(default_factory=list)
     masters: Sequence[torch.Tensor | None] = field(default_factory=list)
-    # 8-bit moments: exp_avgs/exp_avg_sqs hold uint8 codes and these the fp32 absmax of each block of
-    # adam_gpu.quantization.BLOCK elements (None for a tensor whose moments are not quantized).
+    # Moments stored as codes (a storage_formats.SCALED_FORMATS entry, 8-bit say): exp_avgs/exp_avg_sqs hold the
+    # codes and these the scale of each block (None for a tensor whose moments are plain).
     exp_avg_absmaxes: Sequence[torch.Tensor | None] = field(default_factory=list)
     exp_avg_sq_absmaxes: Sequence[torch.Tensor | None] = field(default_factory=list)
     # What the backends derived from tensors alike to these at an earlier step, and keep here for the next (None:
@@ -86,8 +86,11 @@ class StepTensors:
 
     @property
     def features(self) -> set[str]:
-        """The optional capabilities (adam_gpu.dispatch) a backend needs for these tensors."""
-        return {EIGHT_BIT} if any(a is not None for a in self.exp_avg_absmaxes) else set()
+        """The optional capabilities (adam_gpu.dispatch) a backend needs for these tensors: those of the scaled
+        moment formats among them."""
+        if all(a is None for a in self.exp_avg_absmaxes):
+            return set()
+        return storage_formats.moment_features(scaled_format(m.dtype) for m in self.exp_avgs)
 
     def lists(self) -> tuple[Sequence[torch.Tensor | None], ...]:
         """Every list, in the order of the fields (``StepTensors(*lists)`` rebuilds them, without the memo)."""
@@ -170,10 +173,10 @@ def check_param_tensors(
         roles = zip(STATE_ROLES, (exp_avg, exp_avg_sq, max_exp_avg_sq), strict=False)
         names = ", ".join(f"{role} {m.dtype}" for role, m in roles if m is not None)
         raise TypeError(f"optimizer state {index} mixes moment dtypes ({names}): a param's moments share one dtype")
-    if dtypes and not dtypes <= {param.dtype, torch.float32, torch.bfloat16, torch.uint8}:
+    if dtypes and not dtypes <= {param.dtype, *MOMENT_DTYPES}:
         raise TypeError(
             f"optimizer state {index} has dtype {dtypes.pop()}: the moments of a {param.dtype} param are stored in "
-            "its dtype, float32 or bfloat16 (or as 8-bit codes)"
+            f"{_MOMENT_STORAGE}"
         )
     check_master(param, master, index)
     written = zip(("param", *STATE_ROLES), (param, exp_avg, exp_avg_sq, max_exp_avg_sq, master, exp_avg_absmax,
@@ -181,6 +184,18 @@ def check_param_tensors(
     for what, tensor in written:
         if tensor is not None:
             check_writable(tensor, what, index)
+
+
+def _storage_text() -> str:
+    """How moments may be stored, as check_param_tensors says it: "its dtype, float32 or bfloat16 (or as 8-bit
+    codes)"."""
+    formats = storage_formats.MOMENT_FORMATS
+    plain = ["its dtype", *(str(f.dtype).removeprefix("torch.") for f in formats if f.dtype and not f.scale)]
+    codes = " or ".join(f"{f.name} codes" for f in SCALED_FORMATS)
+    return f"{', '.join(plain[:-1])} or {plain[-1]}" + (f" (or as {codes})" if codes else "")
+
+
+_MOMENT_STORAGE = _storage_text()
 
 
 def check_writable(tensor: torch.Tensor, what: str, index: int) -> None:
@@ -286,33 +301,26 @@ def check_step_count(step: object, what: str) -> None:
         raise TypeError(f"{what} must be a 1-element tensor of a real dtype (torch.optim's layout), got {step!r:.80}")
 
 
-# The kernels' master mode (adam_gpu.kernel_abi.Master) by the master's dtype (None: no master).
-MASTER_MODES = {
-    None: Master.NO_MASTER.value,
-    torch.float32: Master.FP32_MASTER.value,
-    torch.int16: Master.LEAN_MASTER.value,
-}
-
-
 def master_mode(param: torch.Tensor, master: torch.Tensor | None) -> int:
-    return MASTER_MODES[None if master is None else master.dtype]
+    """The kernels' master mode (adam_gpu.kernel_abi.Master) of a param's master (None: none), by its dtype."""
+    return master_of(None if master is None else master.dtype).kernel.value
 
 
 def check_master(param: torch.Tensor, master: object, index: int) -> None:
     if master is None:
         return
-    if not isinstance(master, torch.Tensor) or master.dtype not in MASTER_MODES:
-        raise TypeError(f"master {index} must be a float32 copy or an int16 remainder, got {master!r:.80}")
+    mode = master_of(master.dtype) if isinstance(master, torch.Tensor) else None
+    if mode is None:
+        kinds = " or ".join(m.description for m in storage_formats.STORED_MASTERS)
+        raise TypeError(f"master {index} must be {kinds}, got {master!r:.80}")
     if master.layout != torch.strided or master.is_nested:
         raise TypeError(f"master {index} has layout {master.layout}: masters must be dense")
     if master.shape != param.shape:
         raise ValueError(f"master {index} has shape {tuple(master.shape)} but its param {tuple(param.shape)}")
-    if master.dtype == torch.int16 and param.dtype != torch.bfloat16:
-        raise TypeError(f"master {index} is a lean remainder (int16), which only bf16 params have, not {param.dtype}")
-    if param.dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(
-            f"master {index} is a master copy, which only float16 and bfloat16 params have, not {param.dtype}"
-        )
+    if not mode.holds(param.dtype):
+        names = " and ".join(str(d).removeprefix("torch.") for d in mode.param_dtypes)
+        raise TypeError(f"master {index} is {mode.description} ({master.dtype}), which only {names} params have, "
+                        f"not {param.dtype}")  # fmt: skip
 
 
 def check_one_device(tensors: Iterable[torch.Tensor]) -> None:
@@ -360,11 +368,13 @@ def check_moment(param: torch.Tensor, moment: object, index: int, absmax: object
         raise ValueError(
             f"optimizer state {index} has shape {tuple(moment.shape)} but its param has shape {tuple(param.shape)}"
         )
-    if moment.dtype == torch.uint8:  # 8-bit codes: their blocks' absmax must come with them
-        blocks = -(-moment.numel() // QUANT_BLOCK)
-        fits = isinstance(absmax, torch.Tensor) and absmax.dtype == torch.float32 and not absmax.is_nested
+    fmt = scaled_format(moment.dtype)
+    if fmt is not None:  # codes: their blocks' scales must come with them
+        blocks, scale = fmt.scale.blocks(moment.numel()), fmt.scale
+        fits = isinstance(absmax, torch.Tensor) and absmax.dtype == scale.dtype and not absmax.is_nested
         if not fits or absmax.numel() != blocks or absmax.layout != torch.strided:
-            raise ValueError(f"8-bit optimizer state {index} needs an fp32 absmax of {blocks} blocks, got {absmax!r}")
+            raise ValueError(f"{fmt.name} optimizer state {index} needs {scale.description} of {blocks} blocks, "
+                             f"got {absmax!r}")  # fmt: skip
         return
     if moment.is_complex() or not moment.is_floating_point() or moment.layout != torch.strided:
         raise TypeError(f"optimizer state {index} has dtype {moment.dtype}: moments must be dense floating point")

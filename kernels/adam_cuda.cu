@@ -14,8 +14,9 @@
 // weight-decay mode and maximize are run-time values, uniform across a launch (docs/kernel-abi.md).
 //
 // The table's columns, the device scalars, the modes (kL2, kLeanMaster ...) and the kernel's parameter list
-// (ADAM_GPU_STEP_PARAMETERS) are defined by adam_gpu/kernel_abi.py, whose definitions
-// adam_gpu/backends/cuda_source.py puts before this file.
+// (ADAM_GPU_STEP_PARAMETERS) are defined by adam_gpu/kernel_abi.py, and the storage formats' block sizes
+// (kQuantBlock) by adam_gpu/storage_formats.py, whose definitions adam_gpu/backends/cuda_source.py puts before
+// this file.
 //
 // The same file builds on the host with g++ and tests/cuda_host_shim.h, which defines
 // ADAM_GPU_HOST_BUILD: the tests run it on the CPU through the shared correctness tests (the threads of a
@@ -111,8 +112,8 @@ __device__ __forceinline__ void adam_update(float& p, float g, float& m, float& 
 }
 
 // 8-bit moments (adam_gpu/quantization.py): uint8 codes of a 256-entry ascending map, one fp32 absmax per
-// kQuantBlock elements. The moment type S is `unsigned char` exactly when the moments are quantized.
-constexpr int kQuantBlock = 256;
+// kQuantBlock elements (defined by adam_gpu/storage_formats.py). The moment type S is `unsigned char` exactly when
+// the moments are quantized.
 template <typename S>
 struct IsCode {
   static constexpr bool value = false;

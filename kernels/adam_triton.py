@@ -14,6 +14,7 @@ import triton.language as tl
 
 from adam_gpu.kernel_abi import ROW_WIDTH as _ROW_WIDTH
 from adam_gpu.kernel_abi import Column, DeviceScalar, Master, WeightDecay
+from adam_gpu.storage_formats import EIGHT_BIT_MOMENTS
 
 # The launch ABI (adam_gpu/kernel_abi.py) as constexprs: the table's columns, the device scalars, the modes.
 PARAM_COLUMN: tl.constexpr = tl.constexpr(Column.PARAM.value)
@@ -36,8 +37,9 @@ NO_MASTER: tl.constexpr = tl.constexpr(Master.NO_MASTER.value)
 FP32_MASTER: tl.constexpr = tl.constexpr(Master.FP32_MASTER.value)
 LEAN_MASTER: tl.constexpr = tl.constexpr(Master.LEAN_MASTER.value)
 # 8-bit moments (QUANTIZED): uint8 codes of a 256-entry map, one fp32 absmax per QUANT_BLOCK elements
-# (adam_gpu/quantization.py is the specification). BLOCK and CHUNK are multiples of it.
-QUANT_BLOCK: tl.constexpr = tl.constexpr(256)
+# (adam_gpu/storage_formats.py describes the format, adam_gpu/quantization.py specifies its codes). BLOCK and CHUNK
+# are multiples of it.
+QUANT_BLOCK: tl.constexpr = tl.constexpr(EIGHT_BIT_MOMENTS.scale.block)
 
 # Elements a program updates per iteration (with NUM_WARPS) and per chunk: `adam-gpu tune`'s best (docs/benchmarks.md).
 BLOCK = 1024

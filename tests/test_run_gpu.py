@@ -120,6 +120,7 @@ CPU_ONLY = {
     "test_cuda_host_sanitized.py": "the CUDA C kernel's host build under AddressSanitizer",
     "test_torch_cpu_chunks.py": "the torch backend's chunked path, which steps CPU tensors only",
     "test_native_guards.py": "the compiled reused-step proof, built and checked on the CPU",
+    "test_storage_formats.py": "the storage-format registry against what the optimizer stores (torch backend, CPU)",
 }
 
 

@@ -2,7 +2,8 @@
 
 Each module defines:
 
-- ``FEATURES``: the optional capabilities it has (``step_tensors.EIGHT_BIT``, 8-bit moments);
+- ``FEATURES``: the optional capabilities it has (the features of storage_formats.MOMENT_FORMATS: 8-bit moments;
+  ``storage_formats.MOMENT_FEATURES`` where it steps every format);
 - ``unavailable_reason(device, dtype) -> str | None``: None when it can update params of ``dtype`` on
   ``device``, else why not;
 - ``adam_step(tensors, steps, hp, device_inputs=None) -> None``: one step over a checked ``StepTensors``,

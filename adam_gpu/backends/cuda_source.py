@@ -16,22 +16,18 @@ from typing import NamedTuple
 
 import torch
 
+from adam_gpu import storage_formats
 from adam_gpu.backends import tensor_table
 from adam_gpu.backends.tensor_table import TensorTable
 from adam_gpu.device_inputs import DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters, StepScalars
-from adam_gpu.kernel_abi import CUDA_PARAMETER_NAMES, Master, cuda_definitions, weight_decay_mode
-from adam_gpu.quantization import BLOCK as QUANT_BLOCK
+from adam_gpu.kernel_abi import CUDA_PARAMETER_NAMES, cuda_definitions, weight_decay_mode
 from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
+from adam_gpu.storage_formats import MOMENT_FORMATS, SCALE_BLOCK, STORAGE_TYPES, master_modes_of, scaled_format
 
 SOURCE_NAME = "adam_cuda.cu"
-# uint8 is the code type of 8-bit moments (the kernel quantizes when the moment type is unsigned char).
-CUDA_TYPES = {
-    torch.float32: "float",
-    torch.float16: "__half",
-    torch.bfloat16: "__nv_bfloat16",
-    torch.uint8: "unsigned char",
-}
+# The C type of each storage dtype (the kernel takes moments of a code type, unsigned char, as 8-bit codes).
+CUDA_TYPES = {storage.dtype: storage.cuda for storage in STORAGE_TYPES}
 # C++17 for `constexpr` and `alignas` in templates; nothing that changes the math (no fast-math: IEEE
 # division and sqrt, as torch), so GPU and host builds agree.
 NVRTC_OPTIONS = ("--std=c++17",)
@@ -77,8 +73,10 @@ Launch = Callable[[KernelLaunch], None]
 
 @functools.cache
 def source() -> str:
-    """What NVRTC and the host build compile: kernel_abi's definitions, then kernels/adam_cuda.cu."""
-    return cuda_definitions() + (importlib.resources.files("adam_gpu.kernels") / SOURCE_NAME).read_text()
+    """What NVRTC and the host build compile: kernel_abi's and storage_formats' definitions, then
+    kernels/adam_cuda.cu."""
+    kernel = (importlib.resources.files("adam_gpu.kernels") / SOURCE_NAME).read_text()
+    return cuda_definitions() + storage_formats.cuda_definitions() + kernel
 
 
 def name_expression(param_dtype: torch.dtype, state_dtype: torch.dtype, amsgrad: bool, master: int) -> str:
@@ -89,24 +87,25 @@ def name_expression(param_dtype: torch.dtype, state_dtype: torch.dtype, amsgrad:
     )
 
 
-# Master modes each param dtype has (step_tensors.MASTER_MODES): none for fp32; fp32 copies for 16-bit
-# params; the lean remainder for bf16 only.
-MASTER_MODES_OF = {
-    torch.float32: (Master.NO_MASTER,),
-    torch.float16: (Master.NO_MASTER, Master.FP32_MASTER),
-    torch.bfloat16: (Master.NO_MASTER, Master.FP32_MASTER, Master.LEAN_MASTER),
-}
+# The kernels' master modes each param dtype has (storage_formats.MASTER_MODES).
+MASTER_MODES_OF = {dtype: tuple(mode.kernel for mode in master_modes_of(dtype)) for dtype in KERNEL_DTYPES}
 
 
 def all_name_expressions() -> list[str]:
-    """Every specialization: param dtype x moments (param dtype, fp32, bf16 or 8-bit) x master mode x amsgrad."""
-    policies = sorted({(p, s) for p in KERNEL_DTYPES for s in (p, torch.float32, torch.bfloat16, torch.uint8)}, key=str)
+    """Every specialization: param dtype x moment storage (storage_formats.MOMENT_FORMATS) x master mode x amsgrad
+    (where the moment format has it)."""
+    policies = sorted({(p, fmt.dtype or p) for p in KERNEL_DTYPES for fmt in MOMENT_FORMATS}, key=str)
     return [
         name_expression(param, state, amsgrad, master)
         for (param, state), amsgrad in itertools.product(policies, (False, True))
         for master in map(int, MASTER_MODES_OF[param])
-        if not (amsgrad and state == torch.uint8)  # 8-bit moments come without amsgrad
+        if not amsgrad or _has_amsgrad(state)
     ]
+
+
+def _has_amsgrad(moment_dtype: torch.dtype) -> bool:
+    fmt = scaled_format(moment_dtype)
+    return fmt is None or fmt.amsgrad
 
 
 def include_dirs() -> list[str]:
@@ -145,8 +144,10 @@ def for_each_launch(
     none."""
     if chunk % 8:
         raise ValueError(f"chunk must be a multiple of 8 elements (16 bytes of 16-bit params), got {chunk}")
-    if tensors.features and chunk % QUANT_BLOCK:
-        raise ValueError(f"8-bit moments need a chunk that is a multiple of {QUANT_BLOCK} elements, got {chunk}")
+    features = tensors.features
+    if features and chunk % SCALE_BLOCK:
+        needs = ", ".join(sorted(features))
+        raise ValueError(f"{needs} need a chunk that is a multiple of {SCALE_BLOCK} elements, got {chunk}")
     decay = weight_decay_mode(hp.weight_decay, hp.decoupled)
     device_steps = device_inputs.steps if device_inputs else None
     values = device_inputs.values if device_inputs else unused_scalars

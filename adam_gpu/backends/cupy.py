@@ -26,7 +26,8 @@ from adam_gpu.backends.launch_config import Override
 from adam_gpu.device_inputs import DeviceInputs, unused_values
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.kernel_abi import CUDA_PARAMETERS
-from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
+from adam_gpu.step_tensors import KERNEL_DTYPES, StepTensors
+from adam_gpu.storage_formats import MOMENT_FEATURES
 
 # Threads per block (a multiple of 32: 8-bit moments take a warp per quantization block; their launches their own
 # number), blocks per SM the grid-stride loop over chunks is sized for, and elements per chunk: each kind's best of
@@ -87,7 +88,7 @@ def current_launch_config(device: torch.device, quantized: bool = False) -> Laun
     return launch_config.get() or default_launch_config(device, quantized)
 
 
-FEATURES = frozenset({EIGHT_BIT})
+FEATURES = MOMENT_FEATURES
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:

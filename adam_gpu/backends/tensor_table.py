@@ -67,7 +67,7 @@ class TensorTable:
 
 @dataclass(frozen=True)
 class LaunchGroup:
-    """Tensors that one launch updates: same param dtype, moment dtype, master mode (step_tensors.MASTER_MODES)
+    """Tensors that one launch updates: same param dtype, moment dtype, master mode (storage_formats.MASTER_MODES)
     and (for host step counts) step."""
 
     param_dtype: torch.dtype

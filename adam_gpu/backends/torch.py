@@ -16,14 +16,15 @@ import torch
 
 from adam_gpu.backends import torch_chunks
 from adam_gpu.backends.layout import contiguous_stand_ins
-from adam_gpu.backends.lean_master import lean_master, split_lean_master
+from adam_gpu.backends.lean_master import joined, lean_master, split
 from adam_gpu.backends.torch_codes import dequantize_into, quantize_into
 from adam_gpu.device_inputs import FOUND_INF, GRAD_MULTIPLIER, LR, DeviceInputs
 from adam_gpu.hyperparameters import AdamHyperparameters
-from adam_gpu.quantization import BLOCK as QUANT_BLOCK
-from adam_gpu.step_tensors import EIGHT_BIT, GRAD, LaunchMemo, StepTensors
+from adam_gpu.step_tensors import GRAD, LaunchMemo, StepTensors
+from adam_gpu.storage_formats import MOMENT_FEATURES, master_of, scaled_format
 
-FEATURES = frozenset({EIGHT_BIT})
+FEATURES = MOMENT_FEATURES
+__all__ = ["FEATURES", "adam_step", "lean_master", "unavailable_reason"]
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -50,11 +51,13 @@ def _moment_values(
     return values
 
 
-def _quantize(value: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(uint8 codes, fp32 absmax per block) of ``value``, in fp32 as the kernels do (torch_codes)."""
+def _quantize(value: torch.Tensor, signed: bool, codes_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale per block) of ``value`` in the scaled format of ``codes_dtype``, in fp32 as the kernels do
+    (torch_codes)."""
+    scale = scaled_format(codes_dtype).scale
     flat = value.to(torch.float32, copy=True).flatten()
-    codes = torch.empty(flat.shape, dtype=torch.uint8, device=value.device)
-    absmax = torch.empty(-(-flat.numel() // QUANT_BLOCK), device=value.device)
+    codes = torch.empty(flat.shape, dtype=codes_dtype, device=value.device)
+    absmax = torch.empty(scale.blocks(flat.numel()), dtype=scale.dtype, device=value.device)
     quantize_into(flat, signed, codes, absmax)
     return codes.view(value.shape), absmax
 
@@ -71,7 +74,7 @@ def _store_moments(
         if absmax is None:
             pairs = [(moment, value)]
         else:
-            pairs = list(zip((moment, absmax), _quantize(value, signed), strict=True))
+            pairs = list(zip((moment, absmax), _quantize(value, signed, moment.dtype), strict=True))
         for target, new in pairs:
             if new is not target:
                 target.copy_(new if keep is None else torch.where(keep, target, new.to(target.dtype)))
@@ -85,10 +88,10 @@ def _param_values(tensors: StepTensors, copy: bool) -> list[torch.Tensor]:
     for param, master in zip(tensors.params, masters, strict=True):
         if master is None:
             values += _working_copies([param], copy)
-        elif master.dtype == torch.float32:
+        elif not master_of(master.dtype).splits_param:  # (a copy: the value itself)
             values.append(master.clone() if copy else master)
         else:
-            values.append(lean_master(param, master))
+            values.append(joined(param, master))
     return values
 
 
@@ -102,8 +105,8 @@ def _store_params(tensors: StepTensors, values: Sequence[torch.Tensor], keep: to
 
     masters = tensors.masters or [None] * len(tensors)
     for param, master, value in zip(tensors.params, masters, values, strict=True):
-        if master is not None and master.dtype == torch.int16:
-            new_param, new_remainder = split_lean_master(value)
+        if master is not None and master_of(master.dtype).splits_param:
+            new_param, new_remainder = split(value, master.dtype)
             store(master, new_remainder)
             store(param.view(torch.int16), new_param.view(torch.int16))
             continue

@@ -16,18 +16,19 @@ from typing import NamedTuple
 import torch
 
 from adam_gpu.backends.layout import contiguous_stand_ins
-from adam_gpu.backends.lean_master import lean_master, split_lean_master
+from adam_gpu.backends.lean_master import joined, split
 from adam_gpu.backends.torch_codes import dequantize_into, quantize_into
 from adam_gpu.hyperparameters import AdamHyperparameters
-from adam_gpu.quantization import BLOCK as QUANT_BLOCK
 from adam_gpu.step_tensors import GRAD, StepTensors, TensorRow
+from adam_gpu.storage_formats import MOMENT_DTYPES, SCALE_BLOCK, MomentFormat, master_of, scaled_format
 
-# Elements in one working chunk, per torch thread (a multiple of QUANT_BLOCK): each op of a chunk is split over the
+# Elements in one working chunk, per torch thread (a multiple of SCALE_BLOCK): each op of a chunk is split over the
 # threads, and each thread's share stays in its core's cache (docs/cpu-torch-backend.md).
 CHUNK_PER_THREAD = 1 << 16
 # torch's fused CPU kernels, Adam and AdamW (by ``decoupled``); None where this torch lacks one.
 FUSED_CPU = {False: getattr(torch, "_fused_adam_", None), True: getattr(torch, "_fused_adamw_", None)}
 _STORED = (torch.float32, torch.float16, torch.bfloat16)  # what becomes fp32 exactly (float64 keeps its precision)
+_MOMENT_DTYPES = frozenset({*_STORED, *MOMENT_DTYPES})
 _FP32_ROLES = ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
 
@@ -39,19 +40,21 @@ class _Piece(NamedTuple):
 
 
 def applies(tensors: StepTensors, hp: AdamHyperparameters) -> bool:
-    """Whether these CPU tensors can be stepped here: every value fp32, fp16, bf16 or 8-bit (float64 is left to the
-    foreach path, which keeps it)."""
+    """Whether these CPU tensors can be stepped here: every value fp32, fp16, bf16 or codes of one scaled format
+    (float64 is left to the foreach path, which keeps it)."""
     if FUSED_CPU[hp.decoupled] is None or tensors.device.type != "cpu":
         return False
-    for row in tensors.per_tensor():
+    rows = tensors.per_tensor()
+    for row in rows:
         param, grad, exp_avg, exp_avg_sq, maximum, master, *_ = row
         if any(t.dtype not in _STORED for t in (param, grad) if t is not None):
             return False
-        if any(t is not None and t.dtype not in (*_STORED, torch.uint8) for t in (exp_avg, exp_avg_sq, maximum)):
+        if any(t is not None and t.dtype not in _MOMENT_DTYPES for t in (exp_avg, exp_avg_sq, maximum)):
             return False
-        if master is not None and master.dtype not in (torch.float32, torch.int16):
+        if master is not None and master_of(master.dtype) is None:
             return False
-    return True
+    scaled = _scaled_formats(rows)
+    return None not in scaled and len(scaled) <= 1  # (one scaled format's codes: _CodeBuffers)
 
 
 def chunked_step(tensors: StepTensors, steps: Sequence[float], hp: AdamHyperparameters) -> None:
@@ -63,7 +66,8 @@ def chunked_step(tensors: StepTensors, steps: Sequence[float], hp: AdamHyperpara
         counts = {step: torch.tensor(float(step)) for step in set(steps)}  # (the kernel reads each count's value)
         size = chunk_elements()
         buffers = {role: torch.empty(size) for role in _FP32_ROLES}
-        codes = _CodeBuffers(size)
+        scaled = _scaled_formats(rows)
+        codes = _CodeBuffers(size, scaled.pop()) if scaled else None
         for chunk in _chunks([row.param.numel() for row in rows], size):
             quantized = [_quantized_pieces(rows, chunk, moment) for moment in _QUANTIZED]
             for pieces, moment, signed in zip(quantized, _QUANTIZED, (True, False), strict=True):
@@ -93,7 +97,7 @@ def chunk_elements() -> int:
 def _chunks(numels: Sequence[int], size: int) -> Iterator[list[_Piece]]:
     """Pieces of at most ``size`` elements, each starting at a multiple of ``size`` in its tensor, gathered into
     chunks of at most ``size`` elements in all (many small tensors share one); each piece's working values start at
-    a multiple of QUANT_BLOCK, so a chunk's 8-bit moments are quantized in one pass over whole blocks."""
+    a multiple of SCALE_BLOCK, so a chunk's coded moments are quantized in one pass over whole blocks."""
     chunk, filled = [], 0
     for row, numel in enumerate(numels):
         for start in range(0, numel, size):
@@ -114,22 +118,29 @@ def _quantized_pieces(rows: Sequence[TensorRow], chunk: Sequence[_Piece], moment
     return [piece for piece in chunk if getattr(rows[piece.row], f"{moment}_absmax") is not None]
 
 
-def _blocks(absmax: torch.Tensor, piece: _Piece) -> torch.Tensor:
-    return absmax[piece.start // QUANT_BLOCK : -(-piece.stop // QUANT_BLOCK)]
+def _scaled_formats(rows: Sequence[TensorRow]) -> set[MomentFormat | None]:
+    """The scaled moment formats of these rows' moments that have scales (None: a dtype no such format stores)."""
+    return {scaled_format(row.exp_avg.dtype) for row in rows if row.exp_avg_absmax is not None}
+
+
+def _blocks(absmax: torch.Tensor, piece: _Piece, block: int) -> torch.Tensor:
+    return absmax[piece.start // block : -(-piece.stop // block)]
 
 
 def _in_buffer(buffer: torch.Tensor, piece: _Piece, per: int = 1) -> torch.Tensor:
-    """The piece's part of a chunk's buffer (``per`` elements to one buffer entry: QUANT_BLOCK for absmaxes)."""
+    """The piece's part of a chunk's buffer (``per`` elements to one buffer entry: the block, for scales)."""
     return buffer[piece.offset // per : (piece.offset + piece.stop - piece.start + per - 1) // per]
 
 
 class _CodeBuffers:
-    """A chunk's 8-bit codes and absmaxes, gathered from its pieces so that the codes are made in whole-chunk passes
-    (a pass per piece costs about as much in op overhead as the pass itself, at 2^14 elements)."""
+    """A chunk's codes and scales (of one scaled format: 8-bit codes and absmaxes), gathered from its pieces so that
+    the codes are made in whole-chunk passes (a pass per piece costs about as much in op overhead as the pass
+    itself, at 2^14 elements)."""
 
-    def __init__(self, size: int) -> None:
-        self.codes = torch.empty(size, dtype=torch.uint8)
-        self.absmax = torch.empty(size // QUANT_BLOCK)
+    def __init__(self, size: int, fmt: MomentFormat) -> None:
+        self.block = fmt.scale.block
+        self.codes = torch.empty(size, dtype=fmt.dtype)
+        self.absmax = torch.empty(size // self.block, dtype=fmt.scale.dtype)
 
     def dequantize(
         self, rows: Sequence[TensorRow], pieces: Sequence[_Piece], moment: str, signed: bool, out: torch.Tensor
@@ -137,9 +148,10 @@ class _CodeBuffers:
         for piece in pieces:
             row = rows[piece.row]
             _in_buffer(self.codes, piece).copy_(getattr(row, moment)[piece.start : piece.stop])
-            _in_buffer(self.absmax, piece, QUANT_BLOCK).copy_(_blocks(getattr(row, f"{moment}_absmax"), piece))
+            scales = _blocks(getattr(row, f"{moment}_absmax"), piece, self.block)
+            _in_buffer(self.absmax, piece, self.block).copy_(scales)
         used = _used(pieces)
-        dequantize_into(self.codes[:used], self.absmax[: used // QUANT_BLOCK], signed, out[:used])
+        dequantize_into(self.codes[:used], self.absmax[: used // self.block], signed, out[:used])
 
     def quantize(
         self, rows: Sequence[TensorRow], pieces: Sequence[_Piece], moment: str, signed: bool, values: torch.Tensor
@@ -148,15 +160,16 @@ class _CodeBuffers:
             length = piece.stop - piece.start
             values[piece.offset + length : piece.offset + _whole_blocks(length)].zero_()
         used = _used(pieces)
-        quantize_into(values[:used], signed, self.codes[:used], self.absmax[: used // QUANT_BLOCK])
+        quantize_into(values[:used], signed, self.codes[:used], self.absmax[: used // self.block])
         for piece in pieces:
             row = rows[piece.row]
             getattr(row, moment)[piece.start : piece.stop].copy_(_in_buffer(self.codes, piece))
-            _blocks(getattr(row, f"{moment}_absmax"), piece).copy_(_in_buffer(self.absmax, piece, QUANT_BLOCK))
+            scales = _blocks(getattr(row, f"{moment}_absmax"), piece, self.block)
+            scales.copy_(_in_buffer(self.absmax, piece, self.block))
 
 
 def _whole_blocks(numel: int) -> int:
-    return -(-numel // QUANT_BLOCK) * QUANT_BLOCK
+    return -(-numel // SCALE_BLOCK) * SCALE_BLOCK
 
 
 def _used(pieces: Sequence[_Piece]) -> int:
@@ -184,9 +197,9 @@ def _moment(
 def _working(row: TensorRow, piece: _Piece, buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
     """(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq) of the piece, fp32; the param is its master where it has
     one (a lean master put together from the bf16 param and its remainder)."""
-    if row.master is not None and row.master.dtype == torch.int16:
+    if row.master is not None and master_of(row.master.dtype).splits_param:
         part = slice(piece.start, piece.stop)
-        param = lean_master(row.param[part], row.master[part], out=_in_buffer(buffers["param"], piece))
+        param = joined(row.param[part], row.master[part], out=_in_buffer(buffers["param"], piece))
     else:
         param = _fp32(row.param if row.master is None else row.master, piece, buffers["param"])
     return (
@@ -202,8 +215,8 @@ def _write_back(row: TensorRow, piece: _Piece, values: tuple[torch.Tensor | None
     """Store the stepped working values where they are not the tensors' own memory (8-bit moments: _CodeBuffers)."""
     part = slice(piece.start, piece.stop)
     param, _, exp_avg, exp_avg_sq, maximum = values
-    if row.master is not None and row.master.dtype == torch.int16:
-        split_lean_master(param, row.param[part], row.master[part])
+    if row.master is not None and master_of(row.master.dtype).splits_param:
+        split(param, row.master.dtype, row.param[part], row.master[part])
     elif row.master is not None:
         row.param[part].copy_(param)
     elif param.data_ptr() != row.param[part].data_ptr():

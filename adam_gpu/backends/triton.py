@@ -25,16 +25,11 @@ from adam_gpu.backends.launch_config import Override, is_power_of_two
 from adam_gpu.device_inputs import DeviceInputs, unused_values
 from adam_gpu.hyperparameters import AdamHyperparameters
 from adam_gpu.kernel_abi import weight_decay_mode
-from adam_gpu.quantization import BLOCK as QUANT_BLOCK
-from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, LaunchMemo, StepTensors
+from adam_gpu.step_tensors import KERNEL_DTYPES, LaunchMemo, StepTensors
+from adam_gpu.storage_formats import MOMENT_FEATURES, SCALE_BLOCK, STORAGE_TYPES, scaled_format
 
-# Storage types; uint8 is the code type of 8-bit moments.
-TRITON_TYPES = {
-    torch.float32: tl.float32,
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.uint8: tl.uint8,
-}
+# The Triton dtype of each storage dtype (codes of a scaled moment format: the kernel's QUANTIZED launches).
+TRITON_TYPES = {storage.dtype: getattr(tl, storage.triton) for storage in STORAGE_TYPES}
 
 
 # Warps per program on a GPU (the interpreter ignores it), for plain and 8-bit launches: the best of adam-gpu tune
@@ -92,15 +87,15 @@ def default_launch_config(device: torch.device, largest: int | None = None, quan
     """The kernel module's constants (``quantized``: for a launch of 8-bit moments; the chunk is the same, as
     one step's launches share their tables' chunking): large blocks and chunks under the CPU interpreter, where
     a program costs the same whatever its size. There, a step whose ``largest`` tensor fits one block gets a
-    single block of the next power of two (at least QUANT_BLOCK) as its chunk: masked lanes cost the interpreter
-    as much as live ones (a 4096-element MLP took 16x the time at 65536/16384)."""
+    single block of the next power of two (at least storage_formats.SCALE_BLOCK) as its chunk: masked lanes cost
+    the interpreter as much as live ones (a 4096-element MLP took 16x the time at 65536/16384)."""
     kernels = _kernels()
     if device.type != "cpu":
         if quantized:
             return LaunchConfig(kernels.CHUNK, kernels.QUANTIZED_BLOCK, QUANTIZED_NUM_WARPS)
         return LaunchConfig(kernels.CHUNK, kernels.BLOCK)
     if largest is not None and largest <= kernels.INTERPRETER_BLOCK:
-        block = max(QUANT_BLOCK, triton.next_power_of_2(largest))
+        block = max(SCALE_BLOCK, triton.next_power_of_2(largest))
         return LaunchConfig(block, block)
     return LaunchConfig(kernels.INTERPRETER_CHUNK, kernels.INTERPRETER_BLOCK)
 
@@ -111,7 +106,7 @@ def current_launch_config(device: torch.device, largest: int | None = None, quan
     return launch_config.get() or default_launch_config(device, largest, quantized)
 
 
-FEATURES = frozenset({EIGHT_BIT})
+FEATURES = MOMENT_FEATURES
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -156,10 +151,12 @@ def adam_step(
     with device_guard, tensor_table.launch_groups(tensors, steps, hp, chunk, device_steps) as launches:
         for launch in launches:
             table = launch.table
-            quantized = launch.state_dtype == torch.uint8
+            scaled = scaled_format(launch.state_dtype)
+            quantized = scaled is not None
             config = current_launch_config(device, largest, quantized)
-            if quantized and config.block % QUANT_BLOCK:
-                raise ValueError(f"8-bit moments need a block that is a multiple of {QUANT_BLOCK}, got {config}")
+            if quantized and config.block % scaled.scale.block:
+                block = scaled.scale.block
+                raise ValueError(f"{scaled.feature} need a block that is a multiple of {block}, got {config}")
             args = (table.pointers, table.numels, table.chunk_offsets, table.n_tensors, values)
             constexprs = {
                 "PARAM_TYPE": TRITON_TYPES[launch.param_dtype],

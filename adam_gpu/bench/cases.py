@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from adam_gpu.storage_formats import master_option, moment_format
+
 Shape = tuple[int, ...]
 
 
@@ -24,12 +26,19 @@ class Policy:
 
     @property
     def moment_dtype(self) -> torch.dtype:
-        return torch.uint8 if self.state_dtype == "8bit" else self.state_dtype or self.param_dtype
+        return moment_format(self.state_dtype).dtype or self.param_dtype
 
     @property
     def moment_bytes(self) -> float:
         """Stored bytes per moment per parameter: 8-bit codes carry an fp32 absmax per 256 elements."""
-        return 1 + 4 / 256 if self.state_dtype == "8bit" else self.moment_dtype.itemsize
+        scale = moment_format(self.state_dtype).scale
+        return self.moment_dtype.itemsize + (scale.dtype.itemsize / scale.block if scale else 0)
+
+    @property
+    def master_bytes(self) -> int:
+        """Stored bytes of a parameter's master (0: none)."""
+        mode = master_option(self.master_weights)
+        return mode.dtype.itemsize if mode.holds(self.param_dtype) else 0
 
     def bytes_per_param(self, amsgrad: bool = False) -> float:
         """Bytes one Adam step must move per parameter: the param (or its master) read and written, the
@@ -37,21 +46,18 @@ class Policy:
         moments: 22; fp32 with bf16 moments: 20; bf16 with fp32 moments and an fp32 master (read and
         written; the param only written): 28; with the lean master instead (param and 2-byte remainder
         read and written): 26; bf16 with 8-bit moments: about 10."""
-        param = self.param_dtype.itemsize
+        param, master = self.param_dtype.itemsize, self.master_bytes
         moments = 2 * self.moment_bytes * (3 if amsgrad else 2)
-        if self.master_weights is True:
-            param_traffic = 2 * 4 + param
-        elif self.master_weights == "lean":
-            param_traffic = 2 * param + 2 * 2
+        if master and not master_option(self.master_weights).splits_param:
+            param_traffic = 2 * master + param  # (the master is the value: the param is only written)
         else:
-            param_traffic = 2 * param
+            param_traffic = 2 * param + 2 * master
         return param_traffic + param + moments
 
     def resident_bytes_per_param(self) -> float:
         """Bytes per parameter held in memory while stepping (not moved): param, grad, both moments and any
         master. fp32: 16; bf16 with fp32 moments: 12; with an fp32 master too: 16."""
-        master = {False: 0, True: 4, "lean": 2}[self.master_weights]
-        return 2 * self.param_dtype.itemsize + 2 * self.moment_bytes + master
+        return 2 * self.param_dtype.itemsize + 2 * self.moment_bytes + self.master_bytes
 
 
 POLICIES = {

@@ -13,7 +13,7 @@ import torch
 from adam_gpu import dispatch
 from adam_gpu.bench.cases import Policy
 from adam_gpu.optim import FusedAdamW
-from adam_gpu.step_tensors import EIGHT_BIT
+from adam_gpu.storage_formats import EIGHT_BIT_MOMENTS, moment_features, moment_format
 
 # The optimizers take the benchmark's hyper-parameters; weight decay makes every one do AdamW's full work.
 HYPERPARAMETERS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
@@ -40,7 +40,7 @@ class Contender:
         if device.type not in self.devices:
             return "unsupported", f"runs on {', '.join(self.devices)}, not {device.type}"
         if self.eight_bit:
-            if policy.state_dtype != "8bit":
+            if moment_format(policy.state_dtype) is not EIGHT_BIT_MOMENTS:
                 return "unsupported", "keeps 8-bit moments: measured on the 8-bit policy only"
         elif policy.state_dtype is not None and policy.state_dtype != policy.param_dtype and not self.moment_dtypes:
             return "unsupported", TORCH_KEEPS_PARAM_DTYPE if self.family == "torch" else "no moment dtype option"
@@ -122,6 +122,6 @@ def adam_gpu_unavailable(contender: Contender, device: torch.device, policy: Pol
     if contender.family != "adam-gpu":
         return None
     backend = contender.name.removeprefix("adam-gpu ")
-    features = [EIGHT_BIT] if policy.state_dtype == "8bit" else []
+    features = moment_features([moment_format(policy.state_dtype)])
     reason = dispatch.unavailable_reason(backend, device, [policy.param_dtype], features)
     return None if reason is None else ("unsupported", reason)
