@@ -44,11 +44,13 @@ def _device_name(device: torch.device) -> str:
     return f"cpu: {platform.processor() or platform.machine()}"
 
 
-# A step of each kind backend="auto" orders apart (dispatch.AUTO_ORDER): its param dtypes and features.
+# A step of each kind backend="auto" orders apart (dispatch.AUTO_ORDER): its param dtypes, features and whether its
+# state is in another dtype than the params.
 _STEP_KINDS = {
-    "fp32": ({torch.float32}, ()),
-    "16-bit": ({torch.bfloat16, torch.float16}, ()),
-    "8-bit moments": ({torch.bfloat16}, (EIGHT_BIT,)),
+    "fp32": ({torch.float32}, (), False),
+    "16-bit": ({torch.bfloat16, torch.float16}, (), False),
+    "fp32 state beside 16-bit params": ({torch.bfloat16}, (), True),
+    "8-bit moments": ({torch.bfloat16}, (EIGHT_BIT,), False),
 }
 AUTO_PICKS = "auto picks"
 
@@ -56,9 +58,9 @@ AUTO_PICKS = "auto picks"
 def _auto_picks(device: torch.device) -> str:
     """What backend="auto" picks on ``device`` for each kind of step, or the one name where they agree."""
     picks = {}
-    for kind, (dtypes, features) in _STEP_KINDS.items():
+    for kind, (dtypes, features, converted) in _STEP_KINDS.items():
         try:
-            picks[kind], _ = dispatch.resolve(dispatch.AUTO, device, dtypes, features)
+            picks[kind], _ = dispatch.resolve(dispatch.AUTO, device, dtypes, features, converted)
         except dispatch.BackendUnavailableError:
             picks[kind] = "none"
     if len(set(picks.values())) == 1:

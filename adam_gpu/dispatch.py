@@ -42,34 +42,52 @@ BACKENDS: dict[str, Backend] = {
     for backend in (
         Backend("triton", "adam_gpu.backends.triton", requires="triton", install_hint="pip install 'adam-gpu[triton]'"),
         Backend("cupy", "adam_gpu.backends.cupy", requires="cupy", install_hint="pip install 'adam-gpu[cupy]'"),
+        Backend("cpu", "adam_gpu.backends.cpu", requires=None),
         Backend("torch", "adam_gpu.backends.torch", requires=None),
     )
 }
 
-# What backend="auto" tries, in order, by device type and kind of step (step_kind); a pair not listed gets the
-# default order. The CUDA order is the fastest per kind in the H200 benchmark (docs/benchmarks.md, "Auto's order").
+# What backend="auto" tries, in order, by device type and kind of step (step_kinds: a step's kinds, most specific
+# first; the first a device lists decides, else the default order). The CUDA order is the fastest per kind in the
+# H200 benchmark (docs/benchmarks.md, "Auto's order"). On CPU tensors the torch backend steps through torch's fused
+# kernel where it can (same-dtype state); the compiled kernel takes what it cannot, faster than torch foreach
+# (docs/cpu-torch-backend.md).
 FP32_PARAMS, SIXTEEN_BIT_PARAMS, EIGHT_BIT_MOMENTS = "fp32 params", "16-bit params", EIGHT_BIT
+# Moments (not 8-bit) or master weights in another dtype than the param: fp32 beside 16-bit params, bf16 beside fp32.
+CONVERTED_STATE = "state in another dtype"
 AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
     ("cuda", FP32_PARAMS): ("triton", "cupy", "torch"),
     ("cuda", SIXTEEN_BIT_PARAMS): ("cupy", "triton", "torch"),
     ("cuda", EIGHT_BIT_MOMENTS): ("triton", "cupy", "torch"),
+    ("cpu", EIGHT_BIT_MOMENTS): ("cpu", "torch"),
+    ("cpu", CONVERTED_STATE): ("cpu", "torch"),
 }
 DEFAULT_AUTO_ORDER: tuple[str, ...] = ("torch",)
 _SIXTEEN_BIT = frozenset({torch.float16, torch.bfloat16})
 
 
-def step_kind(dtypes: Iterable[torch.dtype], features: Iterable[str] = ()) -> str:
-    """What AUTO_ORDER is keyed by: 8-bit moments (the step needs that feature), else whether every param is
-    16-bit."""
-    if EIGHT_BIT_MOMENTS in set(features):
-        return EIGHT_BIT_MOMENTS
+def step_kinds(
+    dtypes: Iterable[torch.dtype], features: Iterable[str] = (), converted_state: bool = False
+) -> tuple[str, ...]:
+    """What AUTO_ORDER is keyed by, most specific first: 8-bit moments (the step needs that feature), state in
+    another dtype than the params (``converted_state``), then whether every param is 16-bit."""
     dtypes = set(dtypes)
-    return SIXTEEN_BIT_PARAMS if dtypes and dtypes <= _SIXTEEN_BIT else FP32_PARAMS
+    kinds = [EIGHT_BIT_MOMENTS] if EIGHT_BIT_MOMENTS in set(features) else []
+    if converted_state:
+        kinds.append(CONVERTED_STATE)
+    kinds.append(SIXTEEN_BIT_PARAMS if dtypes and dtypes <= _SIXTEEN_BIT else FP32_PARAMS)
+    return tuple(kinds)
 
 
-def auto_order(device: torch.device, dtypes: Iterable[torch.dtype], features: Iterable[str] = ()) -> tuple[str, ...]:
-    """The backends backend="auto" tries for such a step, in order."""
-    return AUTO_ORDER.get((torch.device(device).type, step_kind(dtypes, features)), DEFAULT_AUTO_ORDER)
+def auto_order(
+    device: torch.device, dtypes: Iterable[torch.dtype], features: Iterable[str] = (), converted_state: bool = False
+) -> tuple[str, ...]:
+    """The backends backend="auto" tries for such a step, in order: those of its first kind the device lists."""
+    device_type = torch.device(device).type
+    for kind in step_kinds(dtypes, features, converted_state):
+        if (device_type, kind) in AUTO_ORDER:
+            return AUTO_ORDER[device_type, kind]
+    return DEFAULT_AUTO_ORDER
 
 
 def check_backend_name(name: str) -> None:
@@ -156,10 +174,14 @@ def unavailable_reason(
 
 
 def resolve(
-    requested: str, device: torch.device, dtypes: Iterable[torch.dtype], features: Iterable[str] = ()
+    requested: str,
+    device: torch.device,
+    dtypes: Iterable[torch.dtype],
+    features: Iterable[str] = (),
+    converted_state: bool = False,
 ) -> tuple[str, ModuleType]:
     """The backend that will run: ``requested`` itself, or for ``"auto"`` the one ADAM_GPU_BACKEND names, else the
-    first available one.
+    first available one of auto_order (``converted_state``: StepTensors.converted_state).
 
     Raises ValueError for an unknown name and BackendUnavailableError, with the reason, for a backend
     that cannot run these tensors (saying so when ADAM_GPU_BACKEND chose it).
@@ -171,7 +193,7 @@ def resolve(
         if reason is not None:
             raise _unavailable(requested, name, reason)
         return name, BACKENDS[name].load()
-    for name in auto_order(device, dtypes, features):
+    for name in auto_order(device, dtypes, features, converted_state):
         if unavailable_reason(name, device, dtypes, features) is None:
             return name, BACKENDS[name].load()
     raise BackendUnavailableError(f"no backend can update {sorted(map(str, dtypes))} tensors on {device}")

@@ -328,7 +328,8 @@ class FusedAdam(Optimizer):
             key = (self.backend, os.environ.get(dispatch.BACKEND_ENV_VAR))
             if prepared.resolved is None or prepared.resolved[0] != key:
                 features = {EIGHT_BIT} if prepared.eight_bit else set()
-                resolved = dispatch.resolve(self.backend, params[0].device, prepared.dtypes, features)
+                converted = _converted_state(group, params)
+                resolved = dispatch.resolve(self.backend, params[0].device, prepared.dtypes, features, converted)
                 prepared.resolved = (key, resolved)
             name, backend = prepared.resolved[1]
             return _GroupPlan(group, params, hp, name, backend, reused)
@@ -341,7 +342,8 @@ class FusedAdam(Optimizer):
             # The absmax blocks would follow each rank's shard, which a DTensor state cannot describe.
             raise TypeError("state_dtype='8bit' is not supported for DTensor params (FSDP2): use None or torch.float32")
         features = {EIGHT_BIT} if _eight_bit(group, params) else set()
-        name, backend = dispatch.resolve(self.backend, params[0].device, {p.dtype for p in params}, features)
+        dtypes, converted = {p.dtype for p in params}, _converted_state(group, params)
+        name, backend = dispatch.resolve(self.backend, params[0].device, dtypes, features, converted)
         return _GroupPlan(group, params, hp, name, backend, None, written)
 
     def _check_tensors(self, group: dict[str, Any], params: list[torch.Tensor]) -> WrittenSpans:
@@ -731,6 +733,16 @@ def _gather_lists(
 def _eight_bit(group: dict[str, Any], params: list[torch.Tensor]) -> bool:
     """Whether the group's step has 8-bit moments (tensors under SMALL_TENSOR elements keep fp32 ones)."""
     return group["state_dtype"] == EIGHT_BIT_STATE and any(p.numel() >= SMALL_TENSOR for p in params)
+
+
+def _converted_state(group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+    """Whether the group's step keeps some param's master or moments in another dtype than the param, as
+    StepTensors.converted_state tells of the tensors (8-bit groups: the fp32 moments of tensors too small to
+    quantize)."""
+    if group["master_weights"] and any(p.dtype in HALF_DTYPES for p in params):
+        return True
+    state_dtype = torch.float32 if group["state_dtype"] == EIGHT_BIT_STATE else group["state_dtype"]
+    return state_dtype is not None and any(p.dtype != state_dtype for p in params)
 
 
 _HYPERPARAMETER_KEYS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize")
