@@ -130,18 +130,32 @@ NEAREST_CODES = "nearest_codes"
 CODE_VALUES = "code_values"
 
 
-def nearest_codes(values: torch.Tensor, signed: bool) -> torch.Tensor:
-    """The CUDA C kernel's nearest_code of each fp32 value (uint8), in the signed or the unsigned map."""
+@functools.cache
+def _vectorized_probes() -> dict[str, ctypes._CFuncPtr]:
+    """The code arithmetic's probes built as the cpu backend builds its kernel (cpu.FLAGS: vectorized loops)."""
+    from adam_gpu.backends import cpu
+
+    library = ctypes.CDLL(str(host_build.build('#include "cuda_host_shim.h"\n#include "adam_cuda.cu"\n'
+                                               + _DRIVER_NEAREST_CODES, cpu.FLAGS)))  # fmt: skip
+    library.nearest_codes.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int]
+    library.code_values.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    return {NEAREST_CODES: library.nearest_codes, CODE_VALUES: library.code_values}
+
+
+def nearest_codes(values: torch.Tensor, signed: bool, vectorized: bool = False) -> torch.Tensor:
+    """The CUDA C kernel's nearest_code of each fp32 value (uint8), in the signed or the unsigned map (built as the
+    cpu backend builds it where ``vectorized``)."""
     values = values.float().contiguous()
     codes = torch.empty(values.shape, dtype=torch.uint8)
-    _library()[NEAREST_CODES](values.data_ptr(), codes.data_ptr(), values.numel(), int(signed))
+    probes = _vectorized_probes() if vectorized else _library()
+    probes[NEAREST_CODES](values.data_ptr(), codes.data_ptr(), values.numel(), int(signed))
     return codes
 
 
-def code_values(signed: bool) -> torch.Tensor:
+def code_values(signed: bool, vectorized: bool = False) -> torch.Tensor:
     """The CUDA C kernel's code_value of each of the 256 codes (fp32), in the signed or the unsigned map."""
     values = torch.empty(256, dtype=torch.float32)
-    _library()[CODE_VALUES](values.data_ptr(), int(signed))
+    (_vectorized_probes() if vectorized else _library())[CODE_VALUES](values.data_ptr(), int(signed))
     return values
 
 
