@@ -45,11 +45,13 @@ def _device_name(device: torch.device) -> str:
     return f"cpu: {platform.processor() or platform.machine()}"
 
 
-# A step of each kind backend="auto" orders apart (dispatch.AUTO_ORDER): its param dtypes and features.
+# A step of each kind backend="auto" orders apart (dispatch.AUTO_ORDER): its param dtypes, features and whether its
+# state is in another dtype than the params.
 _STEP_KINDS = {
-    "fp32": ({torch.float32}, ()),
-    "16-bit": ({torch.bfloat16, torch.float16}, ()),
-    **{feature: ({torch.bfloat16}, (feature,)) for feature in sorted(MOMENT_FEATURES)},  # (bf16: 8-bit moments')
+    "fp32": ({torch.float32}, (), False),
+    "16-bit": ({torch.bfloat16, torch.float16}, (), False),
+    "fp32 state beside 16-bit params": ({torch.bfloat16}, (), True),
+    **{feature: ({torch.bfloat16}, (feature,), False) for feature in sorted(MOMENT_FEATURES)},  # (bf16: 8-bit's)
 }
 AUTO_PICKS = "auto picks"
 
@@ -57,9 +59,9 @@ AUTO_PICKS = "auto picks"
 def _auto_picks(device: torch.device) -> str:
     """What backend="auto" picks on ``device`` for each kind of step, or the one name where they agree."""
     picks = {}
-    for kind, (dtypes, features) in _STEP_KINDS.items():
+    for kind, (dtypes, features, converted) in _STEP_KINDS.items():
         try:
-            picks[kind], _ = dispatch.resolve(dispatch.AUTO, device, dtypes, features)
+            picks[kind], _ = dispatch.resolve(dispatch.AUTO, device, dtypes, features, converted)
         except dispatch.BackendUnavailableError:
             picks[kind] = "none"
     if len(set(picks.values())) == 1:

@@ -91,7 +91,7 @@ def adam_step_(
         checked = _remember(tensors, state_steps, written) if not aliased else None
     if checked is not None:
         tensors.memo = checked.memo
-    _, module = dispatch.resolve(backend, tensors.device, tensors.dtypes, tensors.features)
+    _, module = dispatch.resolve(backend, tensors.device, tensors.dtypes, tensors.features, tensors.converted_state)
     learning_rate = lr if lr_tensor is None else lr_tensor
     on_device_lr = capturable and lr_tensor is not None  # (float() would wait for the device)
     hp = AdamHyperparameters(

@@ -42,41 +42,53 @@ BACKENDS: dict[str, Backend] = {
     for backend in (
         Backend("triton", "adam_gpu.backends.triton", requires="triton", install_hint="pip install 'adam-gpu[triton]'"),
         Backend("cupy", "adam_gpu.backends.cupy", requires="cupy", install_hint="pip install 'adam-gpu[cupy]'"),
+        Backend("cpu", "adam_gpu.backends.cpu", requires=None),
         Backend("torch", "adam_gpu.backends.torch", requires=None),
     )
 }
 
-# What backend="auto" tries, in order, by device type and kind of step (step_kind: a moment format's feature, or
-# the params' width); a moment format not listed takes its params' order, any other pair the default order. The
-# CUDA order is the fastest per kind in the H200 benchmark (docs/benchmarks.md, "Auto's order").
+# What backend="auto" tries, in order, by device type and kind of step (step_kinds: a step's kinds, most specific
+# first: a moment format's feature, state in another dtype, the params' width; the first a device lists decides, else
+# the default order). The CUDA order is the fastest per kind in the H200 benchmark (docs/benchmarks.md, "Auto's
+# order"). On CPU tensors the torch backend steps through torch's fused kernel where it can (same-dtype state); the
+# compiled kernel takes what it cannot, faster than torch foreach (docs/cpu-torch-backend.md).
 FP32_PARAMS, SIXTEEN_BIT_PARAMS = "fp32 params", "16-bit params"
 EIGHT_BIT_MOMENTS = storage_formats.EIGHT_BIT_MOMENTS.feature
+# Moments (not 8-bit) or master weights in another dtype than the param: fp32 beside 16-bit params, bf16 beside fp32.
+CONVERTED_STATE = "state in another dtype"
 AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
     ("cuda", FP32_PARAMS): ("triton", "cupy", "torch"),
     ("cuda", SIXTEEN_BIT_PARAMS): ("cupy", "triton", "torch"),
     ("cuda", EIGHT_BIT_MOMENTS): ("triton", "cupy", "torch"),
+    ("cpu", EIGHT_BIT_MOMENTS): ("cpu", "torch"),
+    ("cpu", CONVERTED_STATE): ("cpu", "torch"),
 }
 DEFAULT_AUTO_ORDER: tuple[str, ...] = ("torch",)
 _SIXTEEN_BIT = frozenset({torch.float16, torch.bfloat16})
 
 
-def step_kind(dtypes: Iterable[torch.dtype], features: Iterable[str] = ()) -> str:
-    """What AUTO_ORDER is keyed by: the moment format the step needs a feature for (8-bit moments), else whether
-    every param is 16-bit."""
-    formats = sorted(set(features) & storage_formats.MOMENT_FEATURES)
-    return formats[0] if formats else _width_kind(dtypes)
-
-
-def _width_kind(dtypes: Iterable[torch.dtype]) -> str:
+def step_kinds(
+    dtypes: Iterable[torch.dtype], features: Iterable[str] = (), converted_state: bool = False
+) -> tuple[str, ...]:
+    """What AUTO_ORDER is keyed by, most specific first: the moment formats the step needs a feature for (8-bit
+    moments), state in another dtype than the params (``converted_state``), then whether every param is 16-bit."""
     dtypes = set(dtypes)
-    return SIXTEEN_BIT_PARAMS if dtypes and dtypes <= _SIXTEEN_BIT else FP32_PARAMS
+    kinds = sorted(set(features) & storage_formats.MOMENT_FEATURES)
+    if converted_state:
+        kinds.append(CONVERTED_STATE)
+    kinds.append(SIXTEEN_BIT_PARAMS if dtypes and dtypes <= _SIXTEEN_BIT else FP32_PARAMS)
+    return tuple(kinds)
 
 
-def auto_order(device: torch.device, dtypes: Iterable[torch.dtype], features: Iterable[str] = ()) -> tuple[str, ...]:
-    """The backends backend="auto" tries for such a step, in order."""
+def auto_order(
+    device: torch.device, dtypes: Iterable[torch.dtype], features: Iterable[str] = (), converted_state: bool = False
+) -> tuple[str, ...]:
+    """The backends backend="auto" tries for such a step, in order: those of its first kind the device lists."""
     device_type = torch.device(device).type
-    order = AUTO_ORDER.get((device_type, step_kind(dtypes, features)))
-    return order or AUTO_ORDER.get((device_type, _width_kind(dtypes)), DEFAULT_AUTO_ORDER)
+    for kind in step_kinds(dtypes, features, converted_state):
+        if (device_type, kind) in AUTO_ORDER:
+            return AUTO_ORDER[device_type, kind]
+    return DEFAULT_AUTO_ORDER
 
 
 def check_backend_name(name: str) -> None:
@@ -163,10 +175,14 @@ def unavailable_reason(
 
 
 def resolve(
-    requested: str, device: torch.device, dtypes: Iterable[torch.dtype], features: Iterable[str] = ()
+    requested: str,
+    device: torch.device,
+    dtypes: Iterable[torch.dtype],
+    features: Iterable[str] = (),
+    converted_state: bool = False,
 ) -> tuple[str, ModuleType]:
     """The backend that will run: ``requested`` itself, or for ``"auto"`` the one ADAM_GPU_BACKEND names, else the
-    first available one.
+    first available one of auto_order (``converted_state``: StepTensors.converted_state).
 
     Raises ValueError for an unknown name and BackendUnavailableError, with the reason, for a backend
     that cannot run these tensors (saying so when ADAM_GPU_BACKEND chose it).
@@ -178,7 +194,7 @@ def resolve(
         if reason is not None:
             raise _unavailable(requested, name, reason)
         return name, BACKENDS[name].load()
-    for name in auto_order(device, dtypes, features):
+    for name in auto_order(device, dtypes, features, converted_state):
         if unavailable_reason(name, device, dtypes, features) is None:
             return name, BACKENDS[name].load()
     raise BackendUnavailableError(f"no backend can update {sorted(map(str, dtypes))} tensors on {device}")

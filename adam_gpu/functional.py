@@ -62,7 +62,7 @@ def fused_adam(
     if not len(tensors):
         dispatch.requested_backend(backend)  # an unknown name is refused even with nothing to step
         return None
-    name, module = dispatch.resolve(backend, tensors.device, tensors.dtypes, tensors.features)
+    name, module = dispatch.resolve(backend, tensors.device, tensors.dtypes, tensors.features, tensors.converted_state)
     apply_step(module, tensors, state_steps, hp)
     return name
 

@@ -120,7 +120,8 @@ def _c_declaration(parameter: Parameter) -> str:
 def cuda_definitions() -> str:
     """The C++ definitions of this module's facts, to put before kernels/adam_cuda.cu: ``adam_gpu`` enums and
     constants (``kExpAvgSqColumn``, ``kRowWidth``, ``kGradMultiplier``, ``kDecoupled``, ``kLeanMaster`` ...) and
-    ``ADAM_GPU_STEP_PARAMETERS``, the kernel's parameter list."""
+    ``ADAM_GPU_STEP_PARAMETERS``, the kernel's parameter list (``ADAM_GPU_STEP_ARGUMENTS``: their names, to pass
+    them on)."""
     constants = [_c_enum(Column, "Column"), f"constexpr int kRowWidth = {ROW_WIDTH};"]
     constants += [_c_enum(enum) for enum in (DeviceScalar, WeightDecay, Master)]
     parameters = ", ".join(map(_c_declaration, CUDA_PARAMETERS))
@@ -132,6 +133,7 @@ def cuda_definitions() -> str:
             *constants,
             "}  // namespace adam_gpu",
             f"#define ADAM_GPU_STEP_PARAMETERS {parameters}",
+            f"#define ADAM_GPU_STEP_ARGUMENTS {', '.join(CUDA_PARAMETER_NAMES)}",
             "",
         ]
     )

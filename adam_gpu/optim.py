@@ -324,7 +324,10 @@ class FusedAdam(Optimizer):
             prepared = self._prepared[id(group)]
             key = (self.backend, os.environ.get(dispatch.BACKEND_ENV_VAR))
             if prepared.resolved is None or prepared.resolved[0] != key:
-                resolved = dispatch.resolve(self.backend, params[0].device, prepared.dtypes, prepared.features)
+                converted = _converted_state(group, params)
+                resolved = dispatch.resolve(
+                    self.backend, params[0].device, prepared.dtypes, prepared.features, converted
+                )
                 prepared.resolved = (key, resolved)
             name, backend = prepared.resolved[1]
             return _GroupPlan(group, params, hp, name, backend, reused)
@@ -339,7 +342,8 @@ class FusedAdam(Optimizer):
                 f"state_dtype={fmt.option!r} is not supported for DTensor params (FSDP2): use None or torch.float32"
             )
         features = _features(group, params)
-        name, backend = dispatch.resolve(self.backend, params[0].device, {p.dtype for p in params}, features)
+        dtypes, converted = {p.dtype for p in params}, _converted_state(group, params)
+        name, backend = dispatch.resolve(self.backend, params[0].device, dtypes, features, converted)
         return _GroupPlan(group, params, hp, name, backend, None, written)
 
     def _check_tensors(self, group: dict[str, Any], params: list[torch.Tensor]) -> WrittenSpans:
@@ -708,6 +712,17 @@ def _features(group: dict[str, Any], params: list[torch.Tensor]) -> set[str]:
     them; smaller ones keep fp32 moments)."""
     fmt = moment_format(group["state_dtype"])
     return moment_features([fmt]) if any(map(fmt.scaled, params)) else set()
+
+
+def _converted_state(group: dict[str, Any], params: list[torch.Tensor]) -> bool:
+    """Whether the group's step keeps some param's master or moments in another dtype than the param, as
+    StepTensors.converted_state tells of the tensors (8-bit groups: the fp32 moments of tensors too small to
+    quantize)."""
+    master = master_option(group["master_weights"])
+    if any(master.holds(p.dtype) for p in params):
+        return True
+    state_dtype = moment_format(group["state_dtype"]).plain_dtype
+    return state_dtype is not None and any(p.dtype != state_dtype for p in params)
 
 
 _HYPERPARAMETER_KEYS = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "amsgrad", "maximize")

@@ -92,6 +92,13 @@ class StepTensors:
             return set()
         return storage_formats.moment_features(scaled_format(m.dtype) for m in self.exp_avgs)
 
+    @property
+    def converted_state(self) -> bool:
+        """Whether a param has a master, or moments (not 8-bit) in another dtype than its own (dispatch.step_kinds)."""
+        if any(master is not None for master in self.masters):
+            return True
+        return any(m.dtype not in (p.dtype, torch.uint8) for p, m in zip(self.params, self.exp_avgs, strict=True))
+
     def lists(self) -> tuple[Sequence[torch.Tensor | None], ...]:
         """Every list, in the order of the fields (``StepTensors(*lists)`` rebuilds them, without the memo)."""
         return (self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.max_exp_avg_sqs, self.masters,

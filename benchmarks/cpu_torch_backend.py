@@ -1,5 +1,6 @@
-"""adam-gpu's step on CPU tensors (``backend="auto"``, the torch backend there) beside torch.optim.AdamW's, measured
-side by side in one run: torch's fused CPU kernel where it steps the same thing, torch foreach on the same params.
+"""adam-gpu's step on CPU tensors (``backend="auto"``: the torch backend or the compiled cpu one, as the row says)
+beside torch.optim.AdamW's, measured side by side in one run: torch's fused CPU kernel where it steps the same thing,
+torch foreach on the same params.
 
 Each round times every contender of a row in turn (``--steps`` steps each, after warm-up; the order turns each
 round), so a neighbour's load falls on all of them alike; a row reports each contender's median over ``--rounds``
@@ -62,8 +63,8 @@ def _params(count: int, numel: int, dtype: torch.dtype, generator: torch.Generat
     return params
 
 
-def _contenders(policy: Policy, count: int, numel: int, option: str) -> dict[str, Callable[[], None]]:
-    """Each contender's step on its own copy of the same params and grads, with ``option``'s settings."""
+def _contenders(policy: Policy, count: int, numel: int, option: str) -> dict[str, torch.optim.Optimizer]:
+    """Each contender's optimizer on its own copy of the same params and grads, with ``option``'s settings."""
     generator = torch.Generator().manual_seed(0)
     params = _params(count, numel, policy.dtype, generator)
 
@@ -79,7 +80,7 @@ def _contenders(policy: Policy, count: int, numel: int, option: str) -> dict[str
     if policy.fused_baseline:
         optimizers["torch fused"] = theirs(twin(), fused=True, **settings)
     optimizers["torch foreach"] = theirs(twin(), foreach=True, **settings)
-    return {name: optimizer.step for name, optimizer in optimizers.items()}
+    return optimizers
 
 
 def _seconds(step: Callable[[], None], steps: int) -> float:
@@ -91,7 +92,8 @@ def _seconds(step: Callable[[], None], steps: int) -> float:
 
 def measure(policy: Policy, case: str, rounds: int, steps: int, option: str = "adamw") -> dict[str, object]:
     """Median ms a step of each contender, and the median over rounds of foreach's (and fused's) time over ours."""
-    contenders = _contenders(policy, *CASES[case], option)
+    optimizers = _contenders(policy, *CASES[case], option)
+    contenders = {name: optimizer.step for name, optimizer in optimizers.items()}
     with torch.no_grad():
         for step in contenders.values():
             _seconds(step, 2)  # (state, tables)
@@ -102,6 +104,7 @@ def measure(policy: Policy, case: str, rounds: int, steps: int, option: str = "a
                 times[name].append(_seconds(contenders[name], steps))
     ours = times["adam-gpu auto"]
     row: dict[str, object] = {"policy": policy.name if option == "adamw" else f"{policy.name}, {option}", "case": case}
+    row["auto ran"] = optimizers["adam-gpu auto"].selected_backends[0]
     row.update({name: statistics.median(seconds) * 1e3 for name, seconds in times.items()})
     for name in contenders.keys() - {"adam-gpu auto"}:
         row[f"{name} / ours"] = statistics.median(theirs / mine for theirs, mine in zip(times[name], ours, strict=True))
@@ -113,13 +116,13 @@ def table(rows: list[dict[str, object]]) -> str:
         return f"{row[key]:.2f}{unit}" if key in row else "-"
 
     lines = [
-        "| policy | case | adam-gpu auto ms | torch fused ms | torch foreach ms | vs fused | vs foreach |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| policy | case | auto ran | adam-gpu auto ms | torch fused ms | torch foreach ms | vs fused | vs foreach |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         cells = [cell(row, key, "") for key in ("adam-gpu auto", "torch fused", "torch foreach")]
         ratios = [cell(row, f"{name} / ours", "x") for name in ("torch fused", "torch foreach")]
-        lines.append(f"| {row['policy']} | {row['case']} | " + " | ".join(cells + ratios) + " |")
+        lines.append(f"| {row['policy']} | {row['case']} | {row['auto ran']} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
 
 

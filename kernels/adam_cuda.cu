@@ -168,9 +168,11 @@ __device__ __forceinline__ unsigned char nearest_code(float x) {
   const float distance = fabsf(x);
   const float magnitude = distance * 1.875f;  // on the format's own scale: largest (1 + 7/8) * 2^0
   // Exponent and top 3 mantissa bits of a normal are its code; a subnormal's is its multiple of the step (the
-  // magnitude capped first, so the conversion never overflows).
+  // magnitude capped first, so the conversion never overflows; a NaN is capped too, as fminf would, by a select
+  // that g++ vectorizes where fminf is a libm call).
   const int normal = static_cast<int>(__float_as_uint(magnitude) >> 20) - kExponentOffset;
-  const int subnormal = static_cast<int>(fminf(magnitude, kSmallestNormal) * kPerSubnormalStep);
+  const float capped = magnitude < kSmallestNormal ? magnitude : kSmallestNormal;
+  const int subnormal = static_cast<int>(capped * kPerSubnormalStep);
   int low = magnitude >= kSmallestNormal ? normal : subnormal;
   low = low < 0 ? 0 : (low > kLargest - 1 ? kLargest - 1 : low);  // the lower candidate, below the largest
   const float up = magnitude_value<SIGNED>(low + 1) - distance;
@@ -226,12 +228,97 @@ struct MasterType<kLeanMaster> {
   using type = short;
 };
 
+// The value a param is stepped from: its fp32 master copy, its lean master (the bf16 param and its remainder), or
+// the param itself.
+template <int MASTER, typename P>
+__device__ __forceinline__ float param_value(P param, typename MasterType<MASTER>::type master) {
+  if constexpr (MASTER == kFp32Master) {
+    return master;
+  } else if constexpr (MASTER == kLeanMaster) {
+    return lean_master(param, master);
+  } else {
+    return to_float(param);
+  }
+}
+
+// The stepped value `p` stored: as the param rounded (and the fp32 master), or split into the bf16 param and its
+// remainder.
+template <int MASTER, typename P>
+__device__ __forceinline__ void store_param(float p, P& param, typename MasterType<MASTER>::type& master) {
+  if constexpr (MASTER == kLeanMaster) {
+    split_lean_master(p, param, master);
+  } else {
+    param = Store<P>::from(p);
+  }
+  if constexpr (MASTER == kFp32Master) master = p;
+}
+
+// One element's step with moments of type S (not 8-bit): the GPU's packs (step_pack) and the CPU's loop
+// (kernels/adam_cpu.cpp) call it for each element. max_exp_avg_sq is read and written only with AMSGRAD, master
+// only with a MASTER mode.
+template <typename P, typename S, bool AMSGRAD, int MASTER>
+__device__ __forceinline__ void step_element(P& param, P grad, S& exp_avg, S& exp_avg_sq, S& max_exp_avg_sq,
+                                             typename MasterType<MASTER>::type& master, const StepScalars& s) {
+  float p = param_value<MASTER>(param, master);
+  float m = to_float(exp_avg), v = to_float(exp_avg_sq);
+  float v_max = AMSGRAD ? to_float(max_exp_avg_sq) : 0.0f;
+  adam_update<AMSGRAD>(p, to_float(grad), m, v, v_max, s);
+  store_param<MASTER>(p, param, master);
+  exp_avg = Store<S>::from(m);
+  exp_avg_sq = Store<S>::from(v);
+  if (AMSGRAD) max_exp_avg_sq = Store<S>::from(v_max);
+}
+
+// A quantization block's step in two halves per element, which the GPU's warp version (step_quantized_block) and
+// the CPU's loop (kernels/adam_cpu.cpp) both call: decode and update every element (step_quantized_element), the
+// block's new absmax the max of their magnitude_bits, then encode every element against it (encode_moments).
+
+// One element's step: its moments decoded from their codes and block scales, updated with the param (its master
+// where it has one), the param and master stored; `m` and `v` get the new fp32 moments, to encode once the block's
+// absmax is known.
+template <typename P, int MASTER>
+__device__ __forceinline__ void step_quantized_element(P& param, P grad, typename MasterType<MASTER>::type& master,
+                                                       unsigned char m_code, unsigned char v_code, float m_scale,
+                                                       float v_scale, float& m, float& v, const StepScalars& s) {
+  float p = param_value<MASTER>(param, master);
+  m = code_value<true>(m_code) * m_scale;
+  v = code_value<false>(v_code) * v_scale;
+  float unused = 0.0f;
+  adam_update<false>(p, to_float(grad), m, v, unused, s);
+  store_param<MASTER>(p, param, master);
+}
+
+// A moment's |x| as the bits of a non-negative float, a NaN or Inf as Inf's (the block's absmax is then NaN):
+// unsigned integers order these as the floats do, so a block's absmax is an integer max, which g++ vectorizes (a
+// float max with fmaxf's NaN rule is a libm call there).
+__device__ __forceinline__ unsigned int magnitude_bits(float x) {
+  const unsigned int bits = __float_as_uint(x) & 0x7FFFFFFFu;
+  return bits < 0x7F800000u ? bits : 0x7F800000u;
+}
+
+__device__ __forceinline__ unsigned int larger(unsigned int a, unsigned int b) { return a > b ? a : b; }
+
+// What a block's elements are divided by before encoding: its absmax (the max of their magnitude_bits), 1 for an
+// all-zero block.
+__device__ __forceinline__ float block_divisor(float absmax) { return absmax > 0.0f ? absmax : 1.0f; }
+
+// The absmax stored for a block: quantization.py gives a block holding a non-finite moment absmax NaN.
+__device__ __forceinline__ float stored_absmax(float absmax) {
+  return absmax == __uint_as_float(0x7F800000u) ? nanf("") : absmax;
+}
+
+__device__ __forceinline__ void encode_moments(float m, float v, float m_divisor, float v_divisor,
+                                               unsigned char& m_code, unsigned char& v_code) {
+  m_code = nearest_code<true>(m / m_divisor);
+  v_code = nearest_code<false>(v / v_divisor);
+}
+
 // One quantization block by one warp, every element read and written once. Lane l holds elements 8l .. 8l + 7 of
 // the block in registers: one 16-byte load of bf16 params (two of fp32) and one 8-byte load of each moment's codes
 // a lane, where the block lies inside its tensor and every address is aligned (else single elements, masked). The
-// warp's max of |m| and |v| (shuffles) is the block's new absmax; then every lane writes its codes (params are
-// written as soon as they are updated). The whole warp calls this together (the shuffles need all 32 lanes): the
-// block loop is uniform in a warp.
+// warp's max of the lanes' magnitudes (shuffles) is the block's new absmax; then every lane writes its codes
+// (params are written as soon as they are updated). The whole warp calls this together (the shuffles need all 32
+// lanes): the block loop is uniform in a warp.
 constexpr int kWarp = 32;
 constexpr int kPerLane = kQuantBlock / kWarp;
 
@@ -248,7 +335,6 @@ __device__ __forceinline__ void step_quantized_block(P* param, const P* grad, un
                                                      long long n_elements, int lane, bool aligned,
                                                      const StepScalars& s) {
   using MasterT = typename MasterType<MASTER>::type;
-  const float infinity = __uint_as_float(0x7F800000u);
   const long long first = block * kQuantBlock + lane * kPerLane;
   const bool whole = aligned && (block + 1) * kQuantBlock <= n_elements;
   const float m_scale = exp_avg_absmax[block], v_scale = exp_avg_sq_absmax[block];
@@ -257,50 +343,32 @@ __device__ __forceinline__ void step_quantized_block(P* param, const P* grad, un
   Pack<unsigned char, kPerLane> m_codes = load_pack<kPerLane>(exp_avg, first, n_elements, whole);
   Pack<unsigned char, kPerLane> v_codes = load_pack<kPerLane>(exp_avg_sq, first, n_elements, whole);
   MasterT* master_copy = static_cast<MasterT*>(master);
-  Pack<MasterT, kPerLane> full;
+  Pack<MasterT, kPerLane> full{};
   if constexpr (MASTER != kNoMaster) full = load_pack<kPerLane>(master_copy, first, n_elements, whole);
   float m[kPerLane], v[kPerLane];
-  float m_max = 0.0f, v_max = 0.0f;  // a NaN or Inf moment counts as Inf: the block's absmax is then NaN
+  unsigned int m_bits = 0, v_bits = 0;
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
-    float pk;
-    if constexpr (MASTER == kFp32Master) {
-      pk = full.lane[k];
-    } else if constexpr (MASTER == kLeanMaster) {
-      pk = lean_master(p.lane[k], full.lane[k]);
-    } else {
-      pk = to_float(p.lane[k]);
-    }
-    m[k] = code_value<true>(m_codes.lane[k]) * m_scale;
-    v[k] = code_value<false>(v_codes.lane[k]) * v_scale;
-    float unused = 0.0f;
-    adam_update<false>(pk, to_float(g.lane[k]), m[k], v[k], unused, s);
-    if constexpr (MASTER == kLeanMaster) {
-      split_lean_master(pk, p.lane[k], full.lane[k]);
-    } else {
-      p.lane[k] = Store<P>::from(pk);
-    }
-    if constexpr (MASTER == kFp32Master) full.lane[k] = pk;
+    step_quantized_element<P, MASTER>(p.lane[k], g.lane[k], full.lane[k], m_codes.lane[k], v_codes.lane[k], m_scale,
+                                      v_scale, m[k], v[k], s);
     if (first + k < n_elements) {  // (elements past the tensor's end have no moments to count)
-      m_max = fmaxf(m_max, isfinite(m[k]) ? fabsf(m[k]) : infinity);
-      v_max = fmaxf(v_max, isfinite(v[k]) ? fabsf(v[k]) : infinity);
+      m_bits = larger(m_bits, magnitude_bits(m[k]));
+      v_bits = larger(v_bits, magnitude_bits(v[k]));
     }
   }
   store_pack<kPerLane>(param, p, first, n_elements, whole);  // the param needs no absmax: written now, not kept
   if constexpr (MASTER != kNoMaster) store_pack<kPerLane>(master_copy, full, first, n_elements, whole);
-  m_max = warp_max(m_max);
-  v_max = warp_max(v_max);
-  const float m_divisor = m_max > 0.0f ? m_max : 1.0f, v_divisor = v_max > 0.0f ? v_max : 1.0f;
+  const float m_max = warp_max(__uint_as_float(m_bits)), v_max = warp_max(__uint_as_float(v_bits));
+  const float m_divisor = block_divisor(m_max), v_divisor = block_divisor(v_max);
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
-    m_codes.lane[k] = nearest_code<true>(m[k] / m_divisor);
-    v_codes.lane[k] = nearest_code<false>(v[k] / v_divisor);
+    encode_moments(m[k], v[k], m_divisor, v_divisor, m_codes.lane[k], v_codes.lane[k]);
   }
   store_pack<kPerLane>(exp_avg, m_codes, first, n_elements, whole);
   store_pack<kPerLane>(exp_avg_sq, v_codes, first, n_elements, whole);
-  if (lane == 0) {  // quantization.py: a block holding a non-finite moment gets absmax NaN
-    exp_avg_absmax[block] = m_max == infinity ? nanf("") : m_max;
-    exp_avg_sq_absmax[block] = v_max == infinity ? nanf("") : v_max;
+  if (lane == 0) {
+    exp_avg_absmax[block] = stored_absmax(m_max);
+    exp_avg_sq_absmax[block] = stored_absmax(v_max);
   }
 }
 
@@ -315,46 +383,24 @@ __device__ __forceinline__ void assume_global(const T* ptr) {
 template <int N, typename P, typename S, bool AMSGRAD, int MASTER>
 __device__ __forceinline__ void step_pack(P* param, const P* grad, S* exp_avg, S* exp_avg_sq, S* max_exp_avg_sq,
                                           void* master, long long index, const StepScalars& s) {
+  using MasterT = typename MasterType<MASTER>::type;
   Pack<P, N> p = reinterpret_cast<const Pack<P, N>*>(param)[index];
   const Pack<P, N> g = reinterpret_cast<const Pack<P, N>*>(grad)[index];
   Pack<S, N> m = reinterpret_cast<const Pack<S, N>*>(exp_avg)[index];
   Pack<S, N> v = reinterpret_cast<const Pack<S, N>*>(exp_avg_sq)[index];
-  Pack<S, N> v_max;
+  Pack<S, N> v_max{};
   if (AMSGRAD) v_max = reinterpret_cast<const Pack<S, N>*>(max_exp_avg_sq)[index];
-  Pack<float, N> full;   // kFp32Master
-  Pack<short, N> low;    // kLeanMaster
-  if constexpr (MASTER == kFp32Master) full = reinterpret_cast<const Pack<float, N>*>(master)[index];
-  if constexpr (MASTER == kLeanMaster) low = reinterpret_cast<const Pack<short, N>*>(master)[index];
+  Pack<MasterT, N> full{};  // the fp32 master or the lean master's remainder
+  if constexpr (MASTER != kNoMaster) full = reinterpret_cast<const Pack<MasterT, N>*>(master)[index];
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    float pk;
-    if constexpr (MASTER == kFp32Master) {
-      pk = full.lane[k];
-    } else if constexpr (MASTER == kLeanMaster) {
-      pk = lean_master(p.lane[k], low.lane[k]);
-    } else {
-      pk = to_float(p.lane[k]);
-    }
-    float mk = to_float(m.lane[k]);
-    float vk = to_float(v.lane[k]);
-    float v_max_k = AMSGRAD ? to_float(v_max.lane[k]) : 0.0f;
-    adam_update<AMSGRAD>(pk, to_float(g.lane[k]), mk, vk, v_max_k, s);
-    if constexpr (MASTER == kLeanMaster) {
-      split_lean_master(pk, p.lane[k], low.lane[k]);
-    } else {
-      p.lane[k] = Store<P>::from(pk);
-    }
-    if constexpr (MASTER == kFp32Master) full.lane[k] = pk;
-    m.lane[k] = Store<S>::from(mk);
-    v.lane[k] = Store<S>::from(vk);
-    if (AMSGRAD) v_max.lane[k] = Store<S>::from(v_max_k);
+    step_element<P, S, AMSGRAD, MASTER>(p.lane[k], g.lane[k], m.lane[k], v.lane[k], v_max.lane[k], full.lane[k], s);
   }
   reinterpret_cast<Pack<P, N>*>(param)[index] = p;
   reinterpret_cast<Pack<S, N>*>(exp_avg)[index] = m;
   reinterpret_cast<Pack<S, N>*>(exp_avg_sq)[index] = v;
   if (AMSGRAD) reinterpret_cast<Pack<S, N>*>(max_exp_avg_sq)[index] = v_max;
-  if constexpr (MASTER == kFp32Master) reinterpret_cast<Pack<float, N>*>(master)[index] = full;
-  if constexpr (MASTER == kLeanMaster) reinterpret_cast<Pack<short, N>*>(master)[index] = low;
+  if constexpr (MASTER != kNoMaster) reinterpret_cast<Pack<MasterT, N>*>(master)[index] = full;
 }
 
 // The tensor whose chunks include `chunk`: the last t with chunk_offsets[t] <= chunk.
@@ -371,6 +417,83 @@ __device__ __forceinline__ int tensor_of_chunk(long long chunk, const long long*
   return low;
 }
 
+// What a launch shares with the CPU driver (kernels/adam_cpu.cpp): the tensors of a table's row, the step's
+// scalars for one of them, and the elements of a chunk.
+
+// A row's addresses (Column) as the tensors they point to (exp_avg_sq again as max_exp_avg_sq without amsgrad;
+// null for a part the param does not have).
+template <typename P, typename S>
+struct RowTensors {
+  P* param;
+  const P* grad;
+  S* exp_avg;
+  S* exp_avg_sq;
+  S* max_exp_avg_sq;
+  void* master;
+  float* exp_avg_absmax;
+  float* exp_avg_sq_absmax;
+};
+
+// The table's addresses are torch's device allocations: global memory. Said so, loads and stores are
+// ld.global/st.global (LDG/STG) rather than generic ones, which first test the address space.
+template <typename P, typename S, int MASTER>
+__device__ __forceinline__ RowTensors<P, S> row_tensors(const long long* row) {
+  RowTensors<P, S> t{reinterpret_cast<P*>(row[kParamColumn]),
+                     reinterpret_cast<const P*>(row[kGradColumn]),
+                     reinterpret_cast<S*>(row[kExpAvgColumn]),
+                     reinterpret_cast<S*>(row[kExpAvgSqColumn]),
+                     reinterpret_cast<S*>(row[kMaxExpAvgSqColumn]),
+                     reinterpret_cast<void*>(row[kMasterColumn]),
+                     reinterpret_cast<float*>(row[kExpAvgAbsmaxColumn]),
+                     reinterpret_cast<float*>(row[kExpAvgSqAbsmaxColumn])};
+  assume_global(t.param);
+  assume_global(t.grad);
+  assume_global(t.exp_avg);
+  assume_global(t.exp_avg_sq);
+  assume_global(t.max_exp_avg_sq);  // (exp_avg_sq again without amsgrad: never 0)
+  if constexpr (MASTER != kNoMaster) assume_global(t.master);
+  if constexpr (IsCode<S>::value) {
+    assume_global(t.exp_avg_absmax);
+    assume_global(t.exp_avg_sq_absmax);
+  }
+  return t;
+}
+
+// found_inf (grad_scaling): the launch leaves everything as it was.
+__device__ __forceinline__ bool step_skipped(int grad_scaling, const float* device_scalars) {
+  return grad_scaling && device_scalars[kFoundInf] != 0.0f;
+}
+
+// The step's scalars for the tensor of `row`: the launch's, with the device's grad multiplier (grad_scaling), and
+// in capturable mode (device_step) step_size, bias_correction2_sqrt and param_decay formed from the device's lr
+// and the tensor's step count (a float, through the table).
+__device__ __forceinline__ StepScalars tensor_scalars(const long long* row, ADAM_GPU_STEP_PARAMETERS) {
+  const float grad_multiplier = grad_scaling ? device_scalars[kGradMultiplier] : 1.0f;
+  StepScalars s{one_minus_beta1, one_minus_beta2, eps, l2_weight_decay, param_decay, step_size,
+                bias_correction2_sqrt, maximize ? -grad_multiplier : grad_multiplier, weight_decay};
+  if (device_step) {
+    const float lr = device_scalars[kLr];
+    const float* step_count = reinterpret_cast<const float*>(row[kStepColumn]);
+    assume_global(step_count);
+    const float step = *step_count;
+    // 1 - beta^step as -expm1(step ln beta): 1 - exp(...) cancels in fp32 (StepScalars).
+    s.step_size = lr / -expm1f(step * ln_beta1);
+    s.bias_correction2_sqrt = sqrtf(-expm1f(step * ln_beta2));
+    s.param_decay = 1.0f - lr * decoupled_weight_decay;
+  }
+  return s;
+}
+
+// Chunk `chunk` of tensor `tensor`: its elements [start, stop).
+struct ChunkRange {
+  long long start, stop;
+};
+__device__ __forceinline__ ChunkRange chunk_range(long long chunk, int tensor, const long long* chunk_offsets,
+                                                  const long long* numels, long long chunk_size) {
+  const long long start = (chunk - chunk_offsets[tensor]) * chunk_size;
+  return {start, start + chunk_size < numels[tensor] ? start + chunk_size : numels[tensor]};
+}
+
 // One launch updates every tensor of a table (adam_gpu/backends/tensor_table.py): pointers [T][kRowWidth] (the
 // addresses of the columns k...Column), numels [T], chunk_offsets [T + 1]. Blocks stride over the chunks
 // (chunk_size elements of one tensor, a multiple of 8); threads over a chunk's packs.
@@ -382,68 +505,42 @@ __device__ __forceinline__ int tensor_of_chunk(long long chunk, const long long*
 // uniform across the launch.
 template <typename P, typename S, bool AMSGRAD, int MASTER>
 __global__ void adam_step(ADAM_GPU_STEP_PARAMETERS) {
-  if (grad_scaling && device_scalars[kFoundInf] != 0.0f) return;  // found_inf: leave everything as it was
+  if (step_skipped(grad_scaling, device_scalars)) return;
   constexpr int kPack = 16 / sizeof(P);  // params per 16-byte load
   for (long long chunk = blockIdx.x; chunk < n_chunks; chunk += gridDim.x) {
     const int tensor = tensor_of_chunk(chunk, chunk_offsets, n_tensors);
     const long long* row = pointers + static_cast<long long>(kRowWidth) * tensor;
-    const float grad_multiplier = grad_scaling ? device_scalars[kGradMultiplier] : 1.0f;
-    StepScalars s{one_minus_beta1, one_minus_beta2, eps, l2_weight_decay, param_decay, step_size,
-                  bias_correction2_sqrt, maximize ? -grad_multiplier : grad_multiplier, weight_decay};
-    if (device_step) {
-      const float lr = device_scalars[kLr];
-      const float* step_count = reinterpret_cast<const float*>(row[kStepColumn]);
-      assume_global(step_count);
-      const float step = *step_count;
-      // 1 - beta^step as -expm1(step ln beta): 1 - exp(...) cancels in fp32 (StepScalars).
-      s.step_size = lr / -expm1f(step * ln_beta1);
-      s.bias_correction2_sqrt = sqrtf(-expm1f(step * ln_beta2));
-      s.param_decay = 1.0f - lr * decoupled_weight_decay;
-    }
-    P* param = reinterpret_cast<P*>(row[kParamColumn]);
-    const P* grad = reinterpret_cast<const P*>(row[kGradColumn]);
-    S* exp_avg = reinterpret_cast<S*>(row[kExpAvgColumn]);
-    S* exp_avg_sq = reinterpret_cast<S*>(row[kExpAvgSqColumn]);
-    S* max_exp_avg_sq = reinterpret_cast<S*>(row[kMaxExpAvgSqColumn]);
-    void* master = reinterpret_cast<void*>(row[kMasterColumn]);
-    // The table's addresses are torch's device allocations: global memory. Said so, loads and stores are
-    // ld.global/st.global (LDG/STG) rather than generic ones, which first test the address space.
-    assume_global(param);
-    assume_global(grad);
-    assume_global(exp_avg);
-    assume_global(exp_avg_sq);
-    assume_global(max_exp_avg_sq);  // (exp_avg_sq again without amsgrad: never 0)
-    if constexpr (MASTER != kNoMaster) assume_global(master);
-    const long long start = (chunk - chunk_offsets[tensor]) * chunk_size;
-    const long long stop = start + chunk_size < numels[tensor] ? start + chunk_size : numels[tensor];
+    const StepScalars s = tensor_scalars(row, ADAM_GPU_STEP_ARGUMENTS);
+    const RowTensors<P, S> t = row_tensors<P, S, MASTER>(row);
+    const ChunkRange range = chunk_range(chunk, tensor, chunk_offsets, numels, chunk_size);
+    const long long start = range.start, stop = range.stop;
     if constexpr (IsCode<S>::value) {
       // A warp per quantization block (blockDim.x is a multiple of 32); chunk_size is a multiple of
       // kQuantBlock, so blocks never straddle chunks.
       const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
-      float* exp_avg_absmax = reinterpret_cast<float*>(row[kExpAvgAbsmaxColumn]);
-      float* exp_avg_sq_absmax = reinterpret_cast<float*>(row[kExpAvgSqAbsmaxColumn]);
-      assume_global(exp_avg_absmax);
-      assume_global(exp_avg_sq_absmax);
       using MasterT = typename MasterType<MASTER>::type;
-      const bool aligned = aligned_for<kPerLane>(param) && aligned_for<kPerLane>(grad) &&
-                           aligned_for<kPerLane>(exp_avg) && aligned_for<kPerLane>(exp_avg_sq) &&
-                           (MASTER == kNoMaster || aligned_for<kPerLane>(static_cast<const MasterT*>(master)));
+      const bool aligned = aligned_for<kPerLane>(t.param) && aligned_for<kPerLane>(t.grad) &&
+                           aligned_for<kPerLane>(t.exp_avg) && aligned_for<kPerLane>(t.exp_avg_sq) &&
+                           (MASTER == kNoMaster || aligned_for<kPerLane>(static_cast<const MasterT*>(t.master)));
       for (long long block = start / kQuantBlock + warp; block * kQuantBlock < stop; block += warps) {
-        step_quantized_block<P, MASTER>(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, master,
-                                        block, numels[tensor], lane, aligned, s);
+        step_quantized_block<P, MASTER>(t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.exp_avg_absmax,
+                                        t.exp_avg_sq_absmax, t.master, block, numels[tensor], lane, aligned, s);
       }
     } else {
-      const bool vectorized = aligned_for<kPack>(param) && aligned_for<kPack>(grad) && aligned_for<kPack>(exp_avg) &&
-                              aligned_for<kPack>(exp_avg_sq) && (!AMSGRAD || aligned_for<kPack>(max_exp_avg_sq)) &&
-                              (MASTER != kFp32Master || aligned_for<kPack>(static_cast<const float*>(master))) &&
-                              (MASTER != kLeanMaster || aligned_for<kPack>(static_cast<const short*>(master)));
+      const bool vectorized = aligned_for<kPack>(t.param) && aligned_for<kPack>(t.grad) &&
+                              aligned_for<kPack>(t.exp_avg) && aligned_for<kPack>(t.exp_avg_sq) &&
+                              (!AMSGRAD || aligned_for<kPack>(t.max_exp_avg_sq)) &&
+                              (MASTER != kFp32Master || aligned_for<kPack>(static_cast<const float*>(t.master))) &&
+                              (MASTER != kLeanMaster || aligned_for<kPack>(static_cast<const short*>(t.master)));
       // Whole packs from `start` (a multiple of kPack) up to `packed_stop`, then single elements.
       const long long packed_stop = vectorized ? start + (stop - start) / kPack * kPack : start;
       for (long long i = start / kPack + threadIdx.x; i < packed_stop / kPack; i += blockDim.x) {
-        step_pack<kPack, P, S, AMSGRAD, MASTER>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, i, s);
+        step_pack<kPack, P, S, AMSGRAD, MASTER>(t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.max_exp_avg_sq, t.master,
+                                                i, s);
       }
       for (long long i = packed_stop + threadIdx.x; i < stop; i += blockDim.x) {
-        step_pack<1, P, S, AMSGRAD, MASTER>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master, i, s);
+        step_pack<1, P, S, AMSGRAD, MASTER>(t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.max_exp_avg_sq, t.master, i,
+                                            s);
       }
     }
   }

@@ -1,6 +1,7 @@
-"""Host execution of ``kernels/adam_cuda.cu``: the same source built with g++ and tests/cuda_host_shim.h,
-run through ctypes (thread by thread, or a block's threads at once as OS threads where warps shuffle), as a
-backend (the ``adam_gpu.backends`` protocol) that the shared correctness tests take like any other.
+"""Host execution of ``kernels/adam_cuda.cu``: the same source built with g++ and kernels/cuda_host_shim.h
+(adam_gpu/backends/host_build.py, as the ``cpu`` backend builds it), run through ctypes (thread by thread, or a
+block's threads at once as OS threads where warps shuffle) as GPU threads would run it, as a backend (the
+``adam_gpu.backends`` protocol) that the shared correctness tests take like any other.
 
 It checks the kernel's arithmetic, indexing (vector packs, alignment fallback, grid-stride loop, tail, a warp
 per quantization block), the warps' absmax reduction, rounding and the launcher's specialization and argument
@@ -12,20 +13,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import itertools
-import os
 import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-from adam_gpu.backends import cuda_source
+from adam_gpu.backends import cuda_source, host_build
 from adam_gpu.device_inputs import DeviceInputs, unused_values
 from adam_gpu.hyperparameters import AdamHyperparameters
-from adam_gpu.kernel_abi import CUDA_PARAMETER_NAMES, CUDA_PARAMETERS
 from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 
 GRIDS = [(1, 1), (3, 32), (7, 5)]
@@ -38,11 +33,12 @@ CHUNKS = [8, 40, 8192, 24]
 CHUNKS_8BIT = [256, 768, 8192]  # 8-bit moments need whole quantization blocks per chunk
 _next_grid = itertools.cycle(GRIDS).__next__
 _next_8bit_grid = itertools.cycle(GRIDS_8BIT).__next__
-_SHIM = Path(__file__).with_name("cuda_host_shim.h")
-# Set (to 1), the kernel is built with AddressSanitizer: a read or write outside a tensor stops the process with a
-# report (the process must load ASan's runtime first: tests/test_cuda_host_sanitized.py says how).
-SANITIZE_ENV = "ADAM_GPU_HOST_ASAN"
-BUILD_CACHE_ENV = "ADAM_GPU_HOST_BUILD_CACHE"  # a folder where processes share their builds (_build_dir)
+# Set (to 1), the kernel is built with AddressSanitizer (host_build.SANITIZE_ENV); builds are cached in the folder
+# BUILD_CACHE_ENV names (default: the user's cache, as the cpu backend's).
+SANITIZE_ENV = host_build.SANITIZE_ENV
+BUILD_CACHE_ENV = host_build.BUILD_CACHE_ENV
+# -O1: the emulation runs one thread's kernel call at a time; what it checks is the arithmetic and indexing.
+FLAGS = ("-std=c++17", "-O1", "-pthread")
 
 _DRIVER_HEAD = """\
 #include <functional>
@@ -93,12 +89,9 @@ extern "C" void code_values(float* values, int is_signed) {
 # One specialization's entry: the grid, then the kernel's own parameters (kernel_abi.CUDA_PARAMETERS).
 _DRIVER_ENTRY = """
 extern "C" void launch_{index}(unsigned grid, unsigned block, ADAM_GPU_STEP_PARAMETERS) {{
-  run_grid({cooperative}, grid, block, [&] {{ {name}({arguments}); }});
+  run_grid({cooperative}, grid, block, [&] {{ {name}(ADAM_GPU_STEP_ARGUMENTS); }});
 }}
 """
-# ctypes' type for a kernel parameter of each C type (pointers: addresses).
-_CTYPES = {"int": ctypes.c_int, "long long": ctypes.c_longlong, "float": ctypes.c_float}
-_PARAMETER_CTYPES = [ctypes.c_void_p if p.ctype.endswith("*") else _CTYPES[p.ctype] for p in CUDA_PARAMETERS]
 
 
 @functools.cache
@@ -106,32 +99,18 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
     """Build every specialization into one shared library (once per process); name expression -> entry (and
     NEAREST_CODES, CODE_VALUES -> the code arithmetic's probes)."""
     names = cuda_source.all_name_expressions()
-    arguments = ", ".join(CUDA_PARAMETER_NAMES)
     driver = (
         _DRIVER_HEAD
         + _DRIVER_NEAREST_CODES
         + "".join(
-            _DRIVER_ENTRY.format(index=index, name=name, cooperative=str(_shuffles(name)).lower(), arguments=arguments)
+            _DRIVER_ENTRY.format(index=index, name=name, cooperative=str(_shuffles(name)).lower())
             for index, name in enumerate(names)
         )
     )
-    sanitize = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"] if os.environ.get(SANITIZE_ENV) else []
-    command = ["g++", "-std=c++17", "-O1", "-pthread", "-shared", "-fPIC", *sanitize, f"-I{_SHIM.parent}", "driver.cpp",
-               "-o", "kernels.so"]  # fmt: skip
-    build = _build_dir(driver + _SHIM.read_text() + cuda_source.source() + " ".join(command))
-    if not (build / "kernels.so").is_file():
-        (build / "driver.cpp").write_text(driver)
-        (build / "adam_cuda.cu").write_text(cuda_source.source())  # (with kernel_abi's definitions, as NVRTC's)
-        partial = f"kernels-{os.getpid()}.so"  # (renamed when whole: another process may be loading the library)
-        subprocess.run([*command[:-1], partial], cwd=build, check=True, capture_output=True, text=True)
-        os.replace(build / partial, build / "kernels.so")
-    library = ctypes.CDLL(str(build / "kernels.so"))
+    library = ctypes.CDLL(str(host_build.build(driver, FLAGS)))
     entries = {}
     for index, name in enumerate(names):
-        entry = getattr(library, f"launch_{index}")
-        entry.argtypes = [ctypes.c_uint, ctypes.c_uint, *_PARAMETER_CTYPES]
-        entry.restype = None
-        entries[name] = entry
+        entries[name] = host_build.entry(library, f"launch_{index}", leading=(ctypes.c_uint, ctypes.c_uint))
     library.nearest_codes.argtypes = [
         ctypes.c_void_p,  # values
         ctypes.c_void_p,  # codes
@@ -146,34 +125,37 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
     return entries
 
 
-def _build_dir(inputs: str) -> Path:
-    """A new folder for the build, or where BUILD_CACHE_ENV names a folder, one there named by the hash of what the
-    build reads (so processes that build the same library build it once)."""
-    cache = os.environ.get(BUILD_CACHE_ENV)
-    if not cache:
-        return Path(tempfile.mkdtemp(prefix="adam-gpu-host-"))
-    build = Path(cache) / hashlib.sha256(inputs.encode()).hexdigest()[:16]
-    build.mkdir(parents=True, exist_ok=True)
-    return build
-
-
 # (the entries of _library() that are not kernel specializations)
 NEAREST_CODES = "nearest_codes"
 CODE_VALUES = "code_values"
 
 
-def nearest_codes(values: torch.Tensor, signed: bool) -> torch.Tensor:
-    """The CUDA C kernel's nearest_code of each fp32 value (uint8), in the signed or the unsigned map."""
+@functools.cache
+def _vectorized_probes() -> dict[str, ctypes._CFuncPtr]:
+    """The code arithmetic's probes built as the cpu backend builds its kernel (cpu.FLAGS: vectorized loops)."""
+    from adam_gpu.backends import cpu
+
+    library = ctypes.CDLL(str(host_build.build('#include "cuda_host_shim.h"\n#include "adam_cuda.cu"\n'
+                                               + _DRIVER_NEAREST_CODES, cpu.FLAGS)))  # fmt: skip
+    library.nearest_codes.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int]
+    library.code_values.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    return {NEAREST_CODES: library.nearest_codes, CODE_VALUES: library.code_values}
+
+
+def nearest_codes(values: torch.Tensor, signed: bool, vectorized: bool = False) -> torch.Tensor:
+    """The CUDA C kernel's nearest_code of each fp32 value (uint8), in the signed or the unsigned map (built as the
+    cpu backend builds it where ``vectorized``)."""
     values = values.float().contiguous()
     codes = torch.empty(values.shape, dtype=torch.uint8)
-    _library()[NEAREST_CODES](values.data_ptr(), codes.data_ptr(), values.numel(), int(signed))
+    probes = _vectorized_probes() if vectorized else _library()
+    probes[NEAREST_CODES](values.data_ptr(), codes.data_ptr(), values.numel(), int(signed))
     return codes
 
 
-def code_values(signed: bool) -> torch.Tensor:
+def code_values(signed: bool, vectorized: bool = False) -> torch.Tensor:
     """The CUDA C kernel's code_value of each of the 256 codes (fp32), in the signed or the unsigned map."""
     values = torch.empty(256, dtype=torch.float32)
-    _library()[CODE_VALUES](values.data_ptr(), int(signed))
+    (_vectorized_probes() if vectorized else _library())[CODE_VALUES](values.data_ptr(), int(signed))
     return values
 
 
@@ -187,7 +169,7 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
         return "host execution runs CPU tensors"
     if shutil.which("g++") is None:
         return "g++ is not installed"
-    return None
+    return host_build.unavailable_reason()
 
 
 def _shuffles(name_expression: str) -> bool:
@@ -203,11 +185,7 @@ def _launch(request: cuda_source.KernelLaunch) -> None:
 def launch_kernel_arguments(name_expression: str, grid: int, block: int, arguments: tuple) -> None:
     """Run one launch given ``adam_step``'s arguments in the kernel's own parameter order, as a CUDA
     launcher passes them (tests/test_cupy_launcher.py runs the CuPy launcher's launches through this)."""
-    # (numpy scalars, as CuPy takes them, made Python numbers for ctypes)
-    values = [
-        float(a) if kind is ctypes.c_float else int(a) for kind, a in zip(_PARAMETER_CTYPES, arguments, strict=True)
-    ]
-    _library()[name_expression](grid, block, *values)
+    _library()[name_expression](grid, block, *host_build.ctypes_values(arguments))
 
 
 def adam_step(

@@ -1,7 +1,8 @@
 """The CUDA C kernel's host build under AddressSanitizer: a read or write outside any tensor stops the process
 with a report, where the plain build would corrupt the heap (or, on a GPU, hit an illegal address).
 
-The kernel's own tests (the CUDA C host build as a backend, tests/cuda_host.py) run again in a child process
+The kernel's own tests (the CUDA C host build as a backend, tests/cuda_host.py, and the compiled CPU backend, which
+calls the same device functions in its own loops) run again in a child process
 whose Python loads ASan's runtime first (LD_PRELOAD: a sanitized library loaded by ctypes needs it), over odd
 sizes, every storage policy, 8-bit moments, masters, and every change between steps the optimizer refuses or
 takes. A control run shows the sanitizer is live: a launch handed a moment shorter than its param (what the
@@ -20,7 +21,7 @@ import cuda_host
 import pytest
 from support import REPO_ROOT
 
-# The cuda-host cases of these files run sanitized: every kernel path the tests reach.
+# The cuda-host and cpu cases of these files run sanitized: every kernel path the tests reach.
 SANITIZED_TESTS = [
     "tests/test_multi_tensor.py",
     "tests/test_state_changes.py",
@@ -76,7 +77,7 @@ def test_the_sanitizer_reports_a_kernel_that_reads_past_a_tensor(sanitized_env):
 
 def test_the_kernel_tests_pass_under_the_sanitizer(sanitized_env):
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist",
-               "-k", "cuda-host", *SANITIZED_TESTS]  # fmt: skip
+               "-k", "cuda-host or (cpu and not cuda)", *SANITIZED_TESTS]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, env=sanitized_env, capture_output=True, text=True, timeout=3000)
     report = f"rc {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     assert "AddressSanitizer" not in result.stderr, report

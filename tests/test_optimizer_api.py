@@ -166,10 +166,41 @@ def test_selected_backends_records_each_group(backend, monkeypatch):
 )
 def test_auto_orders_the_cuda_backends_by_the_kind_of_step(dtypes, features, first):
     """On CUDA, auto tries first the backend the benchmark measured fastest for such a step (dispatch.AUTO_ORDER),
-    then every other; elsewhere the torch backend."""
-    order = dispatch.auto_order(torch.device("cuda"), dtypes, features)
-    assert order[0] == first and sorted(order) == ["cupy", "torch", "triton"]
-    assert dispatch.auto_order(torch.device("cpu"), dtypes, features) == ("torch",)
+    then every other (state in another dtype than the params changes nothing there); on the CPU the torch backend
+    (torch's fused kernel) for same-dtype state, the compiled CPU kernel first for 8-bit moments."""
+    for converted_state in (False, True):
+        order = dispatch.auto_order(torch.device("cuda"), dtypes, features, converted_state)
+        assert order[0] == first and sorted(order) == ["cupy", "torch", "triton"]
+    on_cpu = ("cpu", "torch") if features else ("torch",)
+    assert dispatch.auto_order(torch.device("cpu"), dtypes, features) == on_cpu
+
+
+@pytest.mark.parametrize(
+    ("param_dtype", "options", "converted"),
+    [
+        (torch.float32, {}, False),
+        (torch.bfloat16, {}, False),
+        (torch.bfloat16, {"state_dtype": torch.float32}, True),
+        (torch.float32, {"state_dtype": torch.bfloat16}, True),
+        (torch.bfloat16, {"master_weights": True}, True),
+        (torch.bfloat16, {"state_dtype": torch.float32, "master_weights": "lean"}, True),
+        (torch.float32, {"master_weights": True}, False),  # (fp32 params keep no master)
+    ],
+)
+def test_auto_on_cpu_tensors_takes_the_compiled_kernel_where_torch_fused_cannot_step(
+    param_dtype, options, converted, monkeypatch
+):
+    """Same-dtype state: the torch backend (torch's own fused kernel); state in another dtype: the compiled CPU
+    kernel, where a compiler is found (dispatch.AUTO_ORDER). The optimizer and the tensors agree on which."""
+    monkeypatch.delenv(dispatch.BACKEND_ENV_VAR, raising=False)
+    param = torch.randn(300, dtype=torch.float32).to(param_dtype).requires_grad_()
+    param.grad = torch.randn_like(param)
+    optimizer = FusedAdamW([param], **options)
+    optimizer.step()
+    compiled = dispatch.unavailable_reason("cpu", torch.device("cpu"), [param_dtype]) is None
+    assert optimizer.selected_backends == ["cpu" if converted and compiled else "torch"]
+    first = dispatch.auto_order(torch.device("cpu"), {param_dtype}, (), converted)[0]
+    assert first == ("cpu" if converted else "torch")
 
 
 def test_backend_env_var_overrides_auto(monkeypatch):

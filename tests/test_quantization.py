@@ -138,7 +138,18 @@ def _cuda_host_code_values(signed: bool) -> torch.Tensor:
     return _cuda_host().code_values(signed)
 
 
-@pytest.mark.parametrize("kernel", [_triton_code_values, _cuda_host_code_values], ids=["triton", "cuda-host"])
+def _cpu_codes(values: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The same function built as the cpu backend builds it (vectorized)."""
+    return _cuda_host().nearest_codes(values, signed, vectorized=True)
+
+
+def _cpu_code_values(signed: bool) -> torch.Tensor:
+    return _cuda_host().code_values(signed, vectorized=True)
+
+
+@pytest.mark.parametrize(
+    "kernel", [_triton_code_values, _cuda_host_code_values, _cpu_code_values], ids=["triton", "cuda-host", "cpu"]
+)
 @pytest.mark.parametrize("name", ["signed", "unsigned"])
 def test_the_kernels_code_values_are_the_map_bit_for_bit(kernel, name):
     """Each kernel's code_value, computed from the code's bits, is the fp32 map entry for all 256 codes, to the
@@ -152,13 +163,13 @@ def test_the_kernels_code_values_are_the_map_bit_for_bit(kernel, name):
     )
 
 
-@pytest.mark.parametrize("kernel", [_triton_codes, _cuda_host_codes], ids=["triton", "cuda-host"])
+@pytest.mark.parametrize("kernel", [_triton_codes, _cuda_host_codes, _cpu_codes], ids=["triton", "cuda-host", "cpu"])
 @pytest.mark.parametrize("name", ["signed", "unsigned"])
 def test_the_kernels_nearest_code_is_the_binary_search(kernel, name):
     """Each kernel's nearest_code (kernels/adam_triton.py compiled for the GPU, or under the interpreter on a
-    CPU; kernels/adam_cuda.cu built for the host) picks the same code as the binary search for every value
-    where a decision is made (about 10,000) and 400,000 random ones. (NaN, whose code is unspecified, is not
-    among them.)"""
+    CPU; kernels/adam_cuda.cu built for the host, and as the cpu backend builds it) picks the same code as the
+    binary search for every value where a decision is made (about 10,000) and 400,000 random ones. (NaN, whose code
+    is unspecified, is not among them.)"""
     code_map = (signed_map() if name == "signed" else unsigned_map()).float()
     values = _hard_values(code_map, name == "signed", seeded_generator("nearest code", name))
     expected = _searched_codes(values, code_map)

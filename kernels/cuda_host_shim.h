@@ -1,5 +1,6 @@
-// Host build of kernels/adam_cuda.cu: just enough of CUDA for g++ to compile the kernel unchanged and
-// for a driver to run it. Threads that never cooperate run one after another (exact: sequential threads
+// Host build of kernels/adam_cuda.cu: just enough of CUDA for g++ to compile the kernel unchanged, for the CPU
+// step (adam_cpu.cpp, which calls its device functions in loops) and for the tests' emulation of GPU threads
+// (tests/cuda_host.py), which runs the kernel itself. There, threads that never cooperate run one after another (exact: sequential threads
 // compute what parallel ones would). Threads that shuffle within a warp (8-bit moments) run as OS threads,
 // a block at a time, and __shfl_xor_sync exchanges values through a barrier per warp: exact too, and a
 // shuffle that not every lane of a warp reaches stops the program with a message instead of hanging.
