@@ -6,8 +6,8 @@ Each round times every contender of a row in turn (``--steps`` steps each, after
 round), so a neighbour's load falls on all of them alike; a row reports each contender's median over ``--rounds``
 rounds and the median of the per-round ratios. The default is one thread: with both cores shared, a parallel region
 waits whenever one of its threads is descheduled (docs/cpu-torch-backend.md).
-torch's optimizers cannot keep fp32 moments, masters or 8-bit moments for bf16 params (foreach raises on mixed
-dtypes), so those rows compare with torch foreach on the same bf16 params and bf16 moments.
+torch's optimizers cannot keep fp32 moments, masters or 8-bit moments for 16-bit params (foreach raises on mixed
+dtypes), so those rows compare with torch foreach on the same 16-bit params and moments in their dtype.
 
     python benchmarks/cpu_torch_backend.py [--threads 1] [--rounds 21] [--steps 1] [--cases ...] [--policies ...]
                                            [--options adamw amsgrad maximize adam-l2]
@@ -50,6 +50,10 @@ POLICIES = {
         Policy("bf16+fp32-master", torch.bfloat16, {"state_dtype": torch.float32, "master_weights": True}, False),
         Policy("bf16+lean-master", torch.bfloat16, {"state_dtype": torch.float32, "master_weights": "lean"}, False),
         Policy("bf16+8bit-moments", torch.bfloat16, {"state_dtype": "8bit"}, False),
+        Policy("fp16", torch.float16, {}, True),
+        Policy("fp16+fp32-moments", torch.float16, {"state_dtype": torch.float32}, False),
+        Policy("fp16+fp32-master", torch.float16, {"state_dtype": torch.float32, "master_weights": True}, False),
+        Policy("fp16+8bit-moments", torch.float16, {"state_dtype": "8bit"}, False),
     )
 }
 

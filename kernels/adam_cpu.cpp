@@ -55,8 +55,8 @@ void step_quantized_block_cpu(const RowTensors<P, unsigned char>& t, long long b
     v_bits = larger(v_bits, magnitude_bits(v[k]));
   }
   const float m_max = __uint_as_float(m_bits), v_max = __uint_as_float(v_bits);
-  const float m_divisor = block_divisor(m_max), v_divisor = block_divisor(v_max);
-  for (int k = 0; k < count; ++k) encode_moments(m[k], v[k], m_divisor, v_divisor, exp_avg[k], exp_avg_sq[k]);
+  const float m_reciprocal = block_reciprocal(m_max), v_reciprocal = block_reciprocal(v_max);
+  for (int k = 0; k < count; ++k) encode_moments(m[k], v[k], m_reciprocal, v_reciprocal, exp_avg[k], exp_avg_sq[k]);
   t.exp_avg_absmax[block] = stored_absmax(m_max);
   t.exp_avg_sq_absmax[block] = stored_absmax(v_max);
 }

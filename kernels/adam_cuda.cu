@@ -91,7 +91,9 @@ __device__ __forceinline__ float lerp_from_nearer_end(float start, float end, fl
   return (from_start ? start : end) + (from_start ? weight : weight - 1.0f) * (end - start);
 }
 
-template <bool AMSGRAD>
+// V_FINITE: v is known finite or NaN (a decoded 8-bit moment: a map entry times its block's absmax), so the Inf
+// case is left out.
+template <bool AMSGRAD, bool V_FINITE = false>
 __device__ __forceinline__ void adam_update(float& p, float g, float& m, float& v, float& v_max,
                                             const StepScalars& s) {
   g *= s.grad_multiplier;
@@ -101,7 +103,7 @@ __device__ __forceinline__ void adam_update(float& p, float g, float& m, float& 
   m = lerp_from_nearer_end(m, g, s.one_minus_beta1);
   // An infinite v stays infinite (NaN with a NaN grad), as in torch's beta2 * v + (1 - beta2) * g²;
   // the lerp alone would give Inf - Inf.
-  v = isinf(v) ? v + s.one_minus_beta2 * g * g : lerp_from_nearer_end(v, g * g, s.one_minus_beta2);
+  v = !V_FINITE && isinf(v) ? v + s.one_minus_beta2 * g * g : lerp_from_nearer_end(v, g * g, s.one_minus_beta2);
   float second_moment = v;
   if (AMSGRAD) {
     v_max = nan_max(v_max, v);
@@ -284,7 +286,7 @@ __device__ __forceinline__ void step_quantized_element(P& param, P grad, typenam
   m = code_value<true>(m_code) * m_scale;
   v = code_value<false>(v_code) * v_scale;
   float unused = 0.0f;
-  adam_update<false>(p, to_float(grad), m, v, unused, s);
+  adam_update<false, true>(p, to_float(grad), m, v, unused, s);
   store_param<MASTER>(p, param, master);
 }
 
@@ -298,19 +300,19 @@ __device__ __forceinline__ unsigned int magnitude_bits(float x) {
 
 __device__ __forceinline__ unsigned int larger(unsigned int a, unsigned int b) { return a > b ? a : b; }
 
-// What a block's elements are divided by before encoding: its absmax (the max of their magnitude_bits), 1 for an
-// all-zero block.
-__device__ __forceinline__ float block_divisor(float absmax) { return absmax > 0.0f ? absmax : 1.0f; }
+// What a block's elements are multiplied by before encoding: the IEEE reciprocal of its absmax (the max of their
+// magnitude_bits), 1 for an all-zero block. One division a block, as in the Triton kernel, not one an element.
+__device__ __forceinline__ float block_reciprocal(float absmax) { return 1.0f / (absmax > 0.0f ? absmax : 1.0f); }
 
 // The absmax stored for a block: quantization.py gives a block holding a non-finite moment absmax NaN.
 __device__ __forceinline__ float stored_absmax(float absmax) {
   return absmax == __uint_as_float(0x7F800000u) ? nanf("") : absmax;
 }
 
-__device__ __forceinline__ void encode_moments(float m, float v, float m_divisor, float v_divisor,
+__device__ __forceinline__ void encode_moments(float m, float v, float m_reciprocal, float v_reciprocal,
                                                unsigned char& m_code, unsigned char& v_code) {
-  m_code = nearest_code<true>(m / m_divisor);
-  v_code = nearest_code<false>(v / v_divisor);
+  m_code = nearest_code<true>(m * m_reciprocal);
+  v_code = nearest_code<false>(v * v_reciprocal);
 }
 
 // One quantization block by one warp, every element read and written once. Lane l holds elements 8l .. 8l + 7 of
@@ -359,10 +361,10 @@ __device__ __forceinline__ void step_quantized_block(P* param, const P* grad, un
   store_pack<kPerLane>(param, p, first, n_elements, whole);  // the param needs no absmax: written now, not kept
   if constexpr (MASTER != kNoMaster) store_pack<kPerLane>(master_copy, full, first, n_elements, whole);
   const float m_max = warp_max(__uint_as_float(m_bits)), v_max = warp_max(__uint_as_float(v_bits));
-  const float m_divisor = block_divisor(m_max), v_divisor = block_divisor(v_max);
+  const float m_reciprocal = block_reciprocal(m_max), v_reciprocal = block_reciprocal(v_max);
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
-    encode_moments(m[k], v[k], m_divisor, v_divisor, m_codes.lane[k], v_codes.lane[k]);
+    encode_moments(m[k], v[k], m_reciprocal, v_reciprocal, m_codes.lane[k], v_codes.lane[k]);
   }
   store_pack<kPerLane>(exp_avg, m_codes, first, n_elements, whole);
   store_pack<kPerLane>(exp_avg_sq, v_codes, first, n_elements, whole);

@@ -319,10 +319,16 @@ def _update_chunk(
             param = param * param_decay
 
         # An infinite v stays infinite (NaN with a NaN grad), as in torch's beta2 * v + (1 - beta2) * g²;
-        # the lerp alone would give Inf - Inf.
-        v_from_inf = exp_avg_sq + one_minus_beta2 * grad * grad
+        # the lerp alone would give Inf - Inf. (A decoded 8-bit v, a map entry times its block's absmax, is
+        # never infinite.)
         exp_avg = _lerp(exp_avg, grad, one_minus_beta1)
-        exp_avg_sq = tl.where(exp_avg_sq == float("inf"), v_from_inf, _lerp(exp_avg_sq, grad * grad, one_minus_beta2))
+        if QUANTIZED:
+            exp_avg_sq = _lerp(exp_avg_sq, grad * grad, one_minus_beta2)
+        else:
+            v_from_inf = exp_avg_sq + one_minus_beta2 * grad * grad
+            exp_avg_sq = tl.where(
+                exp_avg_sq == float("inf"), v_from_inf, _lerp(exp_avg_sq, grad * grad, one_minus_beta2)
+            )
         if AMSGRAD:
             max_exp_avg_sq = tl.load(max_exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
             max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)

@@ -95,11 +95,34 @@ inline float __uint_as_float(unsigned int u) {
   return f;
 }
 
+// IEEE binary16 as its bits, converted with integer and fp32 arithmetic that g++ vectorizes (its _Float16
+// conversions are library calls): bit for bit what _Float16 gives for every half and every float, NaNs made quiet
+// with their top payload bits (tests/test_host_shim.py checks them all).
 struct __half {
-  _Float16 value;  // GCC's IEEE binary16: float -> _Float16 rounds to nearest even
+  uint16_t bits;
 };
-inline float __half2float(__half h) { return static_cast<float>(h.value); }
-inline __half __float2half_rn(float f) { return __half{static_cast<_Float16>(f)}; }
+inline float __half2float(__half h) {
+  const uint32_t magnitude = static_cast<uint32_t>(h.bits & 0x7FFFu) << 13;
+  // A half's exponent and mantissa in fp32's fields are its value times 2^-112, subnormals too: times 2^112, exact.
+  const float scaled = __uint_as_float(magnitude) * 5.192296858534828e+33f;
+  const uint32_t special = magnitude | (magnitude > (0x7C00u << 13) ? 0x7FC00000u : 0x7F800000u);  // Inf; quiet NaN
+  const uint32_t value = magnitude >= (0x7C00u << 13) ? special : __float_as_uint(scaled);
+  return __uint_as_float(value | (static_cast<uint32_t>(h.bits & 0x8000u) << 16));
+}
+inline __half __float2half_rn(float f) {
+  const uint32_t bits = __float_as_uint(f);
+  const uint32_t magnitude = bits & 0x7FFFFFFFu;
+  // From 65520 up (what rounds past the largest half): Inf, or a quiet NaN with the top 10 payload bits.
+  const uint32_t nan = 0x7E00u | ((magnitude >> 13) & 0x3FFu);
+  const uint32_t overflow = magnitude > 0x7F800000u ? nan : 0x7C00u;
+  // Normal results: the exponent rebiased, the 13 dropped bits rounded to nearest even.
+  const uint32_t normal = (magnitude - ((127u - 15u) << 23) + 0xFFFu + ((magnitude >> 13) & 1u)) >> 13;
+  // Below 2^-14: adding 0.5 leaves the half's subnormal steps (2^-24) in fp32's low mantissa bits, rounded to
+  // nearest even by the addition itself.
+  const uint32_t subnormal = __float_as_uint(__uint_as_float(magnitude) + 0.5f) - 0x3F000000u;
+  const uint32_t result = magnitude >= 0x477FF000u ? overflow : (magnitude < 0x38800000u ? subnormal : normal);
+  return __half{static_cast<uint16_t>(result | ((bits >> 16) & 0x8000u))};
+}
 
 struct __nv_bfloat16 {
   uint16_t bits;

@@ -86,6 +86,33 @@ extern "C" void code_values(float* values, int is_signed) {
   }
 }
 """
+# The shim's fp16 conversions (tests/test_host_shim.py): over arrays, and against GCC's _Float16 for every half and
+# every float (the count of values that differ).
+_DRIVER_CONVERSIONS = """
+extern "C" void halves_to_floats(const unsigned short* halves, float* floats, long long n) {
+  for (long long i = 0; i < n; ++i) floats[i] = __half2float(__half{halves[i]});
+}
+extern "C" void floats_to_halves(const float* floats, unsigned short* halves, long long n) {
+  for (long long i = 0; i < n; ++i) halves[i] = __float2half_rn(floats[i]).bits;
+}
+extern "C" long long float16_mismatches() {
+  long long mismatches = 0;
+  for (unsigned int bits = 0; bits < 0x10000u; ++bits) {
+    _Float16 half;
+    const unsigned short half_bits = static_cast<unsigned short>(bits);
+    memcpy(&half, &half_bits, sizeof half);
+    mismatches += __float_as_uint(__half2float(__half{half_bits})) != __float_as_uint(static_cast<float>(half));
+  }
+  for (unsigned long long bits = 0; bits < (1ull << 32); ++bits) {
+    const float value = __uint_as_float(static_cast<unsigned int>(bits));
+    const _Float16 half = static_cast<_Float16>(value);
+    unsigned short half_bits;
+    memcpy(&half_bits, &half, sizeof half_bits);
+    mismatches += __float2half_rn(value).bits != half_bits;
+  }
+  return mismatches;
+}
+"""
 # One specialization's entry: the grid, then the kernel's own parameters (kernel_abi.CUDA_PARAMETERS).
 _DRIVER_ENTRY = """
 extern "C" void launch_{index}(unsigned grid, unsigned block, ADAM_GPU_STEP_PARAMETERS) {{
@@ -102,6 +129,7 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
     driver = (
         _DRIVER_HEAD
         + _DRIVER_NEAREST_CODES
+        + _DRIVER_CONVERSIONS
         + "".join(
             _DRIVER_ENTRY.format(index=index, name=name, cooperative=str(_shuffles(name)).lower())
             for index, name in enumerate(names)
@@ -122,12 +150,22 @@ def _library() -> dict[str, ctypes._CFuncPtr]:
     library.code_values.argtypes = [ctypes.c_void_p, ctypes.c_int]  # values (256), signed
     library.code_values.restype = None
     entries[CODE_VALUES] = library.code_values
+    entries.update(_conversion_probes(library))
     return entries
+
+
+def _conversion_probes(library: ctypes.CDLL) -> dict[str, ctypes._CFuncPtr]:
+    library.halves_to_floats.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong]
+    library.floats_to_halves.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong]
+    library.float16_mismatches.argtypes = []
+    library.float16_mismatches.restype = ctypes.c_longlong
+    return {name: getattr(library, name) for name in CONVERSIONS}
 
 
 # (the entries of _library() that are not kernel specializations)
 NEAREST_CODES = "nearest_codes"
 CODE_VALUES = "code_values"
+CONVERSIONS = ("halves_to_floats", "floats_to_halves", "float16_mismatches")
 
 
 @functools.cache
@@ -136,10 +174,10 @@ def _vectorized_probes() -> dict[str, ctypes._CFuncPtr]:
     from adam_gpu.backends import cpu
 
     library = ctypes.CDLL(str(host_build.build('#include "cuda_host_shim.h"\n#include "adam_cuda.cu"\n'
-                                               + _DRIVER_NEAREST_CODES, cpu.FLAGS)))  # fmt: skip
+                                               + _DRIVER_NEAREST_CODES + _DRIVER_CONVERSIONS, cpu.FLAGS)))  # fmt: skip
     library.nearest_codes.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int]
     library.code_values.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    return {NEAREST_CODES: library.nearest_codes, CODE_VALUES: library.code_values}
+    return {NEAREST_CODES: library.nearest_codes, CODE_VALUES: library.code_values, **_conversion_probes(library)}
 
 
 def nearest_codes(values: torch.Tensor, signed: bool, vectorized: bool = False) -> torch.Tensor:
@@ -157,6 +195,31 @@ def code_values(signed: bool, vectorized: bool = False) -> torch.Tensor:
     values = torch.empty(256, dtype=torch.float32)
     (_vectorized_probes() if vectorized else _library())[CODE_VALUES](values.data_ptr(), int(signed))
     return values
+
+
+def halves_to_floats(halves: torch.Tensor, vectorized: bool = False) -> torch.Tensor:
+    """The shim's __half2float of each half (given as int16 bits)."""
+    halves = halves.contiguous()
+    floats = torch.empty(halves.shape, dtype=torch.float32)
+    (_vectorized_probes() if vectorized else _library())["halves_to_floats"](
+        halves.data_ptr(), floats.data_ptr(), halves.numel()
+    )
+    return floats
+
+
+def floats_to_halves(floats: torch.Tensor, vectorized: bool = False) -> torch.Tensor:
+    """The shim's __float2half_rn of each fp32 value, as int16 bits."""
+    floats = floats.float().contiguous()
+    halves = torch.empty(floats.shape, dtype=torch.int16)
+    (_vectorized_probes() if vectorized else _library())["floats_to_halves"](
+        floats.data_ptr(), halves.data_ptr(), floats.numel()
+    )
+    return halves
+
+
+def float16_mismatches(vectorized: bool = False) -> int:
+    """How many of the 2^16 halves and 2^32 floats the shim converts otherwise than GCC's _Float16."""
+    return int((_vectorized_probes() if vectorized else _library())["float16_mismatches"]())
 
 
 FEATURES = frozenset({EIGHT_BIT})

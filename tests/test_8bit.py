@@ -251,6 +251,56 @@ def test_an_unfit_absmax_put_in_the_state_after_steps_is_refused(backend, make_b
     assert_unchanged(before, optimizer_tensors(optimizer, but=unfit))
 
 
+# The compiled kernels: Triton's (under its interpreter), the CUDA C kernel built for the host, the cpu backend.
+COMPILED_KERNELS = ("triton", "cuda-host", "cpu")
+# (param dtype, master_weights) of the 8-bit policies.
+EIGHT_BIT_POLICIES = {
+    "fp32": (torch.float32, False),
+    "fp16": (torch.float16, False),
+    "bf16": (torch.bfloat16, False),
+    "bf16-fp32-master": (torch.bfloat16, True),
+    "bf16-lean-master": (torch.bfloat16, "lean"),
+}
+
+
+@pytest.mark.parametrize("policy", EIGHT_BIT_POLICIES)
+def test_the_compiled_kernels_step_8bit_state_bit_for_bit_alike(policy):
+    """On the CPU the compiled kernels that run there step 8-bit moments to the same bits: params, masters, codes
+    and absmaxes, over tensors whose ends fall at odd places in a block and across the cpu backend's chunks. They
+    normalize a block by the product with its IEEE reciprocal, so their codes agree with each other at every
+    decision point (the float64 model, which divides, is the looser reference of the tests above)."""
+    dtype, master_weights = EIGHT_BIT_POLICIES[policy]
+    cpu = torch.device("cpu")
+    kernels = [name for name in COMPILED_KERNELS if dispatch.unavailable_reason(name, cpu, [dtype]) is None]
+    if len(kernels) < 2:
+        pytest.skip(f"fewer than two of {COMPILED_KERNELS} run {dtype} on this machine: {kernels}")
+    generator = seeded_generator("8bit compiled alike", policy)
+    shapes = [(SMALL_TENSOR + 1,), (67, 71), (2**16 + 2 * BLOCK + 3,)]
+    start = [(torch.randn(shape, generator=generator) * 3).to(dtype) for shape in shapes]
+    grads = [[torch.randn(shape, generator=generator).to(dtype) for shape in shapes] for _ in range(3)]
+
+    def trained(kernel: str) -> list[torch.Tensor]:
+        params = [p.clone() for p in start]
+        optimizer = FusedAdamW(
+            params, lr=1e-2, weight_decay=0.1, state_dtype="8bit", master_weights=master_weights, backend=kernel
+        )
+        for step_grads in grads:
+            for param, grad in zip(params, step_grads, strict=True):
+                param.grad = grad.clone()
+            optimizer.step()
+        states = [optimizer.state[p] for p in params]
+        return [*params, *(value for state in states for key, value in sorted(state.items()) if key != "step")]
+
+    first, *others = kernels
+    expected = trained(first)
+    assert not torch.equal(expected[0], start[0]), "training did nothing"
+    for kernel in others:
+        for index, (actual, want) in enumerate(zip(trained(kernel), expected, strict=True)):
+            assert actual.dtype == want.dtype and torch.equal(actual.view(torch.uint8), want.view(torch.uint8)), (
+                f"{kernel} and {first} differ in tensor {index}: {int((actual != want).sum())} elements"
+            )
+
+
 def test_8bit_moments_refuse_amsgrad_and_torch_optim_refuses_them():
     with pytest.raises(ValueError, match="amsgrad with 8-bit moments is not supported"):
         FusedAdamW([torch.zeros(5000, device=DEVICE)], state_dtype="8bit", amsgrad=True)

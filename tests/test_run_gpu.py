@@ -121,6 +121,7 @@ CPU_ONLY = {
     "test_torch_cpu_chunks.py": "the torch backend's chunked path, which steps CPU tensors only",
     "test_native_guards.py": "the compiled reused-step proof, built and checked on the CPU",
     "test_storage_formats.py": "the storage-format registry against what the optimizer stores (torch backend, CPU)",
+    "test_host_shim.py": "the host build's fp16 conversions, which only CPU builds use",
 }
 
 

@@ -23,8 +23,9 @@ from adam_gpu.step_tensors import EIGHT_BIT, KERNEL_DTYPES, StepTensors
 CHUNK = 2**16
 # -O3 and vectorization that keeps IEEE results: -fno-math-errno lets sqrtf vectorize (no errno to set), and
 # -fno-trapping-math lets the compiler select between both sides of a float comparison (FP exceptions are not
-# looked at); -ffp-contract=off keeps a * b + c two roundings, as on the GPU build's fp32 math, whatever the
-# machine's FMA. -march=native: the build is made for this machine (its CPU is in the cache key). Never fast-math.
+# looked at); -ffp-contract=off keeps a * b + c two roundings, as torch's CPU kernels and Triton's interpreter
+# round, whatever the machine's FMA (the GPU builds contract into FMAs). -march=native: the build is made for this
+# machine (its CPU is in the cache key). Never fast-math.
 FLAGS = ("-std=c++17", "-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
          "-fopenmp")  # fmt: skip
 _DRIVER = """\
