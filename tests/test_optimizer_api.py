@@ -24,7 +24,7 @@ from support import (
 )
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from adam_gpu import FusedAdam, FusedAdamW, dispatch
+from adam_gpu import BackendUnavailableError, FusedAdam, FusedAdamW, dispatch
 from adam_gpu.step_tensors import EIGHT_BIT
 
 # The group options only adam-gpu has: torch.optim keeps them in a loaded state_dict and ignores them.
@@ -201,6 +201,49 @@ def test_auto_on_cpu_tensors_takes_the_compiled_kernel_where_torch_fused_cannot_
     assert optimizer.selected_backends == ["cpu" if converted and compiled else "torch"]
     first = dispatch.auto_order(torch.device("cpu"), {param_dtype}, (), converted)[0]
     assert first == ("cpu" if converted else "torch")
+
+
+@pytest.fixture
+def failing_compiler(tmp_path, monkeypatch):
+    """$CXX: a compiler that answers --version and fails every build (as one without OpenMP would)."""
+    from adam_gpu.backends import cpu, host_build
+
+    compiler = tmp_path / "c++"
+    compiler.write_text('#!/bin/sh\necho "stand-in c++ 1.0"\n[ "$1" = --version ] && exit 0\n'
+                        'echo "error: unsupported option -fopenmp" >&2\nexit 1\n')  # fmt: skip
+    compiler.chmod(0o755)
+    monkeypatch.setenv(host_build.COMPILER_ENV, str(compiler))
+    monkeypatch.setenv(host_build.BUILD_CACHE_ENV, str(tmp_path / "builds"))
+    caches = (cpu._entry, cpu._build_failure)
+    for cache in caches:
+        cache.cache_clear()
+    yield compiler
+    for cache in caches:  # (the real compiler's builds come back from the disk cache)
+        cache.cache_clear()
+
+
+def test_a_compiler_that_cannot_build_the_kernel_is_passed_over(failing_compiler, monkeypatch):
+    """A compiler is found but cannot build the CPU kernel: auto steps through the torch backend, as if none were
+    found, and backend="cpu" is refused with the compiler's words, nothing written."""
+    monkeypatch.delenv(dispatch.BACKEND_ENV_VAR, raising=False)
+    generator = seeded_generator("failing compiler")
+    start = torch.randn(5000, generator=generator).to(torch.bfloat16)
+    grad = torch.randn(5000, generator=generator).to(torch.bfloat16)
+    stepped = {}
+    for backend in ("auto", "torch"):
+        param = start.clone().requires_grad_()
+        param.grad = grad.clone()
+        optimizer = FusedAdamW([param], state_dtype="8bit", backend=backend)
+        optimizer.step()
+        stepped[backend] = (param.detach(), optimizer.selected_backends)
+    assert stepped["auto"][1] == ["torch"]
+    assert torch.equal(stepped["auto"][0], stepped["torch"][0])
+    param = start.clone().requires_grad_()
+    param.grad = grad.clone()
+    optimizer = FusedAdamW([param], state_dtype="8bit", backend="cpu")
+    with pytest.raises(BackendUnavailableError, match=r"(?s)cannot build the CPU kernel.*unsupported option -fopenmp"):
+        optimizer.step()
+    assert torch.equal(param.detach(), start) and not optimizer.state[param]
 
 
 def test_backend_env_var_overrides_auto(monkeypatch):

@@ -44,7 +44,22 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
         return f"the compiled CPU kernel stores float32, float16 and bfloat16, not {dtype}"
     if device.type != "cpu":
         return f"tensors are on {device.type}: the compiled CPU kernel runs CPU tensors"
-    return host_build.unavailable_reason()
+    return host_build.unavailable_reason() or _build_failure(host_build.compiler())
+
+
+# The specialization built (once per process, then from the disk cache) to learn whether the compiler found can
+# build the kernel at all: one that cannot (no OpenMP, an unknown flag, missing headers) makes the backend
+# unavailable, so that auto passes it over and backend="cpu" is refused with the compiler's words.
+_PROBE = cuda_source.name_expression(torch.float32, torch.float32, False, 0)
+
+
+@functools.cache
+def _build_failure(compiler: str) -> str | None:
+    try:
+        _entry(_PROBE)
+    except (host_build.BuildError, OSError) as error:  # (OSError: built, but the loader refuses the library)
+        return f"the C++ compiler {compiler} cannot build the CPU kernel: {error}"
+    return None
 
 
 def cpu_name_expression(name_expression: str) -> str:
