@@ -61,17 +61,21 @@ def test_every_phase_leaves_the_8_files_the_device_tool_brings_back(whole_run):
 
 
 def test_phases_share_the_budget(whole_run):
-    """The tests take at most 210 s (interrupted 20 s before, so they print their summary); each later phase is
-    killed before the 540 s budget runs out, less the later phases' minimum (tune: 90 s) and 10 s for the summary."""
+    """The tests take at most 210 s (interrupted 20 s before, so they print their summary), less whatever the
+    setup before them left short of the later phases' minimum (bench 150 s, tune 90 s) and 10 s for the summary;
+    each later phase is killed before the 540 s budget runs out, less the later phases' minimum and the summary's
+    10 s. (Relations, not fixed times: the setup takes longer on a loaded machine.)"""
     _, stdout = whole_run
     phases = {
         name: (int(start), int(kill))
         for name, start, kill in re.findall(r"== (\w+) at (\d+) s \(.*?(?:interrupted|killed) at (\d+) s\)", stdout)
     }
-    assert list(phases) == ["tests", "bench", "tune"] and phases["tests"][1] == 190
+    assert list(phases) == ["tests", "bench", "tune"]
+    tests_start, tests_interrupt = phases["tests"]
     bench_start, bench_kill = phases["bench"]
     tune_start, tune_kill = phases["tune"]
     # (the start is read just after the limit is set: a second may tick between them)
+    assert tests_interrupt + 20 in {max(30, min(210, 290 - start)) for start in (tests_start - 1, tests_start)}
     assert bench_start + bench_kill in (539 - 90 - 10, 540 - 90 - 10) and tune_start + tune_kill in (529, 530)
 
 
