@@ -59,8 +59,8 @@ void step_quantized_span_cpu(P* __restrict__ param, const P* __restrict__ grad, 
 
 // Params of type P stepped as fp32 copies of kTile elements at a time: for fp16 with F16C, whose conversions are one
 // instruction a vector where the shim's arithmetic takes about ten. Both round to nearest even, bit for bit alike
-// (tests/test_host_shim.py); every half is a normal fp32, and an fp32 subnormal rounds to a zero half either way,
-// so the MXCSR's denormal modes change neither.
+// (tests/test_host_shim.py checks every value); every half is a normal fp32, and an fp32 subnormal rounds to a zero
+// half either way, so the MXCSR's denormal modes change neither.
 template <typename P>
 struct Widened {
   static constexpr bool value = false;

@@ -113,6 +113,32 @@ extern "C" long long float16_mismatches() {
   return mismatches;
 }
 """
+# The cpu backend's hardware fp16 conversions (kernels/adam_cpu.cpp's widen and narrow, with F16C) against the
+# shim's, for every half and every float: the count that differ, or -1 where the build has no F16C.
+_DRIVER_WIDENED = """
+extern "C" long long widened_mismatches() {
+#ifdef __F16C__
+  long long mismatches = 0;
+  static __half halves[adam_gpu::kTile];
+  static float floats[adam_gpu::kTile];
+  for (unsigned int first = 0; first < 0x10000u; first += adam_gpu::kTile) {
+    for (int k = 0; k < adam_gpu::kTile; ++k) halves[k].bits = static_cast<unsigned short>(first + k);
+    adam_gpu::widen(halves, floats, adam_gpu::kTile);
+    for (int k = 0; k < adam_gpu::kTile; ++k) {
+      mismatches += __float_as_uint(floats[k]) != __float_as_uint(__half2float(halves[k]));
+    }
+  }
+  for (unsigned long long first = 0; first < (1ull << 32); first += adam_gpu::kTile) {
+    for (int k = 0; k < adam_gpu::kTile; ++k) floats[k] = __uint_as_float(static_cast<unsigned int>(first + k));
+    adam_gpu::narrow(floats, halves, adam_gpu::kTile);
+    for (int k = 0; k < adam_gpu::kTile; ++k) mismatches += halves[k].bits != __float2half_rn(floats[k]).bits;
+  }
+  return mismatches;
+#else
+  return -1;
+#endif
+}
+"""
 # One specialization's entry: the grid, then the kernel's own parameters (kernel_abi.CUDA_PARAMETERS).
 _DRIVER_ENTRY = """
 extern "C" void launch_{index}(unsigned grid, unsigned block, ADAM_GPU_STEP_PARAMETERS) {{
@@ -166,6 +192,7 @@ def _conversion_probes(library: ctypes.CDLL) -> dict[str, ctypes._CFuncPtr]:
 NEAREST_CODES = "nearest_codes"
 CODE_VALUES = "code_values"
 CONVERSIONS = ("halves_to_floats", "floats_to_halves", "float16_mismatches")
+WIDENED_MISMATCHES = "widened_mismatches"
 
 
 @functools.cache
@@ -173,11 +200,14 @@ def _vectorized_probes() -> dict[str, ctypes._CFuncPtr]:
     """The code arithmetic's probes built as the cpu backend builds its kernel (cpu.FLAGS: vectorized loops)."""
     from adam_gpu.backends import cpu
 
-    library = ctypes.CDLL(str(host_build.build('#include "cuda_host_shim.h"\n#include "adam_cuda.cu"\n'
-                                               + _DRIVER_NEAREST_CODES + _DRIVER_CONVERSIONS, cpu.FLAGS)))  # fmt: skip
+    driver = '#include "adam_cpu.cpp"\n' + _DRIVER_NEAREST_CODES + _DRIVER_CONVERSIONS + _DRIVER_WIDENED
+    library = ctypes.CDLL(str(host_build.build(driver, cpu.FLAGS)))
     library.nearest_codes.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int]
     library.code_values.argtypes = [ctypes.c_void_p, ctypes.c_int]
-    return {NEAREST_CODES: library.nearest_codes, CODE_VALUES: library.code_values, **_conversion_probes(library)}
+    library.widened_mismatches.argtypes = []
+    library.widened_mismatches.restype = ctypes.c_longlong
+    return {NEAREST_CODES: library.nearest_codes, CODE_VALUES: library.code_values,
+            WIDENED_MISMATCHES: library.widened_mismatches, **_conversion_probes(library)}  # fmt: skip
 
 
 def nearest_codes(values: torch.Tensor, signed: bool, vectorized: bool = False) -> torch.Tensor:
@@ -220,6 +250,13 @@ def floats_to_halves(floats: torch.Tensor, vectorized: bool = False) -> torch.Te
 def float16_mismatches(vectorized: bool = False) -> int:
     """How many of the 2^16 halves and 2^32 floats the shim converts otherwise than GCC's _Float16."""
     return int((_vectorized_probes() if vectorized else _library())["float16_mismatches"]())
+
+
+def widened_mismatches() -> int | None:
+    """How many halves and floats the cpu backend's F16C conversions give otherwise than the shim's; None without
+    F16C (the cpu backend then converts with the shim's)."""
+    mismatches = int(_vectorized_probes()[WIDENED_MISMATCHES]())
+    return None if mismatches < 0 else mismatches
 
 
 FEATURES = frozenset({EIGHT_BIT})

@@ -1,6 +1,7 @@
 """The host build's stand-ins for CUDA's fp16 conversions (kernels/cuda_host_shim.h), which the cpu backend and the
 tests' CUDA C emulation compute with: bit for bit GCC's _Float16 for every half and every float, and torch's own
-conversions, built as the emulation builds them and as the cpu backend does (vectorized loops)."""
+conversions, built as the emulation builds them and as the cpu backend does (vectorized loops); and the cpu
+backend's hardware conversions (F16C) of fp16 tiles, against the shim's."""
 
 from __future__ import annotations
 
@@ -69,3 +70,12 @@ def test_conversions_agree_with_torch(cuda_host, vectorized):
         f"{int(differ.sum())} floats round otherwise, e.g. {floats[differ][:4].tolist()}: "
         f"{rounded[differ][:4].tolist()} instead of {expected_halves[differ][:4].tolist()}"
     )
+
+
+def test_the_cpu_backends_f16c_conversions_are_the_shims(cuda_host):
+    """kernels/adam_cpu.cpp widens fp16 tiles and rounds them back with F16C where the CPU has it: every half and
+    every float converts as the shim converts it."""
+    mismatches = cuda_host.widened_mismatches()
+    if mismatches is None:
+        pytest.skip("this build has no F16C: the cpu backend converts fp16 with the shim's arithmetic")
+    assert mismatches == 0
